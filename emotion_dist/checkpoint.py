@@ -1,0 +1,119 @@
+"""Checkpoint files: atomic writes (temp file + fsync + os.replace), keep the last N step
+checkpoints plus last.pt and best.pt, load with weights_only=True, find the newest loadable."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import ConfigError
+
+log = logging.getLogger("emotion_dist")
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"step-(\d+)\.pt$")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never a torn one; a failed write (ENOSPC,
+    permissions) leaves the old file as it was and removes the temp file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def serialize(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+class CheckpointError(ConfigError):
+    pass
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load with weights_only=True: tensors and plain containers only, never arbitrary code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"checkpoint {path} contains pickled objects that are not plain tensors/containers and was "
+                f"refused (weights_only=True); re-save it from emotion-dist or export its state_dict"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is unreadable ({str(e)[:80]}); it may be truncated") from None
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}); it may be truncated") from None
+    if not isinstance(state, dict) or "model_state_dict" not in state:
+        raise CheckpointError(f"{path} is not an emotion-dist checkpoint (no model_state_dict)")
+    version = state.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {version}, newer than this emotion-dist ({FORMAT_VERSION}); upgrade emotion-dist"
+        )
+    return state
+
+
+class Checkpointer:
+    """Rank 0 writes; `checkpoints/step-XXXXXXXX.pt` (the last `keep`), `last.pt`, `best.pt`."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep: int = 2):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.dir / "best.pt"
+
+    def save(self, state: dict, step: int, is_best: bool = False) -> None:
+        data = serialize({**state, "format_version": FORMAT_VERSION})
+        atomic_write_bytes(self.dir / f"step-{step:08d}.pt", data)
+        atomic_write_bytes(self.last, data)
+        if is_best:
+            atomic_write_bytes(self.best, data)
+        steps = sorted(self._step_files(), key=lambda p: int(_STEP_RE.search(p.name).group(1)))
+        for old in steps[: -self.keep]:
+            old.unlink(missing_ok=True)
+
+    def _step_files(self) -> list[Path]:
+        return [p for p in self.dir.glob("step-*.pt") if _STEP_RE.search(p.name)] if self.dir.is_dir() else []
+
+    def candidates(self) -> list[Path]:
+        """Newest first: last.pt, then step checkpoints by step number."""
+        steps = sorted(self._step_files(), key=lambda p: -int(_STEP_RE.search(p.name).group(1)))
+        return ([self.last] if self.last.is_file() else []) + steps
+
+    def newest_loadable(self) -> Optional[tuple[Path, dict]]:
+        best_step, found = -1, None
+        for path in self.candidates():
+            try:
+                state = load_checkpoint(path)
+            except CheckpointError as e:
+                log.warning("skipping checkpoint: %s", e)
+                continue
+            if state.get("global_step", 0) > best_step:
+                best_step, found = state.get("global_step", 0), (path, state)
+        return found

@@ -1,0 +1,285 @@
+"""Typed configuration: a YAML file plus dotted `key=value` overrides, validated before anything
+heavy starts. Every invalid value raises ConfigError with one line naming the key and the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad user input (config, data, checkpoint, launch environment): one line, exit code 2."""
+
+
+class InvalidImageSize(ValueError):
+    pass
+
+
+def check_image_size(size: int) -> None:
+    """The area-attention stage at stride 16 splits the map into 4 areas: size must be a multiple
+    of 32 and (size/16)^2 divisible by 4."""
+    if size >= 32 and size % 32 == 0 and ((size // 16) ** 2) % 4 == 0:
+        return
+    lower = max(32, size // 32 * 32)
+    upper = lower + 32 if lower <= size else lower
+    near = sorted({lower, upper}) if lower != size else [upper]
+    raise InvalidImageSize(
+        f"image_size={size} does not fit EmotionNet (multiple of 32 needed for the area-attention "
+        f"stage); use {' or '.join(str(n) for n in near)}"
+    )
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "folder", "kaggle"] = "synthetic"
+    root: Optional[str] = None  # folder: the ImageFolder tree; synthetic: cache folder (default under run.cache_dir)
+    kaggle_handle: str = "aadityasinghal/facial-expression-dataset/versions/1"
+    image_size: int = 64
+    val_fraction: float = 0.1
+    num_workers: int = 0
+    pipeline: Literal["fast", "classic"] = "fast"
+    limit: int = 0  # use at most this many training images (0 = all); a debug knob
+    synthetic_train: int = 4000
+    synthetic_test: int = 700
+    synthetic_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    in_channels: int = 1
+    num_classes: int = 7
+    init_from: Optional[str] = None  # weights only, strict=False (fine-tuning)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64  # per process
+    lr: float = 0.002
+    lr_scale: Literal["none", "linear"] = "none"  # linear: lr *= global_batch / 64
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    class_weights: Literal["none", "balanced"] = "none"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: int = 1
+    clip_grad_norm: float = 0.0  # 0 = off
+    seed: int = 0
+    max_steps: int = 0  # stop after this many optimizer steps (0 = no limit); a debug knob
+    max_bad_steps: int = 20  # consecutive non-finite steps before training stops
+    channels_last: bool = True
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_test: bool = True  # evaluate best.pt on the test split after training
+
+
+@dataclass
+class DistConfig:
+    strategy: Literal["ddp", "zero", "fsdp"] = "ddp"
+    sync_bn: bool = False
+    timeout_s: float = 300.0
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    resume: str = "auto"  # auto | never | PATH
+    cache_dir: str = ".cache/emotion-dist"
+
+
+@dataclass
+class CkptConfig:
+    every_steps: int = 0  # 0 = epoch ends only
+    keep: int = 2
+    on_error: Literal["stop", "warn"] = "stop"
+
+
+@dataclass
+class LogConfig:
+    wandb: Literal["off", "offline", "online"] = "off"
+    wandb_project: str = "emotion-dist"
+    every_steps: int = 10
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+def _all_keys() -> list[str]:
+    return list(Config().flat())
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    origin = get_origin(typ)
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in get_args(typ) if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is Literal:
+        allowed = get_args(typ)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is invalid; allowed: {', '.join(map(str, allowed))}")
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} is invalid; use true or false")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} is invalid; expected an integer")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} is invalid; expected a number")
+        return float(value)
+    if typ is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}={value!r} is invalid; expected a string")
+        return str(value)
+    raise AssertionError(typ)
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see configs/default.yaml for the keys"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or not hasattr(cfg, parts[0]):
+        raise _unknown(key)
+    section = getattr(cfg, parts[0])
+    hints = get_type_hints(type(section))
+    if parts[1] not in hints:
+        raise _unknown(key)
+    setattr(section, parts[1], _coerce(key, value, hints[parts[1]]))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and "." not in key:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value (e.g. train.epochs=3)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> tuple[Config, set[str]]:
+    """Returns the validated config and the set of keys the user set explicitly."""
+    cfg = Config()
+    given: set[str] = set()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} not found; pass --config configs/default.yaml or another YAML file")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", -1) + 1
+            raise ConfigError(f"config file {path} is not valid YAML (line {line}); fix its syntax") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must be a mapping of sections (data:, train:, ...)")
+        for key, value in _flatten(tree).items():
+            _set(cfg, key, value)
+            given.add(key)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value)
+        given.add(key)
+    validate(cfg)
+    return cfg, given
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> None:
+    d, t = cfg.data, cfg.train
+    try:
+        check_image_size(d.image_size)
+    except InvalidImageSize as e:
+        raise ConfigError(f"data.{e}") from None
+    _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be between 0 and 1 (e.g. 0.1)")
+    _check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
+    _check(d.limit >= 0, f"data.limit={d.limit} must be >= 0 (0 = all images)")
+    _check(d.synthetic_train >= 14 and d.synthetic_test >= 7, "data.synthetic_train/test too small; use at least 14/7")
+    _check(d.source != "folder" or bool(d.root), "data.source=folder needs data.root=PATH to an ImageFolder tree")
+    _check(cfg.model.in_channels in (1, 3), f"model.in_channels={cfg.model.in_channels} is invalid; allowed: 1, 3")
+    _check(cfg.model.num_classes >= 2, f"model.num_classes={cfg.model.num_classes} must be >= 2")
+    _check(t.epochs >= 1, f"train.epochs={t.epochs} must be >= 1")
+    _check(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1")
+    _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+    _check(t.warmup_epochs >= 0, f"train.warmup_epochs={t.warmup_epochs} must be >= 0")
+    _check(0 <= t.label_smoothing < 1, f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+    _check(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
+    _check(t.clip_grad_norm >= 0, f"train.clip_grad_norm={t.clip_grad_norm} must be >= 0 (0 = off)")
+    _check(t.max_steps >= 0, f"train.max_steps={t.max_steps} must be >= 0 (0 = no limit)")
+    _check(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
+    _check(cfg.dist.timeout_s > 0, f"dist.timeout_s={cfg.dist.timeout_s} must be > 0")
+    _check(cfg.ckpt.every_steps >= 0, f"ckpt.every_steps={cfg.ckpt.every_steps} must be >= 0 (0 = epoch ends only)")
+    _check(cfg.ckpt.keep >= 1, f"ckpt.keep={cfg.ckpt.keep} must be >= 1")
+    _check(cfg.log.every_steps >= 1, f"log.every_steps={cfg.log.every_steps} must be >= 1")
+    _check(bool(cfg.run.dir), "run.dir must not be empty")
+    r = cfg.run.resume
+    _check(
+        r in ("auto", "never") or os.path.isfile(r),
+        f"run.resume={r} is neither auto, never nor an existing checkpoint file; fix the path or use run.resume=auto",
+    )
+    _check(
+        cfg.model.init_from is None or os.path.isfile(cfg.model.init_from),
+        f"model.init_from={cfg.model.init_from} does not exist; pass the path of a .pt checkpoint",
+    )
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    from .checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a Config from a checkpoint's stored dict, ignoring keys this version does not know."""
+    cfg = Config()
+    known = set(_all_keys())
+    for key, value in _flatten(tree).items():
+        if key in known:
+            _set(cfg, key, value)
+    return cfg

@@ -1,0 +1,394 @@
+"""The trainer: build every piece of training state, train, evaluate, checkpoint, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import distributed as D
+from .augment import BatchTransform, ClassicDataset, gather_uint8
+from .checkpoint import Checkpointer, CheckpointError, load_checkpoint
+from .config import Config, ConfigError
+from .data import Datasets, Split, class_weights, normalization, write_data_report
+from .metrics import confusion_matrix, plot_confusion, plot_curves, summarize
+from .model import build_model
+from .parallel import build_optimizer, full_state_dict, load_full_state_dict, unwrap, wrap_model
+from .report import Reporter
+from .sampler import ResumableSampler, eval_shard
+
+log = logging.getLogger("emotion_dist")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped on purpose (too many bad steps, checkpoint write failure)."""
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[precision])
+
+
+@torch.no_grad()
+def evaluate(model, split: Split, transform: BatchTransform, env: D.DistEnv, num_classes: int,
+             batch_size: int, precision: str = "fp32", tta: bool = False) -> tuple[dict, torch.Tensor]:
+    """Exact distributed evaluation: unpadded contiguous shards, summed confusion matrix. Every rank
+    runs the same number of forwards (FSDP all-gathers inside forward), padding with dummies."""
+    model.eval()
+    shard = eval_shard(len(split), env.world_size, env.rank)
+    n_batches = max(1, math.ceil(math.ceil(len(split) / env.world_size) / batch_size))
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=env.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+    for chunk in torch.tensor_split(shard, n_batches):
+        real = len(chunk) > 0
+        x_u8, y, _ = gather_uint8(split, chunk if real else torch.zeros(1, dtype=torch.int64))
+        x = transform.eval(x_u8)
+        with autocast(env.device, precision):
+            logits = model(x).float()
+            if tta:
+                logits = (logits.softmax(1) + model(torch.flip(x, dims=[3])).float().softmax(1)).log()
+        if real:
+            y = y.to(env.device)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            cm += confusion_matrix(logits.argmax(1), y, num_classes)
+    D.all_reduce_sum(cm)
+    D.all_reduce_sum(loss_sum)
+    n = int(cm.sum())
+    return {"loss": float(loss_sum) / max(n, 1), "count": n}, cm
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: D.DistEnv, ds: Datasets, given: set[str] = frozenset()):
+        self.cfg, self.env, self.ds = cfg, env, ds
+        t = cfg.train
+        self.run_dir = Path(cfg.run.dir)
+        self.precision = t.precision
+        torch.manual_seed(t.seed + env.rank)  # per-rank seed; model init is broadcast below
+        model = build_model(cfg.model.in_channels, len(ds.classes), cfg.data.image_size)
+        if cfg.model.init_from:
+            self._init_from(model, cfg.model.init_from)
+        if t.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = wrap_model(model, cfg.dist.strategy, env, cfg.dist.sync_bn)
+        self._sync_initial_weights()
+        self.sampler = ResumableSampler(len(ds.train), t.batch_size, env.world_size, env.rank, t.seed, t.grad_accum)
+        self.global_batch = t.batch_size * env.world_size * t.grad_accum
+        lr = t.lr * (self.global_batch / 64 if t.lr_scale == "linear" else 1.0)
+        self.optimizer = build_optimizer(self.model, cfg.dist.strategy, lr, t.weight_decay, env.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: self.lr_factor())
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.precision == "fp16")
+        self.loss_weight = class_weights(ds).to(env.device) if t.class_weights == "balanced" else None
+        self.transform = BatchTransform(ds.channels, cfg.data.image_size, env.device, t.seed)
+        self.ckpt = Checkpointer(self.run_dir, cfg.ckpt.keep)
+        self.epoch = 0
+        self.global_step = 0
+        self.best_metric = -1.0
+        self.best_epoch = -1
+        self.history: list[dict] = []
+        self.bad_steps = 0  # consecutive non-finite steps
+        self.skipped_steps = 0
+        self.last_loss = float("nan")
+        self.last_good_ckpt: Optional[str] = None
+        self.stop_requested = False
+        self.reporter = Reporter(self.run_dir, env.is_main, cfg.log.wandb, cfg.log.wandb_project, cfg.to_dict())
+
+    # ------------------------------------------------------------------ state
+    def lr_factor(self) -> float:
+        """Linear warmup then cosine decay, a function of epochs done (fractional), so the schedule
+        does not depend on world size or batch size."""
+        t = self.cfg.train
+        progress = self.sampler.epoch + self.sampler.consumed / max(1, self.sampler.n)
+        if t.warmup_epochs > 0 and progress < t.warmup_epochs:
+            return max(progress / t.warmup_epochs, 1e-3)
+        span = max(t.epochs - t.warmup_epochs, 1e-8)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - t.warmup_epochs) / span)))
+
+    def state_dict(self, model_sd: dict, optim_sd: dict, rng_states: list) -> dict:
+        mean, std = normalization(self.ds.channels)
+        return {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model_state_dict": model_sd,
+            "optimizer_state_dict": optim_sd,
+            "scheduler_state_dict": self.scheduler.state_dict(),
+            "scaler_state_dict": self.scaler.state_dict(),
+            "loss": self.last_loss,
+            "sampler": self.sampler.state_dict(),
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+            "bad_steps": self.bad_steps,
+            "skipped_steps": self.skipped_steps,
+            "rng_states": rng_states,
+            "world_size": self.env.world_size,
+            "strategy": self.cfg.dist.strategy,
+            "class_names": self.ds.classes,
+            "image_size": self.cfg.data.image_size,
+            "in_channels": self.ds.channels,
+            "normalization": {"mean": mean, "std": std},
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["class_names"] != self.ds.classes:
+            raise CheckpointError(
+                f"checkpoint classes {state['class_names']} differ from the data's {self.ds.classes}; "
+                f"use model.init_from=PATH to fine-tune on new classes"
+            )
+        if state.get("in_channels", self.ds.channels) != self.ds.channels:
+            raise CheckpointError(f"checkpoint has in_channels={state['in_channels']}; set model.in_channels to match")
+        try:
+            load_full_state_dict(self.model, self.optimizer, state["model_state_dict"], state["optimizer_state_dict"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"checkpoint does not fit this model ({str(e).splitlines()[0][:150]})") from None
+        self.scheduler.load_state_dict(state["scheduler_state_dict"])
+        self.scaler.load_state_dict(state["scaler_state_dict"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
+        self.history = list(state["history"])
+        self.bad_steps, self.skipped_steps = state["bad_steps"], state["skipped_steps"]
+        self.last_loss = state["loss"]
+        if state["world_size"] == self.env.world_size:
+            torch.set_rng_state(state["rng_states"][self.env.rank])
+
+    def _init_from(self, model: torch.nn.Module, path: str) -> None:
+        sd = load_checkpoint(path)["model_state_dict"]
+        own = model.state_dict()
+        fitting = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+        missing, unexpected = model.load_state_dict(fitting, strict=False)
+        shape_mismatch = sorted(k for k in sd if k in own and own[k].shape != sd[k].shape)
+        log.info("init_from %s: loaded %d tensors; missing %s; unexpected %s; shape mismatch %s",
+                 path, len(fitting), missing or "none", unexpected or "none", shape_mismatch or "none")
+
+    def _sync_initial_weights(self) -> None:
+        if self.env.world_size > 1 and self.cfg.dist.strategy != "fsdp":
+            import torch.distributed as dist
+
+            for t in unwrap(self.model).state_dict().values():
+                dist.broadcast(t, src=0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, is_best: bool = False) -> None:
+        """Collective: gather the full state to rank 0, which writes it atomically."""
+        model_sd, optim_sd = full_state_dict(self.model, self.optimizer)
+        rng = D.gather_objects(torch.get_rng_state())
+        error = None
+        if self.env.is_main:
+            try:
+                self.ckpt.save(self.state_dict(model_sd, optim_sd, rng), self.global_step, is_best)
+                self.last_good_ckpt = str(self.ckpt.last)
+            except OSError as e:
+                error = f"checkpoint write failed ({e.strerror or e}); the previous checkpoint is intact"
+        (failed,) = D.agree_any([error is not None], self.env.device)
+        if failed:
+            if self.env.is_main:
+                log.error(error)
+            if self.cfg.ckpt.on_error == "stop":
+                raise TrainingAborted("stopping: checkpoint write failed (ckpt.on_error=stop); free space or fix permissions, then resume")
+
+    def maybe_resume(self) -> None:
+        choice = self.cfg.run.resume
+        path = None
+        if choice == "auto":
+            found = self.ckpt.newest_loadable() if self.env.is_main else None
+            path = D.broadcast_object(str(found[0]) if found else None)
+        elif choice != "never":
+            path = choice
+        if path is None:
+            return
+        state = load_checkpoint(path)
+        self.load_state_dict(state)
+        self.last_good_ckpt = path
+        self.reporter.line(
+            f"resumed from {path}: epoch {self.epoch + 1}, step {self.global_step}, "
+            f"{self.sampler.consumed}/{self.sampler.n} samples of the epoch done "
+            f"(saved on world size {state['world_size']} with {state['strategy']})"
+        )
+
+    # ------------------------------------------------------------------ training
+    def request_stop(self, signum, frame) -> None:
+        self.stop_requested = True  # only a flag: the step boundary acts on it
+
+    def fit(self) -> dict:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, self.request_stop)
+        self.maybe_resume()
+        t = self.cfg.train
+        if self.env.is_main:
+            write_data_report(self.ds, self.run_dir / "data_report.json")
+        while self.epoch < t.epochs:
+            start = time.perf_counter()
+            train_stats = self.train_one_epoch()
+            if train_stats is None:  # stopped at a step boundary; state saved
+                return {"stopped": True, "global_step": self.global_step}
+            val, cm = evaluate(self.model, self.ds.val, self.transform, self.env, len(self.ds.classes),
+                               self.cfg.train.batch_size, self.precision)
+            val.update(summarize(cm.cpu(), self.ds.classes))
+            self.epoch += 1
+            row = {"epoch": self.epoch, "step": self.global_step, **train_stats, "val_loss": val["loss"],
+                   "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+                   "lr": self.optimizer.param_groups[0]["lr"], "time_s": round(time.perf_counter() - start, 2)}
+            self.history.append(row)
+            is_best = val["macro_f1"] > self.best_metric
+            if is_best:
+                self.best_metric, self.best_epoch = val["macro_f1"], self.epoch
+            self.reporter.epoch_end(row)
+            self.save(is_best)
+            if self.env.is_main:
+                plot_curves(self.history, self.run_dir / "curves.png")
+                plot_confusion(cm.cpu(), self.ds.classes, self.run_dir / "confusion_val.png", "validation")
+            if self._max_steps_reached():
+                break
+        return self.finish()
+
+    def _max_steps_reached(self) -> bool:
+        return bool(self.cfg.train.max_steps) and self.global_step >= self.cfg.train.max_steps
+
+    def finish(self) -> dict:
+        result = {"stopped": False, "global_step": self.global_step, "best_val_macro_f1": self.best_metric,
+                  "best_epoch": self.best_epoch}
+        if self.history:
+            result["val_accuracy"] = self.history[-1]["val_accuracy"]
+        if self.cfg.train.eval_test and self.ds.test is not None and self.ckpt.best.is_file():
+            best = load_checkpoint(self.ckpt.best)
+            load_full_state_dict(self.model, None, best["model_state_dict"], None)
+            test, cm = evaluate(self.model, self.ds.test, self.transform, self.env, len(self.ds.classes),
+                                self.cfg.train.batch_size, self.precision)
+            test.update(summarize(cm.cpu(), self.ds.classes))
+            result["test_accuracy"], result["test_macro_f1"] = test["accuracy"], test["macro_f1"]
+            self.reporter.metrics({"type": "test", "checkpoint": "best.pt", **{k: test[k] for k in ("loss", "accuracy", "macro_f1", "count")}})
+            self.reporter.line(f"test (best.pt, epoch {self.best_epoch}): accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}")
+            if self.env.is_main:
+                plot_confusion(cm.cpu(), self.ds.classes, self.run_dir / "confusion_test.png", "test (best.pt)")
+                self.reporter.image("confusion_test", self.run_dir / "confusion_test.png")
+        self.reporter.image("curves", self.run_dir / "curves.png")
+        return result
+
+    def _batches(self, steps):
+        """Per step, the (images, labels) of each micro-batch for this rank."""
+        split, epoch = self.ds.train, self.sampler.epoch
+        if self.cfg.data.pipeline == "fast":
+            for step in steps:
+                out = []
+                for pos in step.micro_batches:
+                    x_u8, y, idx = gather_uint8(split, pos)
+                    out.append((self.transform.train(x_u8, idx, epoch), y.to(self.env.device, non_blocking=True)))
+                yield step, out
+            return
+        dataset = ClassicDataset(split, self.ds.channels, self.cfg.data.image_size, True, self.cfg.train.seed)
+        dataset.epoch = epoch
+        micro = [m.tolist() for s in steps for m in s.micro_batches]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=micro, num_workers=self.cfg.data.num_workers,
+                                             pin_memory=self.env.device.type == "cuda")
+        it = iter(loader)
+        for step in steps:
+            out = []
+            for _ in step.micro_batches:
+                x, y, _ = next(it)
+                out.append((x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)))
+            yield step, out
+
+    def train_one_epoch(self) -> Optional[dict]:
+        t, env = self.cfg.train, self.env
+        self.sampler.set_epoch(self.epoch)
+        self.model.train()
+        steps = self.sampler.plan()
+        total = self.sampler.steps_per_epoch()
+        done = total - len(steps)
+        self.reporter.epoch_start(self.epoch, t.epochs, total, done)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        correct = torch.zeros((), dtype=torch.int64, device=env.device)
+        seen, window_t, window_n = 0, time.perf_counter(), 0
+        for i, (step, batches) in enumerate(self._batches(steps), start=done + 1):
+            finite = self.train_step(step, batches, loss_sum, correct)
+            stop, bad = D.agree_any([self.stop_requested, not finite], env.device)
+            self.sampler.advance(step)
+            self.global_step += 1
+            seen += sum(len(y) for _, y in batches)
+            window_n += step.global_samples
+            if bad:
+                self._bad_step()
+            else:
+                self.bad_steps = 0
+            if self.global_step % self.cfg.log.every_steps == 0 or i == total:
+                now = time.perf_counter()
+                self.last_loss = float(loss_sum) / max(seen, 1)  # the one host sync per log interval
+                self.reporter.step(i, total, self.global_step, self.last_loss,
+                                   self.optimizer.param_groups[0]["lr"], window_n / (now - window_t))
+                window_t, window_n = now, 0
+            if stop:
+                self.reporter.stop_progress()
+                self.reporter.line(f"stop requested: saving at step {self.global_step} and exiting")
+                self.save()
+                return None
+            if (self.cfg.ckpt.every_steps and self.global_step % self.cfg.ckpt.every_steps == 0) or self._max_steps_reached():
+                self.save()
+            if self._max_steps_reached():
+                break
+        stats = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=env.device)])
+        D.all_reduce_sum(stats)
+        n = max(float(stats[2]), 1.0)
+        return {"train_loss": float(stats[0]) / n, "train_accuracy": float(stats[1]) / n}
+
+    def train_step(self, step, batches, loss_sum: torch.Tensor, correct: torch.Tensor) -> bool:
+        t, env = self.cfg.train, self.env
+        scale = env.world_size / step.global_samples  # DDP averages over ranks: this makes it the global mean
+        ddp = hasattr(self.model, "no_sync")
+        step_loss = torch.zeros((), device=env.device)
+        for j, (x, y) in enumerate(batches):
+            if t.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            sync = contextlib.nullcontext() if (not ddp or j == len(batches) - 1) else self.model.no_sync()
+            with sync:
+                with autocast(env.device, self.precision):
+                    logits = self.model(x)
+                loss = F.cross_entropy(logits.float(), y, weight=self.loss_weight,
+                                       label_smoothing=t.label_smoothing, reduction="sum")
+                self.scaler.scale(loss * scale).backward()
+            step_loss += loss.detach()
+            correct += (logits.detach().argmax(1) == y).sum()
+        loss_sum += step_loss.double()
+        if self.precision == "fp16":  # GradScaler skips non-finite steps itself and adapts its scale
+            self.scaler.unscale_(self.optimizer)
+            if t.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            finite = True
+        else:
+            max_norm = t.clip_grad_norm or float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            if hasattr(norm, "full_tensor"):
+                norm = norm.full_tensor()
+            finite = bool(torch.isfinite(norm) & torch.isfinite(step_loss))
+            if finite:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return finite
+
+    def _bad_step(self) -> None:
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        self.reporter.line(f"non-finite loss or gradient at step {self.global_step}: optimizer step skipped on all ranks "
+                           f"({self.bad_steps} in a row, {self.skipped_steps} in total)")
+        self.reporter.metrics({"type": "bad_step", "step": self.global_step, "consecutive": self.bad_steps})
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            raise TrainingAborted(
+                f"stopping: {self.bad_steps} consecutive non-finite steps up to step {self.global_step}; "
+                f"last good checkpoint: {self.last_good_ckpt or 'none'} (lower train.lr or use train.precision=fp32)"
+            )
+
+    def close(self) -> None:
+        self.reporter.close()

@@ -1,0 +1,64 @@
+"""EmotionNet: the YOLO12-style classifier of the seed, built from ultralytics blocks.
+
+Fixes over the seed: `in_channels` is honoured (the seed hard-coded 3), `num_classes` is
+configurable, and the head returns logits in train *and* eval mode (ultralytics' Classify
+returns `(softmax, logits)` in eval, which made the seed compute cross-entropy on softmax).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import InvalidImageSize, check_image_size  # noqa: F401  (torch-free, used by config)
+
+
+def _logits_head(c1: int, num_classes: int) -> nn.Module:
+    from ultralytics.nn.modules import Classify
+
+    class ClassifyLogits(Classify):
+        """ultralytics Classify that always returns logits."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(self.drop(self.pool(self.conv(x)).flatten(1)))
+
+    return ClassifyLogits(c1, num_classes)
+
+
+class EmotionNet(nn.Module):
+    def __init__(self, in_channels: int = 1, num_classes: int = 7):
+        super().__init__()
+        from ultralytics.nn.modules import A2C2f, C3k2, Conv
+
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.backbone = nn.ModuleList(
+            [
+                Conv(in_channels, 16, k=3, s=2),  # 0-P1/2
+                Conv(16, 32, k=3, s=2),  # 1-P2/4
+                C3k2(32, 64, n=1, e=0.25),  # 2
+                Conv(64, 128, k=3, s=2),  # 3-P3/8
+                C3k2(128, 128, n=1, e=0.25),  # 4
+                Conv(128, 128, k=3, s=2),  # 5-P4/16
+                A2C2f(128, 128, n=2, a2=True, area=4, e=0.5),  # 6
+                Conv(128, 256, k=3, s=2),  # 7-P5/32
+                A2C2f(256, 256, n=2, a2=True, area=1, e=0.5),  # 8
+            ]
+        )
+        self.classify = _logits_head(256, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.backbone:
+            x = layer(x)
+        return self.classify(x)
+
+
+def build_model(in_channels: int, num_classes: int, image_size: int) -> EmotionNet:
+    check_image_size(image_size)
+    if in_channels not in (1, 3):
+        raise ValueError(f"model.in_channels={in_channels} is not supported; use 1 (grayscale) or 3 (RGB)")
+    return EmotionNet(in_channels, num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

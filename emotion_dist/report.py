@@ -1,0 +1,116 @@
+"""What the user sees (rank 0 only): a rich progress bar and epoch table on a terminal, plain log
+lines otherwise, `metrics.jsonl` in the run directory, and wandb when `log.wandb` is not off."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("emotion_dist")
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+
+
+class Reporter:
+    def __init__(self, run_dir: Path, enabled: bool, wandb_mode: str = "off", wandb_project: str = "emotion-dist",
+                 config: Optional[dict] = None):
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self.tty = enabled and sys.stdout.isatty()
+        self.progress = self.task = None
+        self.wandb = None
+        self._t0 = time.perf_counter()
+        if enabled and wandb_mode != "off":
+            self.wandb = start_wandb(self.run_dir, wandb_mode, wandb_project, config or {})
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            log.info(text)
+
+    def epoch_start(self, epoch: int, epochs: int, total_steps: int, done_steps: int) -> None:
+        if not self.tty:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=True,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total_steps, completed=done_steps, info="")
+
+    def step(self, step_in_epoch: int, total: int, global_step: int, loss: float, lr: float, img_s: float) -> None:
+        info = f"loss {loss:.4f}  lr {lr:.2e}  {img_s:,.0f} img/s"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step_in_epoch, info=info)
+        elif self.enabled:
+            log.info("step %d (%d/%d in epoch)  %s", global_step, step_in_epoch, total, info)
+        self.metrics({"type": "step", "step": global_step, "loss": loss, "lr": lr, "img_per_s": img_s})
+
+    def stop_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def epoch_end(self, row: dict) -> None:
+        self.stop_progress()
+        if not self.enabled:
+            return
+        if self.tty:
+            from rich.console import Console
+            from rich.table import Table
+
+            t = Table(box=None)
+            for k in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr", "time_s"):
+                t.add_column(k, justify="right")
+            t.add_row(*(_fmt(row.get(k)) for k in ("epoch", "train_loss", "train_accuracy", "val_loss",
+                                                   "val_accuracy", "val_macro_f1", "lr", "time_s")))
+            Console().print(t)
+        else:
+            log.info("epoch %d  %s", row["epoch"], "  ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k != "epoch"))
+        self.metrics({"type": "epoch", **row})
+
+    def metrics(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "time"},
+                           step=record.get("step"))
+
+    def image(self, key: str, path: Path) -> None:
+        if self.wandb is not None and Path(path).is_file():
+            import wandb
+
+            self.wandb.log({key: wandb.Image(str(path))})
+
+    def close(self) -> None:
+        self.stop_progress()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def start_wandb(run_dir: Path, mode: str, project: str, config: dict):
+    """The run id lives in the run directory, so a resumed or requeued job continues the same run."""
+    import wandb
+
+    id_file = run_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return wandb.init(project=project, id=run_id, resume="allow", mode=mode, dir=str(run_dir),
+                      config=config, name=run_dir.name)
