@@ -138,6 +138,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         return _coerce(key, value, inner)
     if origin is Literal:
         allowed = get_args(typ)
+        if isinstance(value, bool) and "off" in allowed:  # YAML 1.1 reads a bare off/on as a bool
+            value = "on" if value else "off"
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is invalid; allowed: {', '.join(map(str, allowed))}")
         return value
@@ -150,10 +152,17 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise ConfigError(f"{key}={value!r} is invalid; expected an integer")
         return value
     if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} is invalid; expected a number")
         return float(value)
     if typ is str:
+        if isinstance(value, (bool, int, float)):
+            value = str(value).lower() if isinstance(value, bool) else str(value)
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{key}={value!r} is invalid; expected a string")
         return str(value)
@@ -196,7 +205,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key.strip(), (raw if isinstance(value, (dict, list)) else value)
 
 
 def load_config(path: Optional[str], overrides: list[str] = ()) -> tuple[Config, set[str]]:

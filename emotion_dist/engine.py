@@ -327,15 +327,15 @@ class Trainer:
                 self.reporter.step(i, total, self.global_step, self.last_loss,
                                    self.optimizer.param_groups[0]["lr"], window_n / (now - window_t))
                 window_t, window_n = now, 0
-            if stop:
+            at_max = self._max_steps_reached() and i < total
+            if stop or at_max:
                 self.reporter.stop_progress()
-                self.reporter.line(f"stop requested: saving at step {self.global_step} and exiting")
+                why = "stop requested" if stop else f"train.max_steps={t.max_steps} reached"
+                self.reporter.line(f"{why}: saving at step {self.global_step} (mid-epoch) and exiting")
                 self.save()
                 return None
-            if (self.cfg.ckpt.every_steps and self.global_step % self.cfg.ckpt.every_steps == 0) or self._max_steps_reached():
+            if self.cfg.ckpt.every_steps and self.global_step % self.cfg.ckpt.every_steps == 0:
                 self.save()
-            if self._max_steps_reached():
-                break
         stats = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=env.device)])
         D.all_reduce_sum(stats)
         n = max(float(stats[2]), 1.0)

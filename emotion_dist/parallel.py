@@ -15,6 +15,22 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from .distributed import DistEnv
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (sum): the gradient of a sum over ranks is the sum of gradients."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class CPUSyncBatchNorm(nn.BatchNorm2d):
     """SyncBatchNorm for CPU/gloo (torch's own refuses non-GPU modules): batch statistics are
     all-reduced with the differentiable collective, so gradients flow through them too."""
@@ -22,11 +38,9 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         n = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype)
         stats = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), n])
-        stats = all_reduce(stats)
+        stats = _AllReduceSum.apply(stats)
         c = x.shape[1]
         count = stats[-1]
         mean = stats[:c] / count

@@ -39,7 +39,9 @@ FORMAT_VERSION = 1
 
 def class_counts(total: int) -> list[int]:
     weights = np.asarray(FER_COUNTS, dtype=float) / sum(FER_COUNTS)
-    counts = np.maximum(np.floor(weights * total).astype(int), 2)
+    counts = np.maximum(np.floor(weights * total).astype(int), 2 if total >= 14 else 1)
+    while counts.sum() > total:  # the minimum per class can overshoot on tiny sets
+        counts[np.argmax(counts)] -= 1
     i = 0
     while counts.sum() < total:  # hand the remainder to the common classes, deterministically
         counts[np.argsort(-weights)[i % len(CLASSES)]] += 1

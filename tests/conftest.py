@@ -1,0 +1,53 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "launch" / "train.py")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+
+def env_for_child(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "ACCELERATE_", "TORCHELASTIC"))}
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bool = True, cwd=ROOT):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or env_for_child(), cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def train_cmd(*overrides: str) -> list[str]:
+    return [sys.executable, TRAIN, *overrides]
+
+
+def torchrun_cmd(nproc: int, *overrides: str, extra: tuple = ()) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
+            TRAIN, *overrides]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small synthetic dataset in the Kaggle layout, shared by the whole session."""
+    from emotion_dist.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("data") / "synthetic", 210, 63, seed=3)
+
+
+@pytest.fixture
+def fast_overrides(tiny_data, tmp_path) -> list[str]:
+    """Overrides for quick real runs on CPU: tiny images and data, no final test pass."""
+    return [
+        "data.source=folder", f"data.root={tiny_data}", "data.image_size=32", "data.val_fraction=0.2",
+        "train.batch_size=8", "train.epochs=2", "train.eval_test=false", "log.every_steps=1",
+        f"run.cache_dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}", "train.channels_last=false",
+    ]
