@@ -236,6 +236,7 @@ class Trainer:
                                self.cfg.train.batch_size, self.precision)
             val.update(summarize(cm.cpu(), self.ds.classes))
             self.epoch += 1
+            self.sampler.set_epoch(self.epoch)
             row = {"epoch": self.epoch, "step": self.global_step, **train_stats, "val_loss": val["loss"],
                    "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
                    "lr": self.optimizer.param_groups[0]["lr"], "time_s": round(time.perf_counter() - start, 2)}

@@ -1,0 +1,79 @@
+"""Real single-process training runs through the launch script."""
+
+import json
+
+import pytest
+import torch
+
+from emotion_dist.checkpoint import load_checkpoint
+from conftest import ROOT, run, train_cmd
+
+
+def states_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            states_equal(a[k], b[k])
+        elif torch.is_tensor(a[k]):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def assert_same_training_state(run_a, run_b):
+    a, b = load_checkpoint(run_a / "checkpoints/last.pt"), load_checkpoint(run_b / "checkpoints/last.pt")
+    states_equal(a["model_state_dict"], b["model_state_dict"])
+    states_equal(a["optimizer_state_dict"]["state"], b["optimizer_state_dict"]["state"])
+    assert a["scheduler_state_dict"] == b["scheduler_state_dict"]
+    assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
+    return a, b
+
+
+@pytest.mark.slow
+def test_quickstart_config_trains_to_90_percent(tmp_path):
+    """The README's Quick start run (configs/default.yaml) on CPU."""
+    proc = run(train_cmd("--config", "configs/default.yaml", f"run.dir={tmp_path}/run",
+                         f"run.cache_dir={tmp_path}/cache"), timeout=900)
+    run_dir = tmp_path / "run"
+    for name in ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl", "config.yaml", "curves.png",
+                 "confusion_val.png", "confusion_test.png", "data_report.json"):
+        assert (run_dir / name).is_file(), name
+    epochs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["type"] == "epoch"]
+    assert len(epochs) == 10
+    assert max(r["val_accuracy"] for r in epochs) >= 0.90, epochs[-1]
+    assert "launcher python | world size 1 | backend gloo | device cpu" in proc.stdout
+
+
+def test_resume_at_epoch_boundary_continues_epoch_lr_and_best(tmp_path, fast_overrides):
+    base = [o for o in fast_overrides if not o.startswith("run.dir")]
+    full, split = tmp_path / "full", tmp_path / "split"
+    run(train_cmd(*base, f"run.dir={full}"))
+    # stop exactly at the end of epoch 1 (21 steps of 8 on 167 training images), then resume
+    first = run(train_cmd(*base, f"run.dir={split}", "train.max_steps=21"))
+    assert "epoch 1" in first.stdout and "epoch 2 " not in first.stdout
+    mid = load_checkpoint(split / "checkpoints/last.pt")
+    assert mid["epoch"] == 1 and mid["sampler"]["consumed"] == 0 and mid["best_metric"] >= 0
+    second = run(train_cmd(*base, f"run.dir={split}"))
+    assert "resumed from" in second.stdout and "epoch 2" in second.stdout
+    a, b = assert_same_training_state(full, split)
+    assert a["best_metric"] == b["best_metric"] and a["history"][-1]["lr"] == b["history"][-1]["lr"]
+    assert [h["epoch"] for h in b["history"]] == [1, 2]
+
+
+def test_resume_mid_epoch_is_bit_exact(tmp_path, fast_overrides):
+    base = [o for o in fast_overrides if not o.startswith("run.dir")]
+    full, split = tmp_path / "full", tmp_path / "split"
+    run(train_cmd(*base, f"run.dir={full}"))
+    run(train_cmd(*base, f"run.dir={split}", "train.max_steps=30"))  # epoch 2, step 9 of 21
+    mid = load_checkpoint(split / "checkpoints/last.pt")
+    assert mid["epoch"] == 1 and mid["sampler"]["consumed"] == 9 * 8
+    out = run(train_cmd(*base, f"run.dir={split}"))
+    assert "72/167 samples of the epoch done" in out.stdout
+    assert_same_training_state(full, split)
+
+
+def test_classic_pipeline_trains(tmp_path, fast_overrides):
+    run(train_cmd(*fast_overrides, "data.pipeline=classic", "train.epochs=1", "data.num_workers=1"))
+    state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    assert state["epoch"] == 1 and state["global_step"] == 21
