@@ -131,8 +131,12 @@ def init_distributed(cfg: Config, info: LaunchInfo) -> DistEnv:
     return DistEnv(info.launcher, info.rank, info.world_size, info.local_rank, device, backend)
 
 
-def close_distributed() -> None:
+def close_distributed(clean: bool = True) -> None:
+    """Ranks leave together: a rank that tears its group down while a peer still talks to it
+    can abort in gloo's threads ("terminate called without an active exception")."""
     if dist.is_initialized():
+        if clean and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -67,14 +68,41 @@ def evaluate(model, split: Split, transform: BatchTransform, env: D.DistEnv, num
     return {"loss": float(loss_sum) / max(n, 1), "count": n}, cm
 
 
+def inject_fault(rank: int, step: int) -> bool:
+    """Test hook for real failures in real processes: EMOTION_DIST_FAULT=RANK:STEP:KIND, KIND one of
+    raise | kill (SIGKILL itself) | hang | nan (poison the loss from STEP on; returns True).
+    EMOTION_DIST_FAULT_ONCE=FILE makes it fire once (the file records that it did)."""
+    spec = os.environ.get("EMOTION_DIST_FAULT")
+    if not spec:
+        return False
+    f_rank, f_step, kind = spec.split(":")
+    if int(f_rank) != rank or step < int(f_step) or (kind != "nan" and step != int(f_step)):
+        return False
+    if kind == "nan":
+        return True
+    once = os.environ.get("EMOTION_DIST_FAULT_ONCE")
+    if once and Path(once).exists():
+        return False
+    if once:
+        Path(once).write_text(spec)
+    if kind == "raise":
+        raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "hang":
+        time.sleep(10**6)
+    return False
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: D.DistEnv, ds: Datasets, given: set[str] = frozenset()):
         self.cfg, self.env, self.ds = cfg, env, ds
         t = cfg.train
         self.run_dir = Path(cfg.run.dir)
         self.precision = t.precision
-        torch.manual_seed(t.seed + env.rank)  # per-rank seed; model init is broadcast below
+        torch.manual_seed(t.seed)  # the same initial weights on every rank and world size
         model = build_model(cfg.model.in_channels, len(ds.classes), cfg.data.image_size)
+        torch.manual_seed(t.seed + env.rank)  # then per rank
         if cfg.model.init_from:
             self._init_from(model, cfg.model.init_from)
         if t.channels_last:
@@ -312,7 +340,8 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.int64, device=env.device)
         seen, window_t, window_n = 0, time.perf_counter(), 0
         for i, (step, batches) in enumerate(self._batches(steps), start=done + 1):
-            finite = self.train_step(step, batches, loss_sum, correct)
+            poison = inject_fault(env.rank, self.global_step + 1)
+            finite = self.train_step(step, batches, loss_sum, correct, poison)
             stop, bad = D.agree_any([self.stop_requested, not finite], env.device)
             self.sampler.advance(step)
             self.global_step += 1
@@ -342,7 +371,7 @@ class Trainer:
         n = max(float(stats[2]), 1.0)
         return {"train_loss": float(stats[0]) / n, "train_accuracy": float(stats[1]) / n}
 
-    def train_step(self, step, batches, loss_sum: torch.Tensor, correct: torch.Tensor) -> bool:
+    def train_step(self, step, batches, loss_sum: torch.Tensor, correct: torch.Tensor, poison: bool = False) -> bool:
         t, env = self.cfg.train, self.env
         scale = env.world_size / step.global_samples  # DDP averages over ranks: this makes it the global mean
         ddp = hasattr(self.model, "no_sync")
@@ -356,10 +385,12 @@ class Trainer:
                     logits = self.model(x)
                 loss = F.cross_entropy(logits.float(), y, weight=self.loss_weight,
                                        label_smoothing=t.label_smoothing, reduction="sum")
+                if poison:
+                    loss = loss * float("nan")
                 self.scaler.scale(loss * scale).backward()
             step_loss += loss.detach()
             correct += (logits.detach().argmax(1) == y).sum()
-        loss_sum += step_loss.double()
+        loss_sum += torch.nan_to_num(step_loss.double(), nan=0.0, posinf=0.0, neginf=0.0)
         if self.precision == "fp16":  # GradScaler skips non-finite steps itself and adapts its scale
             self.scaler.unscale_(self.optimizer)
             if t.clip_grad_norm:

@@ -38,19 +38,17 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
-        n = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype)
-        stats = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), n])
-        stats = _AllReduceSum.apply(stats)
-        c = x.shape[1]
-        count = stats[-1]
-        mean = stats[:c] / count
-        var = stats[c : 2 * c] / count - mean * mean
+        # two passes in float64: E[x^2] - E[x]^2 in fp32 loses digits when |mean| >> std
+        count = float(_AllReduceSum.apply(torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64)))
+        mean = _AllReduceSum.apply(x.sum(dim=(0, 2, 3), dtype=torch.float64)) / count
+        centered = x - mean.to(x.dtype).view(1, -1, 1, 1)
+        var = _AllReduceSum.apply((centered.double() ** 2).sum(dim=(0, 2, 3))) / count
         with torch.no_grad():
             self.num_batches_tracked += 1
             m = self.momentum
-            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-            self.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1), alpha=m)
-        y = (x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + self.eps)
+            self.running_mean.mul_(1 - m).add_(mean.detach().to(x.dtype), alpha=m)
+            self.running_var.mul_(1 - m).add_((var.detach() * count / (count - 1)).to(x.dtype), alpha=m)
+        y = centered / torch.sqrt(var.to(x.dtype).view(1, -1, 1, 1) + self.eps)
         return y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 

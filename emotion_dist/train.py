@@ -42,7 +42,7 @@ def run_training(config_path, overrides) -> int:
 
     env = D.init_distributed(cfg, info)
     setup_logging(env.rank)
-    trainer = None
+    trainer, ok = None, False
     try:
         import torch
 
@@ -65,6 +65,7 @@ def run_training(config_path, overrides) -> int:
         result = trainer.fit()
         if env.is_main:
             log.info("done: %s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+        ok = True
         return 0
     except (ConfigError, CheckpointError) as e:
         print(f"error: [rank {env.rank}] {e}", file=sys.stderr, flush=True)
@@ -75,4 +76,4 @@ def run_training(config_path, overrides) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-        D.close_distributed()
+        D.close_distributed(clean=ok)  # after a failure, peers may never reach a barrier
