@@ -106,6 +106,7 @@ class LogConfig:
     wandb: Literal["off", "offline", "online"] = "off"
     wandb_project: str = "emotion-dist"
     every_steps: int = 10
+    sample_ids: bool = False  # audit: each rank appends the sample ids of every step to sample_ids.rankN.jsonl
 
 
 @dataclass

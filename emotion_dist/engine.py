@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -105,7 +106,7 @@ class Trainer:
         torch.manual_seed(t.seed + env.rank)  # then per rank
         if cfg.model.init_from:
             self._init_from(model, cfg.model.init_from)
-        if t.channels_last:
+        if t.channels_last and cfg.dist.strategy != "fsdp":  # FSDP2 shards contiguous parameters only
             model = model.to(memory_format=torch.channels_last)
         self.model = wrap_model(model, cfg.dist.strategy, env, cfg.dist.sync_bn)
         self._sync_initial_weights()
@@ -345,6 +346,8 @@ class Trainer:
             stop, bad = D.agree_any([self.stop_requested, not finite], env.device)
             self.sampler.advance(step)
             self.global_step += 1
+            if self.cfg.log.sample_ids:
+                self._record_sample_ids(step)
             seen += sum(len(y) for _, y in batches)
             window_n += step.global_samples
             if bad:
@@ -370,6 +373,11 @@ class Trainer:
         D.all_reduce_sum(stats)
         n = max(float(stats[2]), 1.0)
         return {"train_loss": float(stats[0]) / n, "train_accuracy": float(stats[1]) / n}
+
+    def _record_sample_ids(self, step) -> None:
+        ids = self.ds.train.index[torch.cat(step.micro_batches).numpy()].tolist()
+        with open(self.run_dir / f"sample_ids.rank{self.env.rank}.jsonl", "a") as f:
+            f.write(json.dumps({"epoch": self.epoch, "step": self.global_step, "ids": ids}) + "\n")
 
     def train_step(self, step, batches, loss_sum: torch.Tensor, correct: torch.Tensor, poison: bool = False) -> bool:
         t, env = self.cfg.train, self.env

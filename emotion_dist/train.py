@@ -36,32 +36,14 @@ def run_training(config_path, overrides) -> int:
         return 2
 
     from .checkpoint import CheckpointError
-    from .data import dataset_root, load_datasets
-    from .engine import Trainer, TrainingAborted
+    from .engine import TrainingAborted
     from .report import setup_logging
 
     env = D.init_distributed(cfg, info)
     setup_logging(env.rank)
     trainer, ok = None, False
     try:
-        import torch
-
-        torch.backends.cudnn.benchmark = True  # fixed input sizes
-        root = D.rank_zero_first(env, lambda: dataset_root(cfg))
-        ds = D.rank_zero_first(env, lambda: load_datasets(cfg, root))
-        run_dir = Path(cfg.run.dir)
-        if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-        per, world, acc = cfg.train.batch_size, env.world_size, cfg.train.grad_accum
-        if env.is_main:
-            log.info(
-                "launcher %s | world size %d | backend %s | device %s | precision %s | strategy %s | batch %d per "
-                "process x %d processes x %d accumulation = %d global | data %s (%d train / %d val / %d test, %d classes)",
-                env.launcher, world, env.backend, env.device, cfg.train.precision, cfg.dist.strategy, per, world, acc,
-                per * world * acc, ds.root, len(ds.train), len(ds.val), len(ds.test) if ds.test else 0, len(ds.classes),
-            )
-        trainer = Trainer(cfg, env, ds, given)
+        trainer = build_trainer(cfg, env, given)
         result = trainer.fit()
         if env.is_main:
             log.info("done: %s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
@@ -77,3 +59,29 @@ def run_training(config_path, overrides) -> int:
         if trainer is not None:
             trainer.close()
         D.close_distributed(clean=ok)  # after a failure, peers may never reach a barrier
+
+
+def build_trainer(cfg, env, given=frozenset()):
+    """Data (prepared on rank 0 first), run directory, resolved config, the launch line, Trainer."""
+    import torch
+
+    from . import distributed as D
+    from .data import dataset_root, load_datasets
+    from .engine import Trainer
+
+    torch.backends.cudnn.benchmark = True  # fixed input sizes
+    root = D.rank_zero_first(env, lambda: dataset_root(cfg))
+    ds = D.rank_zero_first(env, lambda: load_datasets(cfg, root))
+    run_dir = Path(cfg.run.dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    per, world, acc = cfg.train.batch_size, env.world_size, cfg.train.grad_accum
+    if env.is_main:
+        log.info(
+            "launcher %s | world size %d | backend %s | device %s | precision %s | strategy %s | batch %d per "
+            "process x %d processes x %d accumulation = %d global | data %s (%d train / %d val / %d test, %d classes)",
+            env.launcher, world, env.backend, env.device, cfg.train.precision, cfg.dist.strategy, per, world, acc,
+            per * world * acc, ds.root, len(ds.train), len(ds.val), len(ds.test) if ds.test else 0, len(ds.classes),
+        )
+    return Trainer(cfg, env, ds, given)
