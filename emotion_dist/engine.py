@@ -362,6 +362,7 @@ class Trainer:
                 window_t, window_n = now, 0
             at_max = self._max_steps_reached() and i < total
             if stop or at_max:
+                self.last_loss = float(loss_sum) / max(seen, 1)
                 self.reporter.stop_progress()
                 why = "stop requested" if stop else f"train.max_steps={t.max_steps} reached"
                 self.reporter.line(f"{why}: saving at step {self.global_step} (mid-epoch) and exiting")

@@ -1,6 +1,7 @@
 """Real single-process training runs through the launch script."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -77,3 +78,37 @@ def test_classic_pipeline_trains(tmp_path, fast_overrides):
     run(train_cmd(*fast_overrides, "data.pipeline=classic", "train.epochs=1", "data.num_workers=1"))
     state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
     assert state["epoch"] == 1 and state["global_step"] == 21
+
+
+def test_init_from_loads_weights_for_a_new_head_and_inspect_reports(tmp_path, fast_overrides, tiny_data):
+    run(train_cmd(*fast_overrides, "train.epochs=1"))
+    ckpt = tmp_path / "run/checkpoints/last.pt"
+    # a 2-class dataset: the backbone loads, the 7-way head does not fit and is listed
+    two = tmp_path / "two"
+    for cls in ("happy", "sad"):
+        (two / "train" / cls).mkdir(parents=True)
+        for i, f in enumerate(sorted((tiny_data / "train/train" / cls).glob("*.jpg"))[:12]):
+            (two / "train" / cls / f.name).write_bytes(f.read_bytes())
+    base = [o for o in fast_overrides if not o.startswith(("data.root", "run.dir"))]
+    out = run(train_cmd(*base, f"data.root={two}", "model.num_classes=2", f"model.init_from={ckpt}",
+                        "train.epochs=1", f"run.dir={tmp_path / 'ft'}"))
+    assert "init_from" in out.stdout and "shape mismatch ['classify.linear.bias', 'classify.linear.weight']" in out.stdout
+    assert load_checkpoint(tmp_path / "ft/checkpoints/last.pt")["class_names"] == ["happy", "sad"]
+
+    info = run([sys.executable, "-m", "emotion_dist.cli", "ckpt", "inspect", str(ckpt), *fast_overrides, "train.epochs=5"])
+    assert "global step     21" in info.stdout and "strategy ddp" in info.stdout
+    assert "train.epochs: 1 -> 5" in info.stdout
+
+
+def test_resuming_with_other_classes_is_a_clear_error(tmp_path, fast_overrides, tiny_data):
+    run(train_cmd(*fast_overrides, "train.max_steps=2"))
+    other = tmp_path / "other"
+    for cls in ("a", "b"):
+        (other / "train" / cls).mkdir(parents=True)
+        for f in sorted((tiny_data / "train/train/happy").glob("*.jpg"))[:4]:
+            (other / "train" / cls / f.name).write_bytes(f.read_bytes())
+    base = [o for o in fast_overrides if not o.startswith("data.root")]
+    out = run(train_cmd(*base, f"data.root={other}", "model.num_classes=2"), check=False)
+    assert out.returncode == 2
+    assert "checkpoint classes" in out.stderr and "model.init_from" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
