@@ -41,6 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="folder for the confusion-matrix PNG (default: next to the checkpoint's run)")
     e.add_argument("overrides", nargs="*", metavar="key=value")
 
+    pr = sub.add_parser("predict", help="detect faces in photos and classify their expression")
+    pr.add_argument("--checkpoint", required=True, help="a .pt checkpoint or an exported .onnx model")
+    pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    pr.add_argument("--out", default=None, help="write annotated copies (boxes + labels) here")
+    pr.add_argument("--json", action="store_true", help="print JSON instead of one line per face")
+    pr.add_argument("--no-detect", action="store_true", help="each image is one face crop (FER-style inputs)")
+
+    x = sub.add_parser("export", help="export a checkpoint to ONNX (verified with onnxruntime) or safetensors")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--format", choices=["onnx", "safetensors"], required=True)
+    x.add_argument("--out", default=None, help="output file (default: next to the checkpoint)")
+
     c = sub.add_parser("ckpt", help="checkpoint tools")
     csub = c.add_subparsers(dest="ckpt_command", required=True)
     i = csub.add_parser("inspect", help="print a checkpoint's metadata")
@@ -68,6 +80,16 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluate import run_evaluate
 
             return run_evaluate(args)
+        if args.command == "predict":
+            from .predict import run_predict
+
+            return run_predict(args)
+        if args.command == "export":
+            from .export import export
+
+            path = export(args.checkpoint, args.format, args.out)
+            print(f"exported {path} (+ {path.with_suffix('.json').name})")
+            return 0
         if args.command == "ckpt":
             from .inspect_ckpt import inspect
 

@@ -163,6 +163,7 @@ class Trainer:
             "strategy": self.cfg.dist.strategy,
             "class_names": self.ds.classes,
             "image_size": self.cfg.data.image_size,
+            "data_size": int(self.ds.train.images.shape[-1]),  # decoded size the model was trained from
             "in_channels": self.ds.channels,
             "normalization": {"mean": mean, "std": std},
             "config": self.cfg.to_dict(),

@@ -107,10 +107,12 @@ def _fmt(v) -> str:
 
 def start_wandb(run_dir: Path, mode: str, project: str, config: dict):
     """The run id lives in the run directory, so a resumed or requeued job continues the same run."""
+    import secrets
+
     import wandb
 
     id_file = run_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
     id_file.write_text(run_id)
     return wandb.init(project=project, id=run_id, resume="allow", mode=mode, dir=str(run_dir),
                       config=config, name=run_dir.name)

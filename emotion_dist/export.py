@@ -1,0 +1,81 @@
+"""`emotion-dist export`: ONNX (dynamic batch, verified with onnxruntime) or safetensors, each with
+a JSON sidecar (classes, image size, channels, normalization) so no part of this repo is needed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write_bytes, load_checkpoint
+from .config import ConfigError
+from .model import EmotionNet
+
+MAX_ONNX_DIFF = 1e-4
+
+
+def model_meta(state: dict) -> dict:
+    return {
+        "format": "emotion-dist",
+        "classes": state["class_names"],
+        "image_size": state["image_size"],
+        "data_size": state.get("data_size", 48),
+        "in_channels": state["in_channels"],
+        "normalization": state["normalization"],
+        "input": "float32 N x C x H x W, (pixel/255 - mean) / std",
+        "output": "logits N x num_classes",
+    }
+
+
+def load_model(path: str | Path) -> tuple[EmotionNet, dict]:
+    state = load_checkpoint(path)
+    model = EmotionNet(state["in_channels"], len(state["class_names"]))
+    try:
+        model.load_state_dict(state["model_state_dict"])
+    except RuntimeError as e:
+        raise ConfigError(f"{path}: weights do not fit EmotionNet ({str(e).splitlines()[0][:120]})") from None
+    return model.eval(), model_meta(state)
+
+
+def export(checkpoint: str, fmt: str, out: str | None = None) -> Path:
+    model, meta = load_model(checkpoint)
+    suffix = {"onnx": ".onnx", "safetensors": ".safetensors"}[fmt]
+    path = Path(out) if out else Path(checkpoint).with_suffix(suffix)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"classes": json.dumps(meta["classes"])})
+        tmp.replace(path)
+    else:
+        c, s = meta["in_channels"], meta["image_size"]
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.onnx.export(model, (torch.randn(1, c, s, s),), str(tmp), input_names=["images"],
+                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+        diff = onnx_max_diff(model, tmp, c, s)
+        if diff > MAX_ONNX_DIFF:
+            tmp.unlink()
+            raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.2e} (> {MAX_ONNX_DIFF}); export refused")
+        tmp.replace(path)
+        meta["onnx_max_abs_diff"] = diff
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
+    return path
+
+
+def onnx_max_diff(model: EmotionNet, path: Path, channels: int, size: int) -> float:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for batch in (1, 5):  # the batch axis is dynamic
+        x = torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = sess.run(None, {"images": x.numpy()})[0]
+        worst = max(worst, float(np.abs(ref - got).max()))
+    return worst
