@@ -71,7 +71,7 @@ def evaluate(model, split: Split, transform: BatchTransform, env: D.DistEnv, num
 
 def inject_fault(rank: int, step: int) -> bool:
     """Test hook for real failures in real processes: EMOTION_DIST_FAULT=RANK:STEP:KIND, KIND one of
-    raise | kill (SIGKILL itself) | hang | nan (poison the loss from STEP on; returns True).
+    raise | kill (SIGKILL itself) | hang | nan (poison the loss from STEP on) | nan1 (at STEP only).
     EMOTION_DIST_FAULT_ONCE=FILE makes it fire once (the file records that it did)."""
     spec = os.environ.get("EMOTION_DIST_FAULT")
     if not spec:
@@ -79,7 +79,7 @@ def inject_fault(rank: int, step: int) -> bool:
     f_rank, f_step, kind = spec.split(":")
     if int(f_rank) != rank or step < int(f_step) or (kind != "nan" and step != int(f_step)):
         return False
-    if kind == "nan":
+    if kind in ("nan", "nan1"):  # nan: from STEP on; nan1: at STEP only
         return True
     once = os.environ.get("EMOTION_DIST_FAULT_ONCE")
     if once and Path(once).exists():
@@ -93,6 +93,14 @@ def inject_fault(rank: int, step: int) -> bool:
     if kind == "hang":
         time.sleep(10**6)
     return False
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        w in text for w in ("Timed out", "timed out", "Connection closed", "Connection reset", "NCCL", "Gloo", "gloo"))
 
 
 class Trainer:
@@ -211,6 +219,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self, is_best: bool = False) -> None:
         """Collective: gather the full state to rank 0, which writes it atomically."""
+        self.phase = "the checkpoint gather"
         model_sd, optim_sd = full_state_dict(self.model, self.optimizer)
         rng = D.gather_objects(torch.get_rng_state())
         error = None
@@ -219,7 +228,8 @@ class Trainer:
                 self.ckpt.save(self.state_dict(model_sd, optim_sd, rng), self.global_step, is_best)
                 self.last_good_ckpt = str(self.ckpt.last)
             except OSError as e:
-                error = f"checkpoint write failed ({e.strerror or e}); the previous checkpoint is intact"
+                error = (f"checkpoint write at step {self.global_step} failed ({e.strerror or e}); the previous "
+                         f"checkpoint {self.last_good_ckpt or '(none)'} is intact")
         (failed,) = D.agree_any([error is not None], self.env.device)
         if failed:
             if self.env.is_main:
@@ -248,20 +258,37 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def request_stop(self, signum, frame) -> None:
+        if self.stop_requested:  # a second signal: the user (or launcher) insists; leave now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         self.stop_requested = True  # only a flag: the step boundary acts on it
 
     def fit(self) -> dict:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, self.request_stop)
+        self.phase = "resume"
+        try:
+            return self._fit()
+        except RuntimeError as e:
+            if not is_collective_failure(e):
+                raise
+            raise TrainingAborted(
+                f"rank {self.env.rank}: collective failed during {self.phase} at step {self.global_step + 1} "
+                f"({str(e).strip().splitlines()[0][:160]}); a peer rank is stuck or died "
+                f"(dist.timeout_s={self.cfg.dist.timeout_s:g})"
+            ) from e
+
+    def _fit(self) -> dict:
         self.maybe_resume()
         t = self.cfg.train
         if self.env.is_main:
-            write_data_report(self.ds, self.run_dir / "data_report.json")
+            self.reporter.plots(write_data_report, self.ds, self.run_dir / "data_report.json")
         while self.epoch < t.epochs:
             start = time.perf_counter()
             train_stats = self.train_one_epoch()
             if train_stats is None:  # stopped at a step boundary; state saved
                 return {"stopped": True, "global_step": self.global_step}
+            self.phase = "validation (all-reduce of the confusion matrix)"
             val, cm = evaluate(self.model, self.ds.val, self.transform, self.env, len(self.ds.classes),
                                self.cfg.train.batch_size, self.precision)
             val.update(summarize(cm.cpu(), self.ds.classes))
@@ -277,8 +304,8 @@ class Trainer:
             self.reporter.epoch_end(row)
             self.save(is_best)
             if self.env.is_main:
-                plot_curves(self.history, self.run_dir / "curves.png")
-                plot_confusion(cm.cpu(), self.ds.classes, self.run_dir / "confusion_val.png", "validation")
+                self.reporter.plots(plot_curves, self.history, self.run_dir / "curves.png")
+                self.reporter.plots(plot_confusion, cm.cpu(), self.ds.classes, self.run_dir / "confusion_val.png", "validation")
             if self._max_steps_reached():
                 break
         return self.finish()
@@ -301,7 +328,7 @@ class Trainer:
             self.reporter.metrics({"type": "test", "checkpoint": "best.pt", **{k: test[k] for k in ("loss", "accuracy", "macro_f1", "count")}})
             self.reporter.line(f"test (best.pt, epoch {self.best_epoch}): accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}")
             if self.env.is_main:
-                plot_confusion(cm.cpu(), self.ds.classes, self.run_dir / "confusion_test.png", "test (best.pt)")
+                self.reporter.plots(plot_confusion, cm.cpu(), self.ds.classes, self.run_dir / "confusion_test.png", "test (best.pt)")
                 self.reporter.image("confusion_test", self.run_dir / "confusion_test.png")
         self.reporter.image("curves", self.run_dir / "curves.png")
         return result
@@ -342,8 +369,10 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.int64, device=env.device)
         seen, window_t, window_n = 0, time.perf_counter(), 0
         for i, (step, batches) in enumerate(self._batches(steps), start=done + 1):
+            self.phase = "the training step (forward/backward, gradient all-reduce)"
             poison = inject_fault(env.rank, self.global_step + 1)
             finite = self.train_step(step, batches, loss_sum, correct, poison)
+            self.phase = "the step-boundary agreement (all-reduce of stop/non-finite flags)"
             stop, bad = D.agree_any([self.stop_requested, not finite], env.device)
             self.sampler.advance(step)
             self.global_step += 1

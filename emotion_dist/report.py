@@ -81,11 +81,26 @@ class Reporter:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk must not end training: checkpoints decide that
+            self.disk_warning(f"metrics.jsonl not written ({e.strerror or e})")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "time"},
                            step=record.get("step"))
+
+    def disk_warning(self, text: str) -> None:
+        if not getattr(self, "_warned_disk", False):
+            log.warning("%s; further write failures of logs and plots are not repeated", text)
+            self._warned_disk = True
+
+    def plots(self, fn, *args) -> None:
+        """Plots are nice to have: a failed write (disk full) is a warning, never a crash."""
+        try:
+            fn(*args)
+        except OSError as e:
+            self.disk_warning(f"plot not written ({e.strerror or e})")
 
     def image(self, key: str, path: Path) -> None:
         if self.wandb is not None and Path(path).is_file():

@@ -20,7 +20,12 @@ def env_for_child(**extra) -> dict:
 
 
 def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bool = True, cwd=ROOT):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or env_for_child(), cwd=cwd)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or env_for_child(), cwd=cwd)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        raise AssertionError(f"{cmd} timed out after {timeout}s\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}") from None
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
     return proc
