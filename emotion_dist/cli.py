@@ -53,6 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["onnx", "safetensors"], required=True)
     x.add_argument("--out", default=None, help="output file (default: next to the checkpoint)")
 
+    b = sub.add_parser("bench", help="throughput of loaders, model step and end-to-end training (see docs/benchmarks.md)")
+    b.add_argument("--images", type=int, default=2000, help="synthetic training images")
+    b.add_argument("--image-size", type=int, default=96)
+    b.add_argument("--batch", type=int, default=64)
+    b.add_argument("--steps", type=int, default=20, help="timed steps per row (after 2 warm-up steps)")
+    b.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    b.add_argument("--workers", type=int, default=2, help="DataLoader workers for the classic pipeline")
+    b.add_argument("--epochs", type=int, default=2, help="epochs for the ultralytics comparison")
+    b.add_argument("--compile", action="store_true", help="torch.compile the model")
+    b.add_argument("--ultralytics", action="store_true", help="also run ultralytics' trainer on the same images")
+    b.add_argument("--cache-dir", default=".cache/emotion-dist")
+    b.add_argument("--workdir", default=None, help="keep the bench's run folders here")
+    b.add_argument("--json", default=None, help="write the results as JSON to this file")
+
     c = sub.add_parser("ckpt", help="checkpoint tools")
     csub = c.add_subparsers(dest="ckpt_command", required=True)
     i = csub.add_parser("inspect", help="print a checkpoint's metadata")
@@ -90,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             path = export(args.checkpoint, args.format, args.out)
             print(f"exported {path} (+ {path.with_suffix('.json').name})")
             return 0
+        if args.command == "bench":
+            from .bench import run_bench
+
+            return run_bench(args)
         if args.command == "ckpt":
             from .inspect_ckpt import inspect
 
