@@ -63,14 +63,19 @@ class BatchTransform:
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.size, self.device, self.seed = size, device, seed
 
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            x = x.pin_memory()  # so the copy is asynchronous
+        return x.to(self.device, non_blocking=True)
+
     def eval(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True).float().div_(255)
+        x = self._to_device(x).float().div_(255)
         if x.shape[-1] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return (x - self.mean) / self.std
 
     def train(self, x: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True).float().div_(255)
+        x = self._to_device(x).float().div_(255)
         p = {k: v.to(self.device) for k, v in augment_params(index, self.seed, epoch).items()}
         n = x.shape[0]
         a = p["angle"] * (math.pi / 180)

@@ -116,6 +116,8 @@ class Trainer:
             self._init_from(model, cfg.model.init_from)
         if t.channels_last and cfg.dist.strategy != "fsdp":  # FSDP2 shards contiguous parameters only
             model = model.to(memory_format=torch.channels_last)
+        if t.compile:
+            model.compile()  # in place: parameter names (and so checkpoints) stay the same
         self.model = wrap_model(model, cfg.dist.strategy, env, cfg.dist.sync_bn)
         self._sync_initial_weights()
         self.sampler = ResumableSampler(len(ds.train), t.batch_size, env.world_size, env.rank, t.seed, t.grad_accum)

@@ -1,0 +1,89 @@
+"""The fast (batched, on-device) and classic (per-sample v2) pipelines, and the sampler."""
+
+import numpy as np
+import pytest
+import torch
+
+from emotion_dist.augment import BatchTransform, ClassicDataset, augment_params, gather_uint8, sample_uniforms
+from emotion_dist.config import load_config
+from emotion_dist.data import load_datasets
+from emotion_dist.sampler import ResumableSampler, eval_shard
+
+
+@pytest.fixture(scope="module")
+def ds(tiny_data, tmp_path_factory):
+    cfg, _ = load_config(None, ["data.source=folder", f"data.root={tiny_data}",
+                                f"run.cache_dir={tmp_path_factory.mktemp('c')}"])
+    return load_datasets(cfg, tiny_data)
+
+
+def test_uniforms_are_a_pure_function_of_seed_epoch_index():
+    idx = torch.arange(1000)
+    a = sample_uniforms(idx, 3, 1, 4)
+    assert torch.equal(a, sample_uniforms(idx, 3, 1, 4))
+    assert torch.equal(a[[5, 700]], sample_uniforms(torch.tensor([5, 700]), 3, 1, 4))
+    assert not torch.equal(a, sample_uniforms(idx, 3, 2, 4)) and not torch.equal(a, sample_uniforms(idx, 4, 1, 4))
+    assert 0 <= a.min() and a.max() < 1 and abs(a.mean().item() - 0.5) < 0.02
+
+
+def test_fast_flip_rate_and_parameter_ranges():
+    p = augment_params(torch.arange(20000), 0, 0)
+    assert abs(p["flip"].float().mean().item() - 0.5) < 0.02
+    assert p["angle"].abs().max() <= 15 and p["crop"].min() >= 0.8
+
+
+def test_same_label_stream_fast_and_classic(ds):
+    sampler = ResumableSampler(len(ds.train), 8, 1, 0, seed=0)
+    steps = sampler.plan()[:5]
+    classic = ClassicDataset(ds.train, 1, 64, True, 0)
+    loader = torch.utils.data.DataLoader(classic, batch_sampler=[s.micro_batches[0].tolist() for s in steps])
+    for step, (_, y_classic, i_classic) in zip(steps, loader):
+        _, y_fast, i_fast = gather_uint8(ds.train, step.micro_batches[0])
+        assert torch.equal(y_fast, y_classic) and torch.equal(i_fast, i_classic)
+
+
+def test_fast_and_classic_batches_match_statistically(ds):
+    pos = torch.arange(len(ds.train))
+    x, y, idx = gather_uint8(ds.train, pos)
+    fast = BatchTransform(1, 64, torch.device("cpu"), 0).train(x, idx, 0)
+    classic = ClassicDataset(ds.train, 1, 64, True, 0)
+    slow = torch.stack([classic[int(i)][0] for i in pos])
+    assert fast.shape == slow.shape == (len(pos), 1, 64, 64)
+    assert abs(fast.mean().item() - slow.mean().item()) < 0.15
+    assert abs(fast.std().item() - slow.std().item()) < 0.15
+    # per-image contrast spread also alike
+    assert abs(fast.std(dim=(1, 2, 3)).mean().item() - slow.std(dim=(1, 2, 3)).mean().item()) < 0.15
+
+
+def test_fast_augmentation_is_independent_of_batch_and_world_size(ds):
+    t = BatchTransform(1, 64, torch.device("cpu"), 7)
+    one = ResumableSampler(len(ds.train), 8, 1, 0, seed=1).plan()[0].micro_batches[0]
+    halves = [ResumableSampler(len(ds.train), 4, 2, r, seed=1).plan()[0].micro_batches[0] for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), one)  # world size 2 splits world size 1's batch
+    x, _, idx = gather_uint8(ds.train, one)
+    whole = t.train(x, idx, epoch=3)
+    parts = [t.train(*gather_uint8(ds.train, h)[::2], epoch=3) for h in halves]
+    assert torch.allclose(torch.cat(parts), whole, atol=1e-6)
+    x2, _, idx2 = gather_uint8(ds.train, one.flip(0))
+    assert torch.allclose(t.train(x2, idx2, epoch=3).flip(0), whole, atol=1e-6)
+
+
+def test_sampler_resume_and_world_size_change_cover_the_epoch_once():
+    n, b = 103, 4
+    s2 = [ResumableSampler(n, b, 2, r, seed=5, grad_accum=2) for r in (0, 1)]
+    assert s2[0].steps_per_epoch() == len(s2[0].plan()) == 7  # 6 x 16 + 7
+    first = []
+    for step0, step1 in list(zip(s2[0].plan(), s2[1].plan()))[:5]:
+        first += torch.cat(step0.micro_batches + step1.micro_batches).tolist()
+        for s in s2:
+            s.advance(step0)
+    one = ResumableSampler(n, b, 1, 0, seed=5)
+    one.load_state_dict(s2[0].state_dict())
+    rest = [i for st in one.plan() for m in st.micro_batches for i in m.tolist()]
+    assert sorted(first + rest) == list(range(n))
+
+
+def test_eval_shards_are_unpadded_and_complete():
+    for n, w in ((63, 2), (10, 4), (3, 4)):
+        shards = [eval_shard(n, w, r) for r in range(w)]
+        assert torch.equal(torch.cat(shards), torch.arange(n))
