@@ -104,7 +104,7 @@ def is_collective_failure(e: BaseException) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: D.DistEnv, ds: Datasets, given: set[str] = frozenset()):
+    def __init__(self, cfg: Config, env: D.DistEnv, ds: Datasets):
         self.cfg, self.env, self.ds = cfg, env, ds
         t = cfg.train
         self.run_dir = Path(cfg.run.dir)

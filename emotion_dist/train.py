@@ -26,7 +26,7 @@ def resolve_config(config_path, overrides):
 
 def run_training(config_path, overrides) -> int:
     try:
-        cfg, given = resolve_config(config_path, overrides)
+        cfg, _ = resolve_config(config_path, overrides)
         from . import distributed as D
 
         info = D.detect_launch()
@@ -43,7 +43,7 @@ def run_training(config_path, overrides) -> int:
     setup_logging(env.rank)
     trainer, ok = None, False
     try:
-        trainer = build_trainer(cfg, env, given)
+        trainer = build_trainer(cfg, env)
         result = trainer.fit()
         if env.is_main:
             log.info("done: %s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
@@ -61,7 +61,7 @@ def run_training(config_path, overrides) -> int:
         D.close_distributed(clean=ok)  # after a failure, peers may never reach a barrier
 
 
-def build_trainer(cfg, env, given=frozenset()):
+def build_trainer(cfg, env):
     """Data (prepared on rank 0 first), run directory, resolved config, the launch line, Trainer."""
     import torch
 
@@ -84,4 +84,4 @@ def build_trainer(cfg, env, given=frozenset()):
             env.launcher, world, env.backend, env.device, cfg.train.precision, cfg.dist.strategy, per, world, acc,
             per * world * acc, ds.root, len(ds.train), len(ds.val), len(ds.test) if ds.test else 0, len(ds.classes),
         )
-    return Trainer(cfg, env, ds, given)
+    return Trainer(cfg, env, ds)

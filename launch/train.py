@@ -10,15 +10,16 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
-
 from emotion_dist.cli import main  # noqa: E402
 
 
-@record  # under torchrun, a failing rank's traceback is reported by the agent
 def train() -> int:
     return main(["train", *sys.argv[1:]])
 
 
 if __name__ == "__main__":
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: the agent reports a failing rank's traceback
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        train = record(train)
     sys.exit(train())

@@ -12,10 +12,10 @@ from emotion_dist.train import build_trainer, resolve_config
 
 
 def main() -> int:
-    cfg, given = resolve_config(None, sys.argv[1:])
+    cfg, _ = resolve_config(None, sys.argv[1:])
     info = D.detect_launch()
     env = D.init_distributed(cfg, info)
-    trainer = build_trainer(cfg, env, given)
+    trainer = build_trainer(cfg, env)
     trainer.maybe_resume()
     model_sd, optim_sd = full_state_dict(trainer.model, trainer.optimizer)
     if env.is_main:
