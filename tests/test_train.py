@@ -112,3 +112,28 @@ def test_resuming_with_other_classes_is_a_clear_error(tmp_path, fast_overrides, 
     assert out.returncode == 2
     assert "checkpoint classes" in out.stderr and "model.init_from" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_fp16_gradscaler_accumulation_class_weights_and_clipping(tmp_path, fast_overrides):
+    out = run(train_cmd(*fast_overrides, "train.epochs=1", "train.precision=fp16", "train.grad_accum=2",
+                        "train.class_weights=balanced", "train.clip_grad_norm=1.0"))
+    assert "precision fp16" in out.stdout and "8 per process x 1 processes x 2 accumulation = 16 global" in out.stdout
+    state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    assert state["global_step"] == 11  # 167 images / (8 x 2) per optimizer step
+    scaler = state["scaler_state_dict"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] >= 0  # GradScaler ran and was saved
+    assert all(torch.isfinite(v).all() for v in state["model_state_dict"].values() if v.is_floating_point())
+
+
+def test_bf16_autocast_on_cpu(tmp_path, fast_overrides):
+    out = run(train_cmd(*fast_overrides, "train.max_steps=3", "train.precision=bf16"))
+    assert "precision bf16" in out.stdout
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["global_step"] == 3
+
+
+def test_synthetic_data_cli(tmp_path):
+    out = run([sys.executable, "-m", "emotion_dist.cli", "data", "synthetic", "--out", str(tmp_path / "s"),
+               "--train", "30", "--test", "14", "--seed", "2"])
+    assert "synthetic dataset ready" in out.stdout
+    assert len(list((tmp_path / "s/train/train").rglob("*.jpg"))) == 30
+    assert len(list((tmp_path / "s/test/test").rglob("*.jpg"))) == 14
