@@ -135,7 +135,9 @@ def full_state_dict(model: nn.Module, optimizer) -> tuple[dict, dict]:
 def load_full_state_dict(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict | None) -> None:
     """Collective: load a full name-keyed state (from any strategy and world size) on every rank."""
     if optimizer is None or optim_sd is None or not _is_zero(optimizer):
-        opts = StateDictOptions(full_state_dict=True, strict=True)
+        # FSDP2: rank 0's full state is broadcast and sharded on arrival
+        fsdp = any(type(m).__name__.startswith("FSDP") for m in model.modules())
+        opts = StateDictOptions(full_state_dict=True, strict=True, broadcast_from_rank0=fsdp)
         if optimizer is None or optim_sd is None:
             from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
