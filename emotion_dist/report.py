@@ -67,11 +67,12 @@ class Reporter:
             from rich.console import Console
             from rich.table import Table
 
+            cols = {"epoch": "epoch", "train_loss": "loss", "train_accuracy": "acc", "val_loss": "val loss",
+                    "val_accuracy": "val acc", "val_macro_f1": "val F1", "lr": "lr", "time_s": "s"}
             t = Table(box=None)
-            for k in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr", "time_s"):
-                t.add_column(k, justify="right")
-            t.add_row(*(_fmt(row.get(k)) for k in ("epoch", "train_loss", "train_accuracy", "val_loss",
-                                                   "val_accuracy", "val_macro_f1", "lr", "time_s")))
+            for title in cols.values():
+                t.add_column(title, justify="right")
+            t.add_row(*(_fmt(row.get(k)) for k in cols))
             Console().print(t)
         else:
             log.info("epoch %d  %s", row["epoch"], "  ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k != "epoch"))

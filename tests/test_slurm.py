@@ -93,3 +93,13 @@ def test_multinode_script_runs_torchrun_under_srun(cluster, tmp_path, fast_overr
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert "world size 2 | backend gloo" in log
     assert load_checkpoint(run_dir / "checkpoints/last.pt")["world_size"] == 2
+
+
+def test_multinode_script_accelerate_variant(cluster, tmp_path, fast_overrides):
+    jid, out, run_dir = _submit(cluster, tmp_path, "mnacc", *fast_overrides[:-2], "train.epochs=1",
+                                script="slurm/multinode.sbatch", tasks=1, extra=("--nodes=1", "--cpus-per-task=2",
+                                                                                 "--export=ALL,LAUNCHER=accelerate"))
+    info = cluster.wait(jid)
+    log = out.read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "launcher accelerate | world size 2 | backend gloo" in log
