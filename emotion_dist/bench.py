@@ -45,14 +45,16 @@ def matmul_peak_flops(device, dtype) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def train_step_flops(trainer, x, y) -> float:
+def train_step_flops(cfg, x, y) -> float:
+    """Counted on an eager copy: a compiled model must not be traced under a dispatch mode."""
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .model import build_model
+
+    model = build_model(cfg.model.in_channels, cfg.model.num_classes, cfg.data.image_size).to(x.device)
     with FlopCounterMode(display=False) as counter:
-        loss = F.cross_entropy(trainer.model(x).float(), y)
-        loss.backward()
-    trainer.optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x).float(), y).backward()
     return counter.get_total_flops()
 
 
@@ -129,17 +131,19 @@ def run_bench(args) -> int:
     x, y = trainer.transform.train(x, idx, 0), y.to(dev)
     if cfg.train.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    flops = train_step_flops(trainer, x, y) / len(y)
+    flops = train_step_flops(cfg, x, y) / len(y)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
-    for s in steps[:2]:
+    t = time.perf_counter()
+    for s in steps[:2]:  # warm-up (with --compile: the compilation)
         trainer.train_step(s, [(x, y)], loss_sum, correct)
     _sync(dev)
+    warmup_s = time.perf_counter() - t
     t = time.perf_counter()
     for s in steps[2:]:
         trainer.train_step(s, [(x, y)], loss_sum, correct)
     _sync(dev)
-    record("(c) model step", len(y) * (len(steps) - 2), time.perf_counter() - t)
+    record("(c) model step", len(y) * (len(steps) - 2), time.perf_counter() - t, {"warmup_s": round(warmup_s, 2)})
 
     # (d), (e) end-to-end: loader + augmentation + step, as in training
     for name, pipeline in (("(d) end-to-end classic", "classic"), ("(e) end-to-end fast", "fast")):
@@ -168,7 +172,7 @@ def run_bench(args) -> int:
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "torch": torch.__version__, "threads": threads, "image_size": args.image_size,
         "batch": args.batch, "precision": args.precision, "images": args.images, "steps": args.steps,
-        "train_step_gflops_per_image": flops / 1e9, "matmul_peak_tflops": peak / 1e12,
+        "compile": bool(args.compile), "train_step_gflops_per_image": flops / 1e9, "matmul_peak_tflops": peak / 1e12,
         "ratios": {
             "fast_loader_vs_model_step (b/c)": by["(b)"]["img_per_s"] / by["(c)"]["img_per_s"],
             "end_to_end_fast_vs_model_step (e/c)": by["(e)"]["img_per_s"] / by["(c)"]["img_per_s"],
@@ -241,6 +245,8 @@ def print_report(summary: dict) -> None:
     c.print(t)
     for k, v in summary["ratios"].items():
         c.print(f"  {k}: {v:.2f}x")
+    c.print(f"  model-step warm-up (2 steps{', compilation included' if summary['compile'] else ''}): "
+            f"{summary['rows'][2]['warmup_s']:.1f} s")
     c.print(f"  train step: {summary['train_step_gflops_per_image']:.3f} GFLOP/image; "
             f"measured matmul peak {summary['matmul_peak_tflops']:.3f} TFLOP/s")
 
