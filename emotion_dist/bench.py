@@ -109,7 +109,7 @@ def run_bench(args) -> int:
     for s in steps[2:]:
         for pos in s.micro_batches:
             x, y, idx = gather_uint8(ds.train, pos)
-            out = trainer.transform.train(x, idx, 0)
+            trainer.transform.train(x, idx, 0)
     _sync(dev)
     record("(b) fast loader", n_img, time.perf_counter() - t)
 

@@ -4,7 +4,6 @@ commands so `--help` and config errors answer at once."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 EXIT_USAGE = 2

@@ -12,14 +12,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import distributed as D
 from .augment import BatchTransform, ClassicDataset, gather_uint8
 from .checkpoint import Checkpointer, CheckpointError, load_checkpoint
-from .config import Config, ConfigError
+from .config import Config
 from .data import Datasets, Split, class_weights, normalization, write_data_report
 from .metrics import confusion_matrix, plot_confusion, plot_curves, summarize
 from .model import build_model

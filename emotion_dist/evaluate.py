@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import load_checkpoint
-from .config import ConfigError, config_from_dict, load_config
+from .config import ConfigError, config_from_dict
 
 
 def checkpoint_config(state: dict, overrides: list[str]):

@@ -75,9 +75,6 @@ class ResumableSampler:
         """Call once a step is applied: a checkpoint written now resumes after it."""
         self.consumed += step.global_samples
 
-    def remaining_order(self) -> torch.Tensor:
-        return epoch_order(self.n, self.seed, self.epoch)[self.consumed :]
-
 
 def eval_shard(n: int, world: int, rank: int) -> torch.Tensor:
     """Contiguous, unpadded shard: the union over ranks is every sample exactly once."""

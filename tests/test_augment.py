@@ -1,6 +1,5 @@
 """The fast (batched, on-device) and classic (per-sample v2) pipelines, and the sampler."""
 
-import numpy as np
 import pytest
 import torch
 

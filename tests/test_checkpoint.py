@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from emotion_dist.checkpoint import CheckpointError, Checkpointer, atomic_write_bytes, load_checkpoint
+from emotion_dist.checkpoint import CheckpointError, Checkpointer, load_checkpoint
 from conftest import ROOT
 
 

@@ -5,7 +5,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from emotion_dist.checkpoint import load_checkpoint
 from conftest import ROOT, env_for_child, run, torchrun_cmd, train_cmd

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from emotion_dist.checkpoint import load_checkpoint
-from conftest import ROOT, run, train_cmd
+from conftest import run, train_cmd
 
 
 def states_equal(a: dict, b: dict) -> None:

@@ -1,7 +1,6 @@
 """Using a trained model: metrics, plots, evaluate, predict on real photos, export, wandb."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 from PIL import Image
 
 from emotion_dist.metrics import summarize
-from conftest import ROOT, run, train_cmd
+from conftest import run, train_cmd
 
 skimage_data = pytest.importorskip("skimage.data")
 PHOTOS = Path(skimage_data.__file__).parent
