@@ -122,12 +122,20 @@ def init_distributed(cfg: Config, info: LaunchInfo) -> DistEnv:
             store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout)
             dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
         else:
-            os.environ.setdefault("MASTER_ADDR", info.master_addr)
-            os.environ.setdefault("MASTER_PORT", str(info.master_port))
             kw = {"device_id": device} if backend == "nccl" else {}
-            dist.init_process_group(
-                backend, init_method="env://", rank=info.rank, world_size=info.world_size, timeout=timeout, **kw
-            )
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                # torchrun's restarted workers talk to the same agent store as the failed attempt;
+                # without a per-attempt prefix they can read the dead peers' addresses (gloo:
+                # "connectFullMesh failed ... Connection refused")
+                client = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False,
+                                       timeout=timeout)
+                attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+                kw["store"] = dist.PrefixStore(f"emotion_dist/attempt_{attempt}", client)
+            else:
+                os.environ.setdefault("MASTER_ADDR", info.master_addr)
+                os.environ.setdefault("MASTER_PORT", str(info.master_port))
+                kw["init_method"] = "env://"
+            dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout, **kw)
     return DistEnv(info.launcher, info.rank, info.world_size, info.local_rank, device, backend)
 
 
