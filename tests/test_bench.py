@@ -22,4 +22,5 @@ def test_bench_prints_every_row(tmp_path):
     assert len(summary["rows"]) == 7 and all(r["img_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in summary["rows"])
     assert set(summary["ratios"]) == {"fast_loader_vs_model_step (b/c)", "end_to_end_fast_vs_model_step (e/c)",
                                       "end_to_end_fast_vs_classic (e/d)"}
-    assert 0 < summary["rows"][2]["mfu"] < 1
+    model_step = next(r for r in summary["rows"] if r["row"].startswith("(c)"))
+    assert 0 < model_step["mfu"] < 1 and model_step["warmup_s"] > 0
