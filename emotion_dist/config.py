@@ -227,12 +227,19 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> tuple[Config,
         for key, value in _flatten(tree).items():
             _set(cfg, key, value)
             given.add(key)
+    given |= apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg, given
+
+
+def apply_overrides(cfg: Config, overrides) -> set[str]:
+    """Set dotted key=value overrides on cfg (not validated); returns the keys set."""
+    keys = set()
     for text in overrides:
         key, value = parse_override(text)
         _set(cfg, key, value)
-        given.add(key)
-    validate(cfg)
-    return cfg, given
+        keys.add(key)
+    return keys
 
 
 def _check(ok: bool, msg: str) -> None:

@@ -13,13 +13,12 @@ from .config import ConfigError, config_from_dict
 
 def checkpoint_config(state: dict, overrides: list[str]):
     """The checkpoint's own config, with the user's overrides on top (validated as usual)."""
-    from .config import _set, parse_override, validate
+    from .config import apply_overrides, validate
 
     cfg = config_from_dict(state["config"])
     cfg.run.resume = "never"
     cfg.model.init_from = None
-    for text in overrides:
-        _set(cfg, *parse_override(text))
+    apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
 
