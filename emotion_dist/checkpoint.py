@@ -101,19 +101,25 @@ class Checkpointer:
     def _step_files(self) -> list[Path]:
         return [p for p in self.dir.glob("step-*.pt") if _STEP_RE.search(p.name)] if self.dir.is_dir() else []
 
-    def candidates(self) -> list[Path]:
-        """Newest first: last.pt, then step checkpoints by step number."""
-        steps = sorted(self._step_files(), key=lambda p: -int(_STEP_RE.search(p.name).group(1)))
-        return ([self.last] if self.last.is_file() else []) + steps
-
     def newest_loadable(self) -> Optional[tuple[Path, dict]]:
-        best_step, found = -1, None
-        for path in self.candidates():
-            try:
-                state = load_checkpoint(path)
-            except CheckpointError as e:
-                log.warning("skipping checkpoint: %s", e)
-                continue
-            if state.get("global_step", 0) > best_step:
-                best_step, found = state.get("global_step", 0), (path, state)
-        return found
+        """The newest checkpoint that loads, reading as few files as possible: last.pt unless a
+        step file is newer (its name says so: a failed last.pt write leaves one behind) or it is
+        unreadable; then step files newest first. Unreadable ones are skipped with a warning."""
+        steps = sorted(self._step_files(), key=lambda p: -int(_STEP_RE.search(p.name).group(1)))
+        last = self._try(self.last) if self.last.is_file() else None
+        last_step = last[1].get("global_step", 0) if last else -1
+        for path in steps:
+            if int(_STEP_RE.search(path.name).group(1)) <= last_step:
+                break
+            found = self._try(path)
+            if found:
+                return found
+        return last
+
+    @staticmethod
+    def _try(path: Path) -> Optional[tuple[Path, dict]]:
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint: %s", e)
+            return None
