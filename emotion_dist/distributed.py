@@ -148,10 +148,11 @@ def close_distributed(clean: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def agree_any(flags: list[bool], device: torch.device) -> list[bool]:
-    """All ranks learn whether any rank raised each flag: decisions that end or change the loop
-    (stop signal, non-finite step) must be taken together, or the others hang."""
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+def agree_any(flags: list, device: torch.device) -> list[bool]:
+    """All ranks learn whether any rank raised each flag (bools or 0-dim tensors, read once here):
+    decisions that end or change the loop (stop signal, non-finite step) must be taken together,
+    or the others hang or diverge."""
+    t = torch.stack([torch.as_tensor(f, device=device).float().reshape(()) for f in flags])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]

@@ -240,15 +240,16 @@ class Trainer:
 
     def maybe_resume(self) -> None:
         choice = self.cfg.run.resume
-        path = None
+        path, state = None, None
         if choice == "auto":
             found = self.ckpt.newest_loadable() if self.env.is_main else None
             path = D.broadcast_object(str(found[0]) if found else None)
+            state = found[1] if found else None  # rank 0 has read it already
         elif choice != "never":
             path = choice
         if path is None:
             return
-        state = load_checkpoint(path)
+        state = state or load_checkpoint(path)
         self.load_state_dict(state)
         self.last_good_ckpt = path
         self.reporter.line(
@@ -283,7 +284,7 @@ class Trainer:
         self.maybe_resume()
         t = self.cfg.train
         if self.env.is_main:
-            self.reporter.plots(write_data_report, self.ds, self.run_dir / "data_report.json")
+            self.reporter.best_effort(write_data_report, self.ds, self.run_dir / "data_report.json")
         while self.epoch < t.epochs:
             start = time.perf_counter()
             train_stats = self.train_one_epoch()
@@ -305,8 +306,8 @@ class Trainer:
             self.reporter.epoch_end(row)
             self.save(is_best)
             if self.env.is_main:
-                self.reporter.plots(plot_curves, self.history, self.run_dir / "curves.png")
-                self.reporter.plots(plot_confusion, cm.cpu(), self.ds.classes, self.run_dir / "confusion_val.png", "validation")
+                self.reporter.best_effort(plot_curves, self.history, self.run_dir / "curves.png")
+                self.reporter.best_effort(plot_confusion, cm.cpu(), self.ds.classes, self.run_dir / "confusion_val.png", "validation")
             if self._max_steps_reached():
                 break
         return self.finish()
@@ -329,7 +330,7 @@ class Trainer:
             self.reporter.metrics({"type": "test", "checkpoint": "best.pt", **{k: test[k] for k in ("loss", "accuracy", "macro_f1", "count")}})
             self.reporter.line(f"test (best.pt, epoch {self.best_epoch}): accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}")
             if self.env.is_main:
-                self.reporter.plots(plot_confusion, cm.cpu(), self.ds.classes, self.run_dir / "confusion_test.png", "test (best.pt)")
+                self.reporter.best_effort(plot_confusion, cm.cpu(), self.ds.classes, self.run_dir / "confusion_test.png", "test (best.pt)")
                 self.reporter.image("confusion_test", self.run_dir / "confusion_test.png")
         self.reporter.image("curves", self.run_dir / "curves.png")
         return result
@@ -372,16 +373,14 @@ class Trainer:
         for i, (step, batches) in enumerate(self._batches(steps), start=done + 1):
             self.phase = "the training step (forward/backward, gradient all-reduce)"
             poison = inject_fault(env.rank, self.global_step + 1)
-            finite = self.train_step(step, batches, loss_sum, correct, poison)
-            self.phase = "the step-boundary agreement (all-reduce of stop/non-finite flags)"
-            stop, bad = D.agree_any([self.stop_requested, not finite], env.device)
+            stop, applied = self.train_step(step, batches, loss_sum, correct, poison)
             self.sampler.advance(step)
             self.global_step += 1
             if self.cfg.log.sample_ids:
                 self._record_sample_ids(step)
             seen += sum(len(y) for _, y in batches)
             window_n += step.global_samples
-            if bad:
+            if not applied:
                 self._bad_step()
             else:
                 self.bad_steps = 0
@@ -411,7 +410,10 @@ class Trainer:
         with open(self.run_dir / f"sample_ids.rank{self.env.rank}.jsonl", "a") as f:
             f.write(json.dumps({"epoch": self.epoch, "step": self.global_step, "ids": ids}) + "\n")
 
-    def train_step(self, step, batches, loss_sum: torch.Tensor, correct: torch.Tensor, poison: bool = False) -> bool:
+    def train_step(self, step, batches, loss_sum: torch.Tensor, correct: torch.Tensor,
+                   poison: bool = False) -> tuple[bool, bool]:
+        """Forward/backward over the micro-batches, then one agreement among all ranks (the step's
+        only host sync): returns (stop requested anywhere, step applied everywhere)."""
         t, env = self.cfg.train, self.env
         scale = env.world_size / step.global_samples  # DDP averages over ranks: this makes it the global mean
         ddp = hasattr(self.model, "no_sync")
@@ -435,20 +437,22 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             if t.clip_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            finite = True
+            local_bad = torch.zeros((), dtype=torch.bool, device=env.device)
         else:
-            max_norm = t.clip_grad_norm or float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm or float("inf"))
             if hasattr(norm, "full_tensor"):
                 norm = norm.full_tensor()
-            finite = bool(torch.isfinite(norm) & torch.isfinite(step_loss))
-            if finite:
-                self.optimizer.step()
+            local_bad = ~(torch.isfinite(norm) & torch.isfinite(step_loss))
+        self.phase = "the step-boundary agreement (all-reduce of stop/non-finite flags)"
+        stop, bad = D.agree_any([self.stop_requested, local_bad], env.device)
+        if self.precision == "fp16":
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif not bad:  # decided together: no rank steps while another skips
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return finite
+        return stop, not bad
 
     def _bad_step(self) -> None:
         self.bad_steps += 1

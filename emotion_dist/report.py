@@ -96,12 +96,12 @@ class Reporter:
             log.warning("%s; further write failures of logs and plots are not repeated", text)
             self._warned_disk = True
 
-    def plots(self, fn, *args) -> None:
-        """Plots are nice to have: a failed write (disk full) is a warning, never a crash."""
+    def best_effort(self, fn, *args) -> None:
+        """Plots and reports are nice to have: a failed write (disk full) is a warning, never a crash."""
         try:
             fn(*args)
         except OSError as e:
-            self.disk_warning(f"plot not written ({e.strerror or e})")
+            self.disk_warning(f"{getattr(fn, '__name__', 'output')} could not write ({e.strerror or e})")
 
     def image(self, key: str, path: Path) -> None:
         if self.wandb is not None and Path(path).is_file():
