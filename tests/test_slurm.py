@@ -60,6 +60,13 @@ def test_preemption_saves_requeues_and_resumes(cluster, tmp_path, fast_overrides
     assert cluster.run("scancel", "--signal=USR1", "--batch", str(jid)).returncode == 0
     cluster.wait(jid, until=lambda j: j.get("Restarts") == "1" and j.get("JobState") == "PENDING", timeout=120)
     stopped = load_checkpoint(ckpts / "last.pt")
+    # Release the requeued job early (Slurm would hold it ~2 min), but not within the second its
+    # old credential was revoked: slurmd compares whole seconds and would refuse the relaunch
+    # ("Job credential revoked"), failing the job.
+    deadline = time.monotonic() + 60
+    while cluster.run("sinfo", "-h", "-o", "%T").stdout.strip() != "idle" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
     assert cluster.run("scontrol", "update", f"JobId={jid}", "StartTime=now").returncode == 0
     info = cluster.wait(jid)
     log = out.read_text()
