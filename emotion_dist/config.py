@@ -16,6 +16,9 @@ import yaml
 class ConfigError(ValueError):
     """Bad user input (config, data, checkpoint, launch environment): one line, exit code 2."""
 
+    def __init__(self, message: str):
+        super().__init__("\\n".join(message.splitlines()))  # a key or value with a line break stays one line
+
 
 class InvalidImageSize(ValueError):
     pass

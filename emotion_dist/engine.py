@@ -97,9 +97,9 @@ def inject_fault(rank: int, step: int) -> bool:
 def is_collective_failure(e: BaseException) -> bool:
     import torch.distributed as dist
 
-    text = str(e)
+    text = str(e).lower()  # gloo says "Timed out ...", "Application timeout caused pair closure", ...
     return isinstance(e, getattr(dist, "DistError", ())) or any(
-        w in text for w in ("Timed out", "timed out", "Connection closed", "Connection reset", "NCCL", "Gloo", "gloo"))
+        w in text for w in ("timed out", "timeout", "connection closed", "connection reset", "pair closure", "nccl", "gloo"))
 
 
 class Trainer:
