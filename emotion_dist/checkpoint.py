@@ -73,6 +73,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
+def inference_weights(state: dict) -> dict:
+    """The weights to evaluate, predict with and export: the EMA when training kept one."""
+    return state.get("ema_state_dict") or state["model_state_dict"]
+
+
 class Checkpointer:
     """Rank 0 writes; `checkpoints/step-XXXXXXXX.pt` (the last `keep`), `last.pt`, `best.pt`."""
 

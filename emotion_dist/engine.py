@@ -17,12 +17,14 @@ import torch.nn.functional as F
 
 from . import distributed as D
 from .augment import BatchTransform, ClassicDataset, gather_uint8
-from .checkpoint import Checkpointer, CheckpointError, load_checkpoint
+from .checkpoint import Checkpointer, CheckpointError, inference_weights, load_checkpoint
 from .config import Config
 from .data import Datasets, Split, class_weights, normalization, write_data_report
+from .ema import ModelEMA
 from .metrics import confusion_matrix, plot_confusion, plot_curves, summarize
 from .model import build_model
-from .parallel import build_optimizer, full_state_dict, load_full_state_dict, unwrap, wrap_model
+from .parallel import (broadcast_buffers, build_optimizer, full_model_state_dict, full_state_dict,
+                       load_full_state_dict, reshard, unwrap, wrap_model)
 from .report import Reporter
 from .sampler import ResumableSampler, eval_shard
 
@@ -44,8 +46,10 @@ def autocast(device: torch.device, precision: str):
 def evaluate(model, split: Split, transform: BatchTransform, env: D.DistEnv, num_classes: int,
              batch_size: int, precision: str = "fp32", tta: bool = False) -> tuple[dict, torch.Tensor]:
     """Exact distributed evaluation: unpadded contiguous shards, summed confusion matrix. Every rank
-    runs the same number of forwards (FSDP all-gathers inside forward), padding with dummies."""
+    runs the same number of forwards (FSDP all-gathers inside forward), padding with dummies, with
+    rank 0's BatchNorm statistics (those a checkpoint holds)."""
     model.eval()
+    broadcast_buffers(model)
     shard = eval_shard(len(split), env.world_size, env.rank)
     n_batches = max(1, math.ceil(math.ceil(len(split) / env.world_size) / batch_size))
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=env.device)
@@ -62,6 +66,7 @@ def evaluate(model, split: Split, transform: BatchTransform, env: D.DistEnv, num
             y = y.to(env.device)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             cm += confusion_matrix(logits.argmax(1), y, num_classes)
+    reshard(model)
     D.all_reduce_sum(cm)
     D.all_reduce_sum(loss_sum)
     n = int(cm.sum())
@@ -119,6 +124,7 @@ class Trainer:
             model.compile()  # in place: parameter names (and so checkpoints) stay the same
         self.model = wrap_model(model, cfg.dist.strategy, env, cfg.dist.sync_bn)
         self._sync_initial_weights()
+        self.ema = ModelEMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.sampler = ResumableSampler(len(ds.train), t.batch_size, env.world_size, env.rank, t.seed, t.grad_accum)
         self.global_batch = t.batch_size * env.world_size * t.grad_accum
         lr = t.lr * (self.global_batch / 64 if t.lr_scale == "linear" else 1.0)
@@ -151,13 +157,19 @@ class Trainer:
         span = max(t.epochs - t.warmup_epochs, 1e-8)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - t.warmup_epochs) / span)))
 
-    def state_dict(self, model_sd: dict, optim_sd: dict, rng_states: list) -> dict:
+    def averaged_weights(self):
+        """Validation and best-checkpoint selection see the EMA weights when there is one."""
+        return self.ema.swapped() if self.ema else contextlib.nullcontext()
+
+    def state_dict(self, model_sd: dict, optim_sd: dict, rng_states: list, ema_sd: Optional[dict] = None) -> dict:
         mean, std = normalization(self.ds.channels)
+        ema = {"ema_state_dict": ema_sd, "ema_updates": self.ema.updates} if self.ema else {}
         return {
             "epoch": self.epoch,
             "global_step": self.global_step,
             "model_state_dict": model_sd,
             "optimizer_state_dict": optim_sd,
+            **ema,
             "scheduler_state_dict": self.scheduler.state_dict(),
             "scaler_state_dict": self.scaler.state_dict(),
             "loss": self.last_loss,
@@ -190,6 +202,7 @@ class Trainer:
             load_full_state_dict(self.model, self.optimizer, state["model_state_dict"], state["optimizer_state_dict"])
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"checkpoint does not fit this model ({str(e).splitlines()[0][:150]})") from None
+        self._load_ema(state)
         self.scheduler.load_state_dict(state["scheduler_state_dict"])
         self.scaler.load_state_dict(state["scaler_state_dict"])
         self.sampler.load_state_dict(state["sampler"])
@@ -201,8 +214,18 @@ class Trainer:
         if state["world_size"] == self.env.world_size:
             torch.set_rng_state(state["rng_states"][self.env.rank])
 
+    def _load_ema(self, state: dict) -> None:
+        if self.ema is None:
+            return
+        if "ema_state_dict" not in state:  # EMA switched on for a run saved without one: start it here
+            self.ema = ModelEMA(self.model, self.ema.decay)
+            return
+        with self.ema.swapped():  # loading into the swapped-in model sets the average
+            load_full_state_dict(self.model, None, state["ema_state_dict"], None)
+        self.ema.updates = state["ema_updates"]
+
     def _init_from(self, model: torch.nn.Module, path: str) -> None:
-        sd = load_checkpoint(path)["model_state_dict"]
+        sd = inference_weights(load_checkpoint(path))
         own = model.state_dict()
         fitting = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
         missing, unexpected = model.load_state_dict(fitting, strict=False)
@@ -222,11 +245,15 @@ class Trainer:
         """Collective: gather the full state to rank 0, which writes it atomically."""
         self.phase = "the checkpoint gather"
         model_sd, optim_sd = full_state_dict(self.model, self.optimizer)
+        ema_sd = None
+        if self.ema:
+            with self.ema.swapped():
+                ema_sd = full_model_state_dict(self.model)
         rng = D.gather_objects(torch.get_rng_state())
         error = None
         if self.env.is_main:
             try:
-                self.ckpt.save(self.state_dict(model_sd, optim_sd, rng), self.global_step, is_best)
+                self.ckpt.save(self.state_dict(model_sd, optim_sd, rng, ema_sd), self.global_step, is_best)
                 self.last_good_ckpt = str(self.ckpt.last)
             except OSError as e:
                 error = (f"checkpoint write at step {self.global_step} failed ({e.strerror or e}); the previous "
@@ -291,8 +318,9 @@ class Trainer:
             if train_stats is None:  # stopped at a step boundary; state saved
                 return {"stopped": True, "global_step": self.global_step}
             self.phase = "validation (all-reduce of the confusion matrix)"
-            val, cm = evaluate(self.model, self.ds.val, self.transform, self.env, len(self.ds.classes),
-                               self.cfg.train.batch_size, self.precision)
+            with self.averaged_weights():
+                val, cm = evaluate(self.model, self.ds.val, self.transform, self.env, len(self.ds.classes),
+                                   self.cfg.train.batch_size, self.precision)
             val.update(summarize(cm.cpu(), self.ds.classes))
             self.epoch += 1
             self.sampler.set_epoch(self.epoch)
@@ -322,7 +350,7 @@ class Trainer:
             result["val_accuracy"] = self.history[-1]["val_accuracy"]
         if self.cfg.train.eval_test and self.ds.test is not None and self.ckpt.best.is_file():
             best = load_checkpoint(self.ckpt.best)
-            load_full_state_dict(self.model, None, best["model_state_dict"], None)
+            load_full_state_dict(self.model, None, inference_weights(best), None)
             test, cm = evaluate(self.model, self.ds.test, self.transform, self.env, len(self.ds.classes),
                                 self.cfg.train.batch_size, self.precision)
             test.update(summarize(cm.cpu(), self.ds.classes))
@@ -450,6 +478,8 @@ class Trainer:
             self.scaler.update()
         elif not bad:  # decided together: no rank steps while another skips
             self.optimizer.step()
+        if self.ema and not bad:
+            self.ema.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return stop, not bad

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .checkpoint import load_checkpoint
+from .checkpoint import inference_weights, load_checkpoint
 from .config import ConfigError, config_from_dict
 
 
@@ -47,7 +47,7 @@ def run_evaluate(args) -> int:
         if split is None:
             raise ConfigError(f"{root} has no test split (test/ or val/ folder); pass --split val or data.root=PATH")
         model = build_model(state["in_channels"], len(ds.classes), cfg.data.image_size)
-        model.load_state_dict(state["model_state_dict"])
+        model.load_state_dict(inference_weights(state))
         model.to(env.device)  # no DDP wrapper: evaluation needs no gradient sync
         transform = BatchTransform(ds.channels, cfg.data.image_size, env.device, cfg.train.seed)
         res, cm = evaluate(model, split, transform, env, len(ds.classes), cfg.train.batch_size,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes, load_checkpoint
+from .checkpoint import atomic_write_bytes, inference_weights, load_checkpoint
 from .config import ConfigError
 from .model import EmotionNet
 
@@ -33,7 +33,7 @@ def load_model(path: str | Path) -> tuple[EmotionNet, dict]:
     state = load_checkpoint(path)
     model = EmotionNet(state["in_channels"], len(state["class_names"]))
     try:
-        model.load_state_dict(state["model_state_dict"])
+        model.load_state_dict(inference_weights(state))
     except RuntimeError as e:
         raise ConfigError(f"{path}: weights do not fit EmotionNet ({str(e).splitlines()[0][:120]})") from None
     return model.eval(), model_meta(state)

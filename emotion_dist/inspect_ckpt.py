@@ -21,6 +21,9 @@ def inspect(path: str, config_path: str | None, overrides: list[str]) -> int:
         f"last loss       {state.get('loss', float('nan')):.4f}",
         f"parameters      {sum(v.numel() for k, v in state['model_state_dict'].items() if 'running' not in k and 'num_batches' not in k):,}",
     ]
+    if "ema_state_dict" in state:
+        decay = state.get("config", {}).get("train", {}).get("ema_decay")
+        lines.append(f"EMA             decay {decay}, {state['ema_updates']} updates (evaluate/predict/export use it)")
     if state.get("history"):
         h = state["history"][-1]
         lines.append(f"last epoch      val accuracy {h.get('val_accuracy', float('nan')):.4f}  "

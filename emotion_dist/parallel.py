@@ -89,6 +89,28 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Collective: give every rank rank 0's BatchNorm running statistics before evaluation. Each
+    rank updates them from its own batches (FSDP2 never syncs them; DDP copies rank 0's only at the
+    next forward), and rank 0's are the ones checkpoints hold: so evaluation, `emotion-dist
+    evaluate` on the checkpoint and a resumed run all see the same statistics (timm's
+    dist_bn=broadcast; averaging would be a state no checkpoint records)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for b in unwrap(model).buffers():
+        dist.broadcast(b, src=0)
+
+
+def reshard(model: nn.Module) -> None:
+    """FSDP2 keeps the root's parameters gathered after a forward without backward (evaluation):
+    free them, so the next forward gathers what the shards hold now (after a load or EMA swap)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def build_optimizer(model: nn.Module, strategy: str, lr: float, weight_decay: float, device: torch.device):
     # no weight decay on norms and biases
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
@@ -130,6 +152,14 @@ def full_state_dict(model: nn.Module, optimizer) -> tuple[dict, dict]:
     state = {names[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()}
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
     return model_sd, {"state": state, "param_groups": groups}
+
+
+def full_model_state_dict(model: nn.Module) -> dict:
+    """Collective: a copy of the full name-keyed model state (weights and buffers) on rank 0."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.clone() for k, v in sd.items()}  # a copy: on CPU the values may alias the live tensors
 
 
 def load_full_state_dict(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict | None) -> None:

@@ -15,7 +15,7 @@ ROUNDTRIP = str(ROOT / "tests" / "helpers" / "roundtrip.py")
 
 
 def test_two_process_mid_epoch_resume_is_bit_exact(tmp_path, fast_overrides):
-    base = [o for o in fast_overrides if not o.startswith("run.dir")]
+    base = [o for o in fast_overrides if not o.startswith("run.dir")] + ["train.ema_decay=0.9"]
     full, split = tmp_path / "full", tmp_path / "split"
     run(torchrun_cmd(2, *base, f"run.dir={full}"))
     run(torchrun_cmd(2, *base, f"run.dir={split}", "train.max_steps=15"))  # epoch 2, step 4 of 11
@@ -46,19 +46,20 @@ def test_world_size_two_to_one_mid_epoch_sees_every_sample_once(tmp_path, fast_o
     assert final["epoch"] == 2 and final["world_size"] == 1
 
 
-@pytest.mark.parametrize("saved,loads", [
-    ("zero", [(2, "zero"), (1, "zero"), (1, "ddp")]),
-    ("fsdp", [(2, "fsdp"), (1, "ddp"), (2, "ddp")]),
-    ("ddp", [(2, "fsdp"), (2, "zero")]),
+@pytest.mark.parametrize("saved,loads,ema", [
+    ("zero", [(2, "zero"), (1, "zero"), (1, "ddp")], False),
+    ("fsdp", [(2, "fsdp"), (1, "ddp"), (2, "ddp")], True),  # the EMA is sharded like the weights
+    ("ddp", [(2, "fsdp"), (2, "zero")], True),
 ])
-def test_sharded_optimizer_state_loads_anywhere(tmp_path, fast_overrides, saved, loads):
-    run(torchrun_cmd(2, *fast_overrides, f"dist.strategy={saved}", "train.max_steps=4"))
+def test_sharded_optimizer_state_loads_anywhere(tmp_path, fast_overrides, saved, loads, ema):
+    ema_on = ["train.ema_decay=0.9"] if ema else []
+    run(torchrun_cmd(2, *fast_overrides, *ema_on, f"dist.strategy={saved}", "train.max_steps=4"))
     ckpt = tmp_path / "run/checkpoints/last.pt"
     assert load_checkpoint(ckpt)["strategy"] == saved
     base = [o for o in fast_overrides if not o.startswith("run.dir")]
     for world, strategy in loads:
-        args = [*base, f"dist.strategy={strategy}", f"run.resume={ckpt}", f"run.dir={tmp_path / strategy}{world}"]
+        args = [*base, *ema_on, f"dist.strategy={strategy}", f"run.resume={ckpt}", f"run.dir={tmp_path / strategy}{world}"]
         cmd = ([sys.executable, ROUNDTRIP, *args] if world == 1 else
                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROUNDTRIP, *args])
         out = run(cmd)
-        assert f"ROUNDTRIP OK {strategy} world={world} from {saved} world=2" in out.stdout
+        assert f"ROUNDTRIP OK {strategy} world={world} from {saved} world=2{' with EMA' if ema else ''}" in out.stdout

@@ -25,6 +25,10 @@ def assert_same_training_state(run_a, run_b):
     a, b = load_checkpoint(run_a / "checkpoints/last.pt"), load_checkpoint(run_b / "checkpoints/last.pt")
     states_equal(a["model_state_dict"], b["model_state_dict"])
     states_equal(a["optimizer_state_dict"]["state"], b["optimizer_state_dict"]["state"])
+    assert ("ema_state_dict" in a) == ("ema_state_dict" in b)
+    if "ema_state_dict" in a:
+        states_equal(a["ema_state_dict"], b["ema_state_dict"])
+        assert a["ema_updates"] == b["ema_updates"] == a["global_step"]
     assert a["scheduler_state_dict"] == b["scheduler_state_dict"]
     assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
     return a, b

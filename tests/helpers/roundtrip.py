@@ -7,7 +7,7 @@ import torch
 
 from emotion_dist import distributed as D
 from emotion_dist.checkpoint import load_checkpoint
-from emotion_dist.parallel import full_state_dict
+from emotion_dist.parallel import full_model_state_dict, full_state_dict
 from emotion_dist.train import build_trainer, resolve_config
 
 
@@ -18,17 +18,28 @@ def main() -> int:
     trainer = build_trainer(cfg, env)
     trainer.maybe_resume()
     model_sd, optim_sd = full_state_dict(trainer.model, trainer.optimizer)
+    ema_sd = None
+    if trainer.ema:
+        with trainer.ema.swapped():
+            ema_sd = full_model_state_dict(trainer.model)
     if env.is_main:
         saved = load_checkpoint(cfg.run.resume)
         for k, v in saved["model_state_dict"].items():
             assert torch.equal(model_sd[k], v), k
+        if "ema_state_dict" in saved:
+            assert trainer.ema.updates == saved["ema_updates"] > 0
+            for k, v in saved["ema_state_dict"].items():
+                assert torch.equal(ema_sd[k], v), ("ema", k)
+            assert any(not torch.equal(v, saved["model_state_dict"][k]) for k, v in saved["ema_state_dict"].items()
+                       if v.is_floating_point()), "the EMA is a copy of the weights"
         n = 0
         for name, st in saved["optimizer_state_dict"]["state"].items():
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 assert torch.equal(optim_sd["state"][name][key].cpu(), st[key]), (name, key)
                 n += 1
         assert len(saved["optimizer_state_dict"]["state"]) == sum(1 for _ in trainer.model.parameters()) > 100
-        print(f"ROUNDTRIP OK {cfg.dist.strategy} world={env.world_size} from {saved['strategy']} world={saved['world_size']} tensors={n}")
+        ema = " with EMA" if ema_sd else ""
+        print(f"ROUNDTRIP OK {cfg.dist.strategy} world={env.world_size} from {saved['strategy']} world={saved['world_size']}{ema} tensors={n}")
     D.close_distributed()
     return 0
 
