@@ -109,6 +109,7 @@ class CkptConfig:
 class LogConfig:
     wandb: Literal["off", "offline", "online"] = "off"
     wandb_project: str = "emotion-dist"
+    wandb_artifact: bool = False  # at the end, log best.pt as a wandb "model" artifact (aliases best, epoch-N)
     every_steps: int = 10
     sample_ids: bool = False  # audit: each rank appends the sample ids of every step to sample_ids.rankN.jsonl
 

@@ -361,6 +361,10 @@ class Trainer:
                 self.reporter.best_effort(plot_confusion, cm.cpu(), self.ds.classes, self.run_dir / "confusion_test.png", "test (best.pt)")
                 self.reporter.image("confusion_test", self.run_dir / "confusion_test.png")
         self.reporter.image("curves", self.run_dir / "curves.png")
+        if self.cfg.log.wandb_artifact and self.env.is_main:
+            meta = {**result, "classes": self.ds.classes, "image_size": self.cfg.data.image_size,
+                    "ema": self.ema is not None}
+            self.reporter.artifact(self.ckpt.best, ["best", f"epoch-{self.best_epoch}"], meta)
         return result
 
     def _batches(self, steps):

@@ -109,6 +109,16 @@ class Reporter:
 
             self.wandb.log({key: wandb.Image(str(path))})
 
+    def artifact(self, path: Path, aliases: list[str], metadata: dict) -> None:
+        """One "model" artifact per run (`emotionnet-<run id>`); a resumed run adds a version."""
+        if self.wandb is None or not Path(path).is_file():
+            return
+        import wandb
+
+        art = wandb.Artifact(name=f"emotionnet-{self.wandb.id}", type="model", metadata=metadata)
+        art.add_file(str(path), name=Path(path).name)
+        self.wandb.log_artifact(art, aliases=aliases)
+
     def close(self) -> None:
         self.stop_progress()
         if self.wandb is not None:

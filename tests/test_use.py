@@ -1,5 +1,7 @@
 """Using a trained model: metrics, plots, evaluate, predict on real photos, export, wandb."""
 
+import base64
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -36,7 +38,7 @@ def trained(tmp_path_factory, tiny_data):
     d = tmp_path_factory.mktemp("trained")
     run(train_cmd("data.source=folder", f"data.root={tiny_data}", "data.image_size=32", "train.batch_size=16",
                   "train.epochs=1", f"run.dir={d}/run", f"run.cache_dir={d}/cache", "log.wandb=offline",
-                  "train.eval_test=false"))
+                  "log.wandb_artifact=true", "train.eval_test=false"))
     return d
 
 
@@ -51,7 +53,11 @@ def test_training_leaves_curves_confusion_and_a_wandb_run(trained):
     for name in ("curves.png", "confusion_val.png"):
         _png_ok(run_dir / name)
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
-    assert list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    (offline,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}")
+    # the best checkpoint went in as a model artifact: its name and the file's md5 are in the run's log
+    log = (offline / f"run-{run_id}.wandb").read_bytes()
+    md5 = base64.b64encode(hashlib.md5((run_dir / "checkpoints/best.pt").read_bytes()).digest())
+    assert f"emotionnet-{run_id}".encode() in log and md5 in log
 
 
 def test_wandb_run_id_is_reused_after_resume(trained, tiny_data):
