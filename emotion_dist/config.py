@@ -73,6 +73,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accum: int = 1
     clip_grad_norm: float = 0.0  # 0 = off
+    patience: int = 0  # early stop after this many epochs without a better val macro-F1 (0 = off)
     ema_decay: float = 0.0  # 0 = off; e.g. 0.999: validate, keep best and export an EMA of the weights
     seed: int = 0
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit); a debug knob
@@ -273,6 +274,7 @@ def validate(cfg: Config) -> None:
     _check(0 <= t.label_smoothing < 1, f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
     _check(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
     _check(t.clip_grad_norm >= 0, f"train.clip_grad_norm={t.clip_grad_norm} must be >= 0 (0 = off)")
+    _check(t.patience >= 0, f"train.patience={t.patience} must be >= 0 (0 = no early stop)")
     _check(0 <= t.ema_decay < 1, f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 = off, e.g. 0.999)")
     _check(t.max_steps >= 0, f"train.max_steps={t.max_steps} must be >= 0 (0 = no limit)")
     _check(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")

@@ -312,7 +312,7 @@ class Trainer:
         t = self.cfg.train
         if self.env.is_main:
             self.reporter.best_effort(write_data_report, self.ds, self.run_dir / "data_report.json")
-        while self.epoch < t.epochs:
+        while self.epoch < t.epochs and not self._out_of_patience():
             start = time.perf_counter()
             train_stats = self.train_one_epoch()
             if train_stats is None:  # stopped at a step boundary; state saved
@@ -338,14 +338,23 @@ class Trainer:
                 self.reporter.best_effort(plot_confusion, cm.cpu(), self.ds.classes, self.run_dir / "confusion_val.png", "validation")
             if self._max_steps_reached():
                 break
+        if self._out_of_patience():
+            self.reporter.line(f"early stop after epoch {self.epoch}: no better validation macro-F1 in "
+                               f"{self.epoch - self.best_epoch} epochs (best {self.best_metric:.4f} at epoch "
+                               f"{self.best_epoch}; train.patience={t.patience})")
         return self.finish()
 
     def _max_steps_reached(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.global_step >= self.cfg.train.max_steps
 
+    def _out_of_patience(self) -> bool:
+        # every rank decides from the same all-reduced validation figures: no rank stops alone
+        p = self.cfg.train.patience
+        return p > 0 and self.best_epoch > 0 and self.epoch - self.best_epoch >= p
+
     def finish(self) -> dict:
         result = {"stopped": False, "global_step": self.global_step, "best_val_macro_f1": self.best_metric,
-                  "best_epoch": self.best_epoch}
+                  "best_epoch": self.best_epoch, "early_stopped": self._out_of_patience()}
         if self.history:
             result["val_accuracy"] = self.history[-1]["val_accuracy"]
         if self.cfg.train.eval_test and self.ds.test is not None and self.ckpt.best.is_file():
