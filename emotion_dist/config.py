@@ -178,7 +178,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 
 def _unknown(key: str) -> ConfigError:
     close = difflib.get_close_matches(key, _all_keys(), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see configs/default.yaml for the keys"
+    hint = f"; did you mean {', '.join(close)}?" if close else "; the keys are listed under Configuration in README.md"
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
