@@ -25,6 +25,9 @@ class ModelEMA:
         self.updates = 0
         self.live = [_local(t) for t in (*model.parameters(), *model.buffers())]
         self.shadow = [t.detach().clone() for t in self.live]
+        self._floats = ([s for s in self.shadow if s.is_floating_point()],
+                        [t.detach() for t in self.live if t.is_floating_point()])
+        self._counters = [(s, t) for s, t in zip(self.shadow, self.live) if not s.is_floating_point()]
 
     def current_decay(self) -> float:
         """The decay of the next update: 0.1 at first, rising until the horizon reaches 1/(1-decay),
@@ -35,12 +38,10 @@ class ModelEMA:
     def update(self) -> None:
         d = self.current_decay()
         self.updates += 1
-        floats = [(s, t) for s, t in zip(self.shadow, self.live) if s.is_floating_point()]
-        if floats:
-            torch._foreach_lerp_([s for s, _ in floats], [t.detach() for _, t in floats], 1.0 - d)
-        for s, t in zip(self.shadow, self.live):
-            if not s.is_floating_point():  # BatchNorm's num_batches_tracked
-                s.copy_(t)
+        if self._floats[0]:
+            torch._foreach_lerp_(*self._floats, 1.0 - d)
+        for s, t in self._counters:  # BatchNorm's num_batches_tracked
+            s.copy_(t)
 
     @torch.no_grad()
     def _exchange(self) -> None:

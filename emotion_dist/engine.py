@@ -104,7 +104,7 @@ def is_collective_failure(e: BaseException) -> bool:
 
     text = str(e).lower()  # gloo says "Timed out ...", "Application timeout caused pair closure", ...
     return isinstance(e, getattr(dist, "DistError", ())) or any(
-        w in text for w in ("timed out", "timeout", "connection closed", "connection reset", "pair closure", "nccl", "gloo"))
+        w in text for w in ("timed out", "timeout", "connection closed", "connection reset", "nccl", "gloo"))
 
 
 class Trainer:

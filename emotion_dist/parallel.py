@@ -101,14 +101,17 @@ def broadcast_buffers(model: nn.Module) -> None:
         dist.broadcast(b, src=0)
 
 
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
 def reshard(model: nn.Module) -> None:
     """FSDP2 keeps the root's parameters gathered after a forward without backward (evaluation):
     free them, so the next forward gathers what the shards hold now (after a load or EMA swap)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
+    for m in _fsdp_modules(model):
+        m.reshard()
 
 
 def build_optimizer(model: nn.Module, strategy: str, lr: float, weight_decay: float, device: torch.device):
@@ -143,7 +146,7 @@ def full_state_dict(model: nn.Module, optimizer) -> tuple[dict, dict]:
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if not _is_zero(optimizer):
         return get_state_dict(model, optimizer, options=opts)
-    model_sd = {k.removeprefix("module."): v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+    model_sd = full_model_state_dict(model)
     optimizer.consolidate_state_dict(to=0)
     if dist.get_rank() != 0:
         return {}, {}
@@ -166,8 +169,7 @@ def load_full_state_dict(model: nn.Module, optimizer, model_sd: dict, optim_sd: 
     """Collective: load a full name-keyed state (from any strategy and world size) on every rank."""
     if optimizer is None or optim_sd is None or not _is_zero(optimizer):
         # FSDP2: rank 0's full state is broadcast and sharded on arrival
-        fsdp = any(type(m).__name__.startswith("FSDP") for m in model.modules())
-        opts = StateDictOptions(full_state_dict=True, strict=True, broadcast_from_rank0=fsdp)
+        opts = StateDictOptions(full_state_dict=True, strict=True, broadcast_from_rank0=bool(_fsdp_modules(model)))
         if optimizer is None or optim_sd is None:
             from torch.distributed.checkpoint.state_dict import set_model_state_dict
 

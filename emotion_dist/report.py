@@ -26,7 +26,7 @@ class Reporter:
         self.tty = enabled and sys.stdout.isatty()
         self.progress = self.task = None
         self.wandb = None
-        self._t0 = time.perf_counter()
+        self._warned_disk = False
         if enabled and wandb_mode != "off":
             self.wandb = start_wandb(self.run_dir, wandb_mode, wandb_project, config or {})
 
@@ -92,7 +92,7 @@ class Reporter:
                            step=record.get("step"))
 
     def disk_warning(self, text: str) -> None:
-        if not getattr(self, "_warned_disk", False):
+        if not self._warned_disk:
             log.warning("%s; further write failures of logs and plots are not repeated", text)
             self._warned_disk = True
 
