@@ -3,6 +3,7 @@ checkpoint (.pt, PyTorch) or an exported model (.onnx, onnxruntime: no torch at 
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -106,10 +107,17 @@ def read_image(path: Path) -> np.ndarray:
     return img
 
 
+@functools.cache
+def _face_cascade():
+    import cv2
+
+    return cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+
+
 def detect_faces(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
     import cv2
 
-    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+    cascade = _face_cascade()  # parsed once, not per image
     scale = min(1.0, MAX_DETECT_SIDE / max(gray.shape))
     small = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else gray
     side = max(40, int(min(small.shape) * MIN_FACE_FRACTION))
