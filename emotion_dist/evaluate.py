@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .checkpoint import inference_weights, load_checkpoint
+from .checkpoint import load_checkpoint
 from .config import ConfigError, config_from_dict
 
 
@@ -30,8 +30,8 @@ def run_evaluate(args) -> int:
     from .augment import BatchTransform
     from .data import dataset_root, load_datasets
     from .engine import evaluate
+    from .export import model_from_state
     from .metrics import plot_confusion, summarize
-    from .model import build_model
     from .report import setup_logging
 
     info = D.detect_launch()
@@ -46,9 +46,7 @@ def run_evaluate(args) -> int:
         split = ds.test if args.split == "test" else ds.val
         if split is None:
             raise ConfigError(f"{root} has no test split (test/ or val/ folder); pass --split val or data.root=PATH")
-        model = build_model(state["in_channels"], len(ds.classes), cfg.data.image_size)
-        model.load_state_dict(inference_weights(state))
-        model.to(env.device)  # no DDP wrapper: evaluation needs no gradient sync
+        model = model_from_state(state, args.checkpoint).to(env.device)  # no DDP wrapper: no gradient sync
         transform = BatchTransform(ds.channels, cfg.data.image_size, env.device, cfg.train.seed)
         res, cm = evaluate(model, split, transform, env, len(ds.classes), cfg.train.batch_size,
                            cfg.train.precision, tta=args.tta)

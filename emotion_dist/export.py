@@ -3,6 +3,7 @@ a JSON sidecar (classes, image size, channels, normalization) so no part of this
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -29,14 +30,19 @@ def model_meta(state: dict) -> dict:
     }
 
 
-def load_model(path: str | Path) -> tuple[EmotionNet, dict]:
-    state = load_checkpoint(path)
+def model_from_state(state: dict, path: str | Path) -> EmotionNet:
+    """EmotionNet (eval mode) with a loaded checkpoint's inference weights (the EMA if kept)."""
     model = EmotionNet(state["in_channels"], len(state["class_names"]))
     try:
         model.load_state_dict(inference_weights(state))
     except RuntimeError as e:
         raise ConfigError(f"{path}: weights do not fit EmotionNet ({str(e).splitlines()[0][:120]})") from None
-    return model.eval(), model_meta(state)
+    return model.eval()
+
+
+def load_model(path: str | Path) -> tuple[EmotionNet, dict]:
+    state = load_checkpoint(path)
+    return model_from_state(state, path), model_meta(state)
 
 
 def export(checkpoint: str, fmt: str, out: str | None = None) -> Path:
@@ -45,32 +51,30 @@ def export(checkpoint: str, fmt: str, out: str | None = None) -> Path:
     path = Path(out) if out else Path(checkpoint).with_suffix(suffix)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                  metadata={"classes": json.dumps(meta["classes"])})
-        tmp.replace(path)
+        data = save({k: v.contiguous() for k, v in model.state_dict().items()},
+                    metadata={"classes": json.dumps(meta["classes"])})
     else:
         c, s = meta["in_channels"], meta["image_size"]
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.onnx.export(model, (torch.randn(1, c, s, s),), str(tmp), input_names=["images"],
+        buf = io.BytesIO()
+        torch.onnx.export(model, (torch.randn(1, c, s, s),), buf, input_names=["images"],
                           output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
                           opset_version=17, dynamo=False)
-        diff = onnx_max_diff(model, tmp, c, s)
+        data = buf.getvalue()
+        diff = onnx_max_diff(model, data, c, s)  # verified before anything is written
         if diff > MAX_ONNX_DIFF:
-            tmp.unlink()
             raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.2e} (> {MAX_ONNX_DIFF}); export refused")
-        tmp.replace(path)
         meta["onnx_max_abs_diff"] = diff
+    atomic_write_bytes(path, data)
     atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
     return path
 
 
-def onnx_max_diff(model: EmotionNet, path: Path, channels: int, size: int) -> float:
+def onnx_max_diff(model: EmotionNet, onnx_model: bytes, channels: int, size: int) -> float:
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
     worst = 0.0
     for batch in (1, 5):  # the batch axis is dynamic
         x = torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(batch))
