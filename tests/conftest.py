@@ -35,9 +35,9 @@ def train_cmd(*overrides: str) -> list[str]:
     return [sys.executable, TRAIN, *overrides]
 
 
-def torchrun_cmd(nproc: int, *overrides: str, extra: tuple = ()) -> list[str]:
+def torchrun_cmd(nproc: int, *overrides: str, extra: tuple = (), script: str = TRAIN) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
-            TRAIN, *overrides]
+            script, *overrides]
 
 
 @pytest.fixture(scope="session")

@@ -59,8 +59,8 @@ def test_two_process_validation_sees_the_average_and_training_the_live_weights(f
     """Evaluating the swapped-in EMA and then the live weights on the wrapped model equals evaluating
     plain copies of each; under FSDP2 this needs the root's gathered parameters freed after eval."""
     helper = str(ROOT / "tests" / "helpers" / "ema_swap.py")
-    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", helper,
-               *fast_overrides, f"dist.strategy={strategy}", "train.ema_decay=0.9", "train.max_steps=13"])
+    out = run(torchrun_cmd(2, *fast_overrides, f"dist.strategy={strategy}", "train.ema_decay=0.9", "train.max_steps=13",
+                           script=helper))
     assert f"EMA SWAP OK {strategy} world=2" in out.stdout
 
 

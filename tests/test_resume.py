@@ -59,7 +59,5 @@ def test_sharded_optimizer_state_loads_anywhere(tmp_path, fast_overrides, saved,
     base = [o for o in fast_overrides if not o.startswith("run.dir")]
     for world, strategy in loads:
         args = [*base, *ema_on, f"dist.strategy={strategy}", f"run.resume={ckpt}", f"run.dir={tmp_path / strategy}{world}"]
-        cmd = ([sys.executable, ROUNDTRIP, *args] if world == 1 else
-               [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROUNDTRIP, *args])
-        out = run(cmd)
+        out = run([sys.executable, ROUNDTRIP, *args] if world == 1 else torchrun_cmd(2, *args, script=ROUNDTRIP))
         assert f"ROUNDTRIP OK {strategy} world={world} from {saved} world=2{' with EMA' if ema else ''}" in out.stdout
