@@ -13,38 +13,18 @@ from typing import Optional
 
 import torch
 
-from .config import ConfigError
+from .errors import CheckpointError
+from .fsutil import atomic_write_bytes
 
 log = logging.getLogger("emotion_dist")
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"step-(\d+)\.pt$")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a torn one; a failed write (ENOSPC,
-    permissions) leaves the old file as it was and removes the temp file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def serialize(state: dict) -> bytes:
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()
-
-
-class CheckpointError(ConfigError):
-    pass
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -13,12 +13,8 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 import yaml
 
 
-class ConfigError(ValueError):
-    """Bad user input (config, data, checkpoint, launch environment): one line, exit code 2."""
-
-    def __init__(self, message: str):
-        super().__init__("\\n".join(message.splitlines()))  # a key or value with a line break stays one line
-
+from .errors import ConfigError  # noqa: F401  (re-exported: `from .config import ConfigError` still works)
+from .fsutil import atomic_write_bytes
 
 class InvalidImageSize(ValueError):
     pass
@@ -295,8 +291,6 @@ def validate(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    from .checkpoint import atomic_write_bytes
-
     atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
 
 

@@ -257,7 +257,7 @@ def load_datasets(cfg: Config, root: Path) -> Datasets:
 
 
 def write_data_report(ds: Datasets, path: Path) -> None:
-    from .checkpoint import atomic_write_bytes
+    from .fsutil import atomic_write_bytes
 
     counts = np.bincount(ds.train.targets(), minlength=len(ds.classes)).tolist()
     report = {

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes, inference_weights, load_checkpoint
+from .checkpoint import inference_weights, load_checkpoint
+from .fsutil import atomic_write_bytes
 from .config import ConfigError
 from .model import EmotionNet
 

@@ -92,7 +92,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
 def _save(fig, path: Path) -> None:
     import io
 
-    from .checkpoint import atomic_write_bytes
+    from .fsutil import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
