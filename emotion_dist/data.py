@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError
+from .images import IMAGE_EXTS, read_uint8
 
 log = logging.getLogger("emotion_dist")
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 CACHE_VERSION = 1
 
 
@@ -103,21 +103,10 @@ def decode_image(path: str, channels: int, size: Optional[int]) -> np.ndarray:
     """Decode any common mode (L, RGB, RGBA, P, CMYK, 16-bit, float) to uint8 HxWxC."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            a = np.asarray(img, dtype=np.float64)
-            lo, hi = float(a.min()), float(a.max())
-            a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
-            img = Image.fromarray(a.astype(np.uint8), "L")
-        if img.mode in ("RGBA", "LA", "P", "PA"):
-            img = img.convert("RGBA")
-            bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(bg, img)
-        img = img.convert("L" if channels == 1 else "RGB")
-        if size is not None and img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
-        a = np.asarray(img, dtype=np.uint8)
+    a = read_uint8(path, channels)
+    if size is not None and a.shape[:2] != (size, size):
+        img = Image.fromarray(a[:, :, 0] if channels == 1 else a)
+        a = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
     return a[:, :, None] if a.ndim == 2 else a
 
 

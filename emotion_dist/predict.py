@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+from .images import IMAGE_EXTS
+
 MAX_DETECT_SIDE = 1024  # huge photos are searched downscaled; boxes are mapped back
 MIN_FACE_FRACTION = 1 / 16  # faces smaller than this share of the shorter side are too small to read
 MARGIN = 0.15
