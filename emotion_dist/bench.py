@@ -64,9 +64,11 @@ def run_bench(args) -> int:
     from . import distributed as D
     from .augment import ClassicDataset, gather_uint8
     from .config import load_config
-    from .engine import Trainer
-    from .report import setup_logging
+    from .build import build_trainer
     from .data import dataset_root, load_datasets
+    from .engine import Trainer
+    from .loader import train_batches
+    from .loggers import setup_logging
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="emotion-bench-"))
     overrides = [
@@ -86,7 +88,11 @@ def run_bench(args) -> int:
 
     def new_trainer(pipeline: str) -> Trainer:
         cfg.data.pipeline = pipeline
-        return Trainer(cfg, env, ds)
+        return build_trainer(cfg, env, ds)
+
+    def batches(tr: Trainer, steps):
+        return train_batches(ds.train, steps, 0, tr.transform, cfg.data.pipeline, ds.channels, cfg.data.image_size,
+                             cfg.train.seed, cfg.data.num_workers)
 
     def record(name: str, images: int, seconds: float, extra: dict | None = None) -> None:
         row = {"row": name, "img_per_s": images / seconds, "seconds": seconds, "images": images,
@@ -98,7 +104,7 @@ def run_bench(args) -> int:
 
     trainer = new_trainer("fast")
     steps = trainer.sampler.plan()[: args.steps + 2]
-    n_img = sum(len(m) for s in steps[2:] for m in s.micro_batches)
+    n_img = sum(sum(s.real) for s in steps[2:])
 
     # (b) fast loader alone
     for s in steps[:2]:
@@ -132,31 +138,30 @@ def run_bench(args) -> int:
     if cfg.train.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     flops = train_step_flops(cfg, x, y) / len(y)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    ready = [(x, y, torch.ones(len(y), dtype=torch.bool, device=dev))]
     t = time.perf_counter()
     for s in steps[:2]:  # warm-up (with --compile: the compilation)
-        trainer.train_step(s, [(x, y)], loss_sum, correct)
+        trainer.train_step(s, ready)
     _sync(dev)
     warmup_s = time.perf_counter() - t
 
     # (d) end-to-end classic: loader + augmentation + step, as in training
     tr = new_trainer("classic")
     t = None
-    for i, (s, b) in enumerate(tr._batches(tr.sampler.plan()[: args.steps + 2])):
+    for i, (s, b) in enumerate(batches(tr, tr.sampler.plan()[: args.steps + 2])):
         if i == 2:
             _sync(dev)
             t = time.perf_counter()
-        tr.train_step(s, b, loss_sum, correct)
+        tr.train_step(s, b)
     _sync(dev)
     record("(d) end-to-end classic", n_img, time.perf_counter() - t)
 
     # (c) and (e) interleaved in short rounds: on a shared machine throughput drifts by +-10 % over
     # seconds, which would swamp the few-percent difference between them if timed one after the other
     tr = new_trainer("fast")
-    fast = tr._batches(tr.sampler.plan()[: args.steps + 2])
+    fast = batches(tr, tr.sampler.plan()[: args.steps + 2])
     for _ in range(2):
-        tr.train_step(*next(fast), loss_sum, correct)
+        tr.train_step(*next(fast))
     t_c = t_e = 0.0
     n_c = n_e = 0
     timed = steps[2:]
@@ -165,15 +170,15 @@ def run_bench(args) -> int:
         _sync(dev)
         t = time.perf_counter()
         for s in chunk:
-            trainer.train_step(s, [(x, y)], loss_sum, correct)
+            trainer.train_step(s, ready)
         _sync(dev)
         t_c += time.perf_counter() - t
         n_c += len(y) * len(chunk)
         t = time.perf_counter()
         for _ in chunk:
             s, b = next(fast)
-            tr.train_step(s, b, loss_sum, correct)
-            n_e += sum(len(yy) for _, yy in b)
+            tr.train_step(s, b)
+            n_e += sum(s.real)
         _sync(dev)
         t_e += time.perf_counter() - t
     record("(c) model step", n_c, t_c, {"warmup_s": round(warmup_s, 2)})
@@ -213,7 +218,7 @@ def run_bench(args) -> int:
 def compare_with_ultralytics(cfg, env, ds, root, args, workdir: Path) -> tuple[dict, dict]:
     """Same images (our train/val split as folders), image size, batch and epochs: epoch time
     and final validation accuracy of ultralytics' classification trainer against ours."""
-    from .engine import Trainer
+    from .build import build_trainer
 
     ul = workdir / "ultralytics-data"
     for split_name, split in (("train", ds.train), ("val", ds.val)):
@@ -225,12 +230,12 @@ def compare_with_ultralytics(cfg, env, ds, root, args, workdir: Path) -> tuple[d
                 os.symlink(src.resolve(), dst)
     cfg.data.pipeline = "fast"
     cfg.run.dir = str(workdir / "ours")
-    tr = Trainer(cfg, env, ds)
+    tr = build_trainer(cfg, env, ds)
     t = time.perf_counter()
     tr.fit()
     ours_s = time.perf_counter() - t
     ours = {"row": "(g) ours, fit with validation", "seconds_per_epoch": ours_s / args.epochs,
-            "val_accuracy": tr.history[-1]["val_accuracy"], "epochs": args.epochs,
+            "val_accuracy": tr.progress.history[-1]["val_accuracy"], "epochs": args.epochs,
             "img_per_s": len(ds.train) * args.epochs / ours_s, "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
     os.environ.setdefault("YOLO_OFFLINE", "1")

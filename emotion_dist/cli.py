@@ -4,6 +4,7 @@ commands so `--help` and config errors answer at once."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EXIT_USAGE = 2
@@ -35,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a checkpoint (test split by default)")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--split", choices=["test", "val"], default="test")
-    e.add_argument("--json", dest="json_out", default=None, help="write the report as JSON to this file ('-' = stdout)")
+    e.add_argument("--json", action="store_true", help="print the report as one JSON document on stdout (the table goes to stderr)")
+    e.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON report to FILE")
     e.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
-    e.add_argument("--out", default=None, help="folder for the confusion-matrix PNG (default: next to the checkpoint's run)")
+    e.add_argument("--out", default=None, help="folder for the confusion-matrix PNG (default: next to the JSON report, "
+                                                "else RUN_DIR/eval)")
     e.add_argument("overrides", nargs="*", metavar="key=value")
 
     pr = sub.add_parser("predict", help="detect faces in photos and classify their expression")
@@ -76,46 +79,62 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
+    from .errors import EXIT_OK, Interrupted, UserError
 
+    # file names that are not valid UTF-8 print as \xNN instead of raising mid-output
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            from .train import run_training
-
-            return run_training(args.config, args.overrides)
-        if args.command == "data":
-            from .synthetic import generate
-
-            out = generate(args.out, args.train, args.test, args.seed)
-            print(f"synthetic dataset ready: {out}")
-            return 0
-        if args.command == "evaluate":
-            from .evaluate import run_evaluate
-
-            return run_evaluate(args)
-        if args.command == "predict":
-            from .predict import run_predict
-
-            return run_predict(args)
-        if args.command == "export":
-            from .export import export
-
-            path = export(args.checkpoint, args.format, args.out)
-            print(f"exported {path} (+ {path.with_suffix('.json').name})")
-            return 0
-        if args.command == "bench":
-            from .bench import run_bench
-
-            return run_bench(args)
-        if args.command == "ckpt":
-            from .inspect_ckpt import inspect
-
-            return inspect(args.path, args.config, args.overrides)
-    except ConfigError as e:
+        return _run(args)
+    except UserError as e:
         return _fail(str(e))
+    except Interrupted as e:
+        print(f"stopped by {e.signame}; nothing half-written was kept", file=sys.stderr, flush=True)
+        return EXIT_OK
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _run(args) -> int:
+    if args.command == "train":
+        from .train import run_training
+
+        return run_training(args.config, args.overrides)
+    if args.command == "data":
+        from . import interrupts
+        from .synthetic import generate
+
+        interrupts.install()  # a stop signal mid-generation removes the temp folder and exits 0
+        out = generate(args.out, args.train, args.test, args.seed)
+        print(f"synthetic dataset ready: {out}")
+        return 0
+    if args.command == "evaluate":
+        from .evaluate import run_evaluate
+
+        return run_evaluate(args)
+    if args.command == "predict":
+        from .predict import run_predict
+
+        return run_predict(args)
+    if args.command == "export":
+        from .export import export
+
+        path = export(args.checkpoint, args.format, args.out)
+        print(f"exported {path} (+ {path.with_suffix('.json').name})")
+        return 0
+    if args.command == "bench":
+        from .bench import run_bench
+
+        return run_bench(args)
+    if args.command == "ckpt":
+        from .inspect_ckpt import inspect
+
+        return inspect(args.path, args.config, args.overrides)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +35,14 @@ def check_image_size(size: int) -> None:
     )
 
 
+MAX_IMAGE_SIZE = 1024  # larger inputs do not fit EmotionNet's purpose (and overflow memory long before)
+MAX_TIMEOUT_S = 7 * 24 * 3600  # collectives take a bounded timeout; a week is beyond any step
+
+
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "folder", "kaggle"] = "synthetic"
-    root: Optional[str] = None  # folder: the ImageFolder tree; synthetic: cache folder (default under run.cache_dir)
+    source: Literal["auto", "synthetic", "folder", "kaggle", "fer2013_csv"] = "auto"
+    root: Optional[str] = None  # auto: read what is there (none -> synthetic); synthetic: where to write it
     kaggle_handle: str = "aadityasinghal/facial-expression-dataset/versions/1"
     image_size: int = 64
     val_fraction: float = 0.1
@@ -162,6 +167,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} is invalid; expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} is invalid; expected a finite number")
         return float(value)
     if typ is str:
         if isinstance(value, (bool, int, float)):
@@ -220,7 +227,9 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> tuple[Config,
         if not p.is_file():
             raise ConfigError(f"config file {path} not found; pass --config configs/default.yaml or another YAML file")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", -1) + 1
             raise ConfigError(f"config file {path} is not valid YAML (line {line}); fix its syntax") from None
@@ -255,11 +264,13 @@ def validate(cfg: Config) -> None:
         check_image_size(d.image_size)
     except InvalidImageSize as e:
         raise ConfigError(f"data.{e}") from None
+    _check(d.image_size <= MAX_IMAGE_SIZE, f"data.image_size={d.image_size} is too large; use at most {MAX_IMAGE_SIZE}")
     _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be between 0 and 1 (e.g. 0.1)")
     _check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
     _check(d.limit >= 0, f"data.limit={d.limit} must be >= 0 (0 = all images)")
     _check(d.synthetic_train >= 14 and d.synthetic_test >= 7, "data.synthetic_train/test too small; use at least 14/7")
     _check(d.source != "folder" or bool(d.root), "data.source=folder needs data.root=PATH to an ImageFolder tree")
+    _check(d.source != "fer2013_csv" or bool(d.root), "data.source=fer2013_csv needs data.root=PATH to fer2013.csv")
     _check(cfg.model.in_channels in (1, 3), f"model.in_channels={cfg.model.in_channels} is invalid; allowed: 1, 3")
     _check(cfg.model.num_classes >= 2, f"model.num_classes={cfg.model.num_classes} must be >= 2")
     _check(t.epochs >= 1, f"train.epochs={t.epochs} must be >= 1")
@@ -274,7 +285,10 @@ def validate(cfg: Config) -> None:
     _check(0 <= t.ema_decay < 1, f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 = off, e.g. 0.999)")
     _check(t.max_steps >= 0, f"train.max_steps={t.max_steps} must be >= 0 (0 = no limit)")
     _check(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
-    _check(cfg.dist.timeout_s > 0, f"dist.timeout_s={cfg.dist.timeout_s} must be > 0")
+    _check(0 <= t.seed < 2**63, f"train.seed={t.seed} must be between 0 and 2**63-1")
+    _check(0 <= d.synthetic_seed < 2**63, f"data.synthetic_seed={d.synthetic_seed} must be between 0 and 2**63-1")
+    _check(0 < cfg.dist.timeout_s <= MAX_TIMEOUT_S,
+           f"dist.timeout_s={cfg.dist.timeout_s:g} must be > 0 and at most {MAX_TIMEOUT_S} (a week)")
     _check(cfg.ckpt.every_steps >= 0, f"ckpt.every_steps={cfg.ckpt.every_steps} must be >= 0 (0 = epoch ends only)")
     _check(cfg.ckpt.keep >= 1, f"ckpt.keep={cfg.ckpt.keep} must be >= 1")
     _check(cfg.log.every_steps >= 1, f"log.every_steps={cfg.log.every_steps} must be >= 1")

@@ -1,6 +1,7 @@
-"""Datasets: where the images come from (synthetic, ImageFolder tree, kagglehub), a decoded-uint8
-cache, the stratified validation split, and the two input pipelines (fast: batched tensor
-augmentation on the training device; classic: the seed's per-sample torchvision.transforms.v2)."""
+"""Datasets: the readers' images decoded once into the uint8 cache, the stratified validation split,
+and the splits the trainer and evaluation index into. Where images come from is `readers.py`; the
+input pipelines (fast: batched tensor augmentation on the training device; classic: the seed's
+per-sample torchvision.transforms.v2) are `augment.py` and `loader.py`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError
-from .images import IMAGE_EXTS, read_uint8
+from .fsutil import atomic_write_bytes
+from .images import read_uint8
+from .readers import RawSplit, find_splits, get_reader, scan  # noqa: F401  (find_splits, scan: used by tools)
 
 log = logging.getLogger("emotion_dist")
 
@@ -31,71 +34,10 @@ def normalization(channels: int) -> tuple[list[float], list[float]]:
     return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-# ---------------------------------------------------------------- where the images live
 def dataset_root(cfg: Config) -> Path:
-    """Resolve (and on first use create or download) the dataset folder. Call on rank 0 first."""
-    d = cfg.data
-    if d.source == "synthetic":
-        from .synthetic import generate
-
-        root = Path(d.root) if d.root else Path(cfg.run.cache_dir) / (
-            f"synthetic-{d.synthetic_train}-{d.synthetic_test}-s{d.synthetic_seed}"
-        )
-        return generate(root, d.synthetic_train, d.synthetic_test, d.synthetic_seed)
-    if d.source == "kaggle":
-        if d.root:
-            return Path(d.root)
-        return kaggle_download(d.kaggle_handle)
-    root = Path(d.root)
-    if not root.is_dir():
-        raise ConfigError(f"data.root={root} is not a folder; point it at an ImageFolder tree (train/<class>/*.jpg)")
-    return root
-
-
-def kaggle_download(handle: str) -> Path:
-    try:
-        import kagglehub
-    except ImportError:
-        raise ConfigError("data.source=kaggle needs kagglehub: pip install kagglehub (or pass data.root=PATH)") from None
-    try:
-        return Path(kagglehub.dataset_download(handle))
-    except Exception as e:  # network, auth, unknown handle: all end the same way for the user
-        raise ConfigError(
-            f"kagglehub could not fetch {handle} ({type(e).__name__}); download it elsewhere and pass "
-            f"data.source=folder data.root=PATH"
-        ) from None
-
-
-def find_splits(root: Path) -> tuple[Path, Optional[Path]]:
-    """Kaggle nesting (train/train, test/test) or the plain one (train/ with test/ or val/)."""
-    for train, tests in (
-        (root / "train" / "train", [root / "test" / "test", root / "test"]),
-        (root / "train", [root / "test", root / "val"]),
-    ):
-        if train.is_dir() and any(p.is_dir() for p in train.iterdir()):
-            return train, next((t for t in tests if t.is_dir() and any(p.is_dir() for p in t.iterdir())), None)
-    if any(p.is_dir() for p in root.iterdir()):
-        return root, None  # the folder itself is an ImageFolder tree
-    raise ConfigError(f"no class folders under {root}; expected train/<class>/*.jpg (or train/train/<class>)")
-
-
-def scan(folder: Path, classes: Optional[list[str]] = None) -> tuple[list[str], list[str], list[int]]:
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if classes is not None and found != classes:
-        raise ConfigError(
-            f"class folders in {folder} ({', '.join(found)}) differ from the training classes "
-            f"({', '.join(classes)}); make both splits have the same class folders"
-        )
-    files, labels = [], []
-    for label, name in enumerate(found):
-        members = sorted(
-            str(p) for p in (folder / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS
-        )
-        if not members:
-            raise ConfigError(f"class folder {folder / name} has no images; add images or remove the folder")
-        files += members
-        labels += [label] * len(members)
-    return found, files, labels
+    """Prepare the data set (generate, download or check it) and return where it is: the heavy step
+    that runs once per node or job before the others read it."""
+    return get_reader(cfg).prepare(cfg)
 
 
 # ---------------------------------------------------------------- decoding and the uint8 cache
@@ -190,11 +132,13 @@ class Split:
     labels: np.ndarray
     index: np.ndarray  # positions into images/labels
     files: list[str]
+    soft: Optional[np.ndarray] = None  # soft targets (N x K) aligned with labels, when the data has them
 
     def __len__(self) -> int:
         return len(self.index)
 
     def targets(self) -> np.ndarray:
+        """The (hard) labels of the split's images, in split order."""
         return self.labels[self.index]
 
 
@@ -207,47 +151,56 @@ class Datasets:
     channels: int
     root: str
     skipped: list[tuple[str, str]]
+    label_mode: str = "majority"
+
+
+def _decoded(split: RawSplit, channels: int, cache: Path) -> tuple[np.ndarray, np.ndarray, list[str], list, Optional[np.ndarray]]:
+    """(images, labels, ids, skipped, soft targets) of a reader's split: files go through the cache."""
+    if split.files is None:
+        ids = split.ids or [f"#{i}" for i in range(len(split))]
+        return split.images, split.labels, ids, [], split.targets
+    dec = decode_all(split.files, split.labels.tolist(), channels, cache)
+    targets = None
+    if split.targets is not None:  # keep the soft targets of the images that decoded
+        row = {f: i for i, f in enumerate(split.files)}
+        targets = split.targets[[row[f] for f in dec.files]]
+    return dec.images, dec.labels, dec.files, list(dec.skipped), targets
 
 
 def load_datasets(cfg: Config, root: Path) -> Datasets:
     d = cfg.data
     channels = cfg.model.in_channels
-    train_dir, test_dir = find_splits(root)
-    classes, files, labels = scan(train_dir)
-    if len(classes) != cfg.model.num_classes:
+    raw = get_reader(cfg).read(cfg, Path(root))
+    if len(raw.classes) != cfg.model.num_classes:
         raise ConfigError(
-            f"the data has {len(classes)} classes ({', '.join(classes)}) but model.num_classes="
-            f"{cfg.model.num_classes}; set model.num_classes={len(classes)}"
+            f"the data has {len(raw.classes)} classes ({', '.join(raw.classes)}) but model.num_classes="
+            f"{cfg.model.num_classes}; set model.num_classes={len(raw.classes)}"
         )
     cache = Path(cfg.run.cache_dir) / "decoded"
-    tr = decode_all(files, labels, channels, cache)
-    skipped = list(tr.skipped)
-    tr_idx, val_idx = stratified_split(tr.labels, d.val_fraction, seed=cfg.train.seed)
+    images, labels, files, skipped, targets = _decoded(raw.train, channels, cache)
+    skipped = list(raw.skipped) + skipped
+    if raw.val is None:
+        tr_idx, val_idx = stratified_split(labels, d.val_fraction, seed=cfg.train.seed)
+        val = Split(images, labels, val_idx, files, targets)
+    else:
+        tr_idx = np.arange(len(labels))
+        v_images, v_labels, v_files, v_skipped, v_targets = _decoded(raw.val, channels, cache)
+        skipped += v_skipped
+        val = Split(v_images, v_labels, np.arange(len(v_labels)), v_files, v_targets)
     if d.limit:
-        tr_idx = tr_idx[np.random.default_rng(cfg.train.seed).permutation(len(tr_idx))[: d.limit]]
-        tr_idx.sort()
+        tr_idx = np.sort(tr_idx[np.random.default_rng(cfg.train.seed).permutation(len(tr_idx))[: d.limit]])
     test = None
-    if test_dir is not None:
-        _, tfiles, tlabels = scan(test_dir, classes)
-        te = decode_all(tfiles, tlabels, channels, cache)
-        skipped += te.skipped
-        test = Split(te.images, te.labels, np.arange(len(te.labels)), te.files)
+    if raw.test is not None:
+        t_images, t_labels, t_files, t_skipped, t_targets = _decoded(raw.test, channels, cache)
+        skipped += t_skipped
+        test = Split(t_images, t_labels, np.arange(len(t_labels)), t_files, t_targets)
     for f, why in skipped:
         log.warning("skipped unreadable image %s (%s)", f, why)
-    return Datasets(
-        classes=classes,
-        train=Split(tr.images, tr.labels, tr_idx, tr.files),
-        val=Split(tr.images, tr.labels, val_idx, tr.files),
-        test=test,
-        channels=channels,
-        root=str(root),
-        skipped=skipped,
-    )
+    return Datasets(classes=raw.classes, train=Split(images, labels, tr_idx, files, targets), val=val, test=test,
+                    channels=channels, root=str(root), skipped=skipped, label_mode=raw.label_mode)
 
 
 def write_data_report(ds: Datasets, path: Path) -> None:
-    from .fsutil import atomic_write_bytes
-
     counts = np.bincount(ds.train.targets(), minlength=len(ds.classes)).tolist()
     report = {
         "root": ds.root,

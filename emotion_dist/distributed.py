@@ -18,7 +18,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .config import Config, ConfigError
+from . import errors
+from .config import Config
+from .errors import ConfigError, LaunchError
 
 
 @dataclass
@@ -74,7 +76,9 @@ def detect_launch(env: dict | None = None) -> LaunchInfo:
     else:
         info = LaunchInfo("python", 0, 1, 0, "127.0.0.1", 0)
     if not (0 <= info.rank < info.world_size):
-        raise ConfigError(f"rank {info.rank} is outside world size {info.world_size}; fix the launcher's environment")
+        raise LaunchError(f"rank {info.rank} is outside world size {info.world_size}; fix the launcher's environment")
+    if info.launcher != "python" and not 0 < info.master_port < 65536:
+        raise LaunchError(f"MASTER_PORT={info.master_port} is not a TCP port; use one between 1024 and 65535")
     return info
 
 
@@ -109,8 +113,31 @@ def select_device(cfg: Config, local_rank: int) -> torch.device:
 
 def check_launch(cfg: Config, info: LaunchInfo) -> None:
     """Launch-dependent config checks, before the process group starts."""
-    if cfg.dist.strategy == "fsdp" and info.world_size < 2:
-        raise ConfigError("dist.strategy=fsdp needs at least 2 processes; launch with torchrun or use dist.strategy=ddp")
+    from .strategy import STRATEGIES
+
+    need = STRATEGIES[cfg.dist.strategy].min_world_size
+    if info.world_size < need:
+        raise ConfigError(f"dist.strategy={cfg.dist.strategy} needs at least {need} processes; launch with torchrun "
+                          f"or use dist.strategy=ddp")
+    if cfg.dist.backend == "nccl" and (cfg.train.device == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError("dist.backend=nccl needs CUDA GPUs and none is in use here; use dist.backend=auto (gloo on CPU)")
+
+
+def _init_error(e: Exception, info: LaunchInfo, timeout_s: float) -> LaunchError:
+    """The process group could not form: one line saying why and what to do."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    where = f"{info.master_addr}:{info.master_port}"
+    if "EADDRINUSE" in text or "address already in use" in text:
+        return LaunchError(f"MASTER_PORT={info.master_port} is already in use on this host; pick a free port "
+                           f"(or let torchrun choose: torchrun --standalone)")
+    if "waiting for clients" in text:
+        return LaunchError(f"rank 0 waited {timeout_s:g} s at {where} for the other {info.world_size - 1} of "
+                           f"WORLD_SIZE={info.world_size} processes, and {text.split('.')[-2].strip()}; start every "
+                           f"process (torchrun does), or unset RANK/WORLD_SIZE for one process")
+    if "connect" in text or "timed out" in text.lower():
+        return LaunchError(f"rank {info.rank} could not reach the rendezvous at {where} within {timeout_s:g} s; "
+                           f"check MASTER_ADDR/MASTER_PORT and that rank 0 is running")
+    return LaunchError(f"the process group could not start ({text[:200]}); check the launch environment")
 
 
 def init_distributed(cfg: Config, info: LaunchInfo) -> DistEnv:
@@ -135,7 +162,10 @@ def init_distributed(cfg: Config, info: LaunchInfo) -> DistEnv:
                 os.environ.setdefault("MASTER_ADDR", info.master_addr)
                 os.environ.setdefault("MASTER_PORT", str(info.master_port))
                 kw["init_method"] = "env://"
-            dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout, **kw)
+            try:
+                dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout, **kw)
+            except (RuntimeError, ValueError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
+                raise _init_error(e, info, cfg.dist.timeout_s) from None
     return DistEnv(info.launcher, info.rank, info.world_size, info.local_rank, device, backend)
 
 
@@ -185,20 +215,47 @@ def gather_objects(obj) -> list:
     return [obj]
 
 
-def rank_zero_first(env: DistEnv, fn):
-    """Run fn on rank 0 while the others wait, then on the others (which find its result cached).
-    Rank 0's failure is re-raised everywhere instead of leaving the others at the barrier."""
-    error = None
-    if env.is_main:
-        try:
-            result = fn()
-        except Exception as e:
-            error = e
-    failed = broadcast_object(repr(error) if error else None)
+def _error_box(e: BaseException):
+    """What a rank's user-facing error looks like on the wire: (class name, message)."""
+    return (type(e).__name__, str(e)) if isinstance(e, errors.UserError) else ("RuntimeError", repr(e))
+
+
+def _raise_box(box) -> None:
+    name, message = box
+    cls = getattr(errors, name, None)
+    raise (cls(message) if isinstance(cls, type) and issubclass(cls, errors.UserError)
+           else RuntimeError(f"rank 0 failed: {message}"))
+
+
+def _on_rank0(fn):
+    """(result, error, wire box) of fn run here if this is rank 0, else (None, None, None)."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None, None, None
+    try:
+        return fn(), None, None
+    except Exception as e:
+        return None, e, _error_box(e)
+
+
+def rank0_decides(fn):
+    """Run fn on rank 0 and give every rank its (picklable) result; an error it raises (a
+    ConfigError, say) is raised on every rank as the same one-line error, so no rank is left waiting."""
+    result, error, box = _on_rank0(fn)
+    result, box = broadcast_object((result, box))
     if error is not None:
         raise error
-    if failed:
-        raise ConfigError(f"rank 0 failed while preparing data: {failed}")
-    if not env.is_main:
-        result = fn()
+    if box is not None:
+        _raise_box(box)
     return result
+
+
+def rank_zero_first(env: DistEnv, fn):
+    """Run fn on rank 0 while the others wait, then on the others (which find its result cached).
+    Rank 0's error is raised everywhere (the same one-line error) instead of leaving the others waiting."""
+    result, error, box = _on_rank0(fn)
+    box = broadcast_object(box)
+    if error is not None:
+        raise error
+    if box is not None:
+        _raise_box(box)
+    return result if env.is_main else fn()

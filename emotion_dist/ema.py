@@ -4,7 +4,7 @@ The average lives beside the model as one tensor per parameter and buffer: under
 keeps only its own shard (the parameters are DTensors), so the EMA costs what the sharded weights
 cost. Everything that needs the averaged weights as a *model* (validation, the full name-keyed
 state dict in checkpoints, loading one back) runs inside `swapped()`, which exchanges them with the
-live weights and back: the strategy-independent state-dict code in `parallel` serves both.
+live weights and back: the strategy's full, strategy-independent state-dict code serves both.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from torch import nn
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t  # FSDP2: this rank's shard
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t  # FSDP2: this rank's shard
 
 
 class ModelEMA:
@@ -28,6 +30,12 @@ class ModelEMA:
         self._floats = ([s for s in self.shadow if s.is_floating_point()],
                         [t.detach() for t in self.live if t.is_floating_point()])
         self._counters = [(s, t) for s, t in zip(self.shadow, self.live) if not s.is_floating_point()]
+
+    def reset(self) -> None:
+        """Start the average again from the live weights (EMA switched on for a run saved without one)."""
+        self.updates = 0
+        for s, t in zip(self.shadow, self.live):
+            s.copy_(t.detach())
 
     def current_decay(self) -> float:
         """The decay of the next update: 0.1 at first, rising until the horizon reaches 1/(1-decay),

@@ -10,22 +10,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import inference_weights, load_checkpoint
-from .fsutil import atomic_write_bytes
-from .config import ConfigError
+from .checkpoint import CheckpointMeta, inference_weights, load_checkpoint, read_meta
+from .errors import CheckpointError
+from .fsutil import atomic_write_bytes, guard_output
 from .model import EmotionNet
 
 MAX_ONNX_DIFF = 1e-4
+SUFFIXES = {"onnx": ".onnx", "safetensors": ".safetensors"}
 
 
-def model_meta(state: dict) -> dict:
+def model_meta(meta: CheckpointMeta) -> dict:
+    """The sidecar: what a consumer of the exported weights needs, with no emotion-dist around."""
     return {
         "format": "emotion-dist",
-        "classes": state["class_names"],
-        "image_size": state["image_size"],
-        "data_size": state.get("data_size", 48),
-        "in_channels": state["in_channels"],
-        "normalization": state["normalization"],
+        "classes": meta.classes,
+        "image_size": meta.image_size,
+        "data_size": meta.data_size,
+        "in_channels": meta.in_channels,
+        "normalization": meta.normalization,
+        "label_mode": meta.label_mode,
         "input": "float32 N x C x H x W, (pixel/255 - mean) / std",
         "output": "logits N x num_classes",
     }
@@ -33,24 +36,45 @@ def model_meta(state: dict) -> dict:
 
 def model_from_state(state: dict, path: str | Path) -> EmotionNet:
     """EmotionNet (eval mode) with a loaded checkpoint's inference weights (the EMA if kept)."""
-    model = EmotionNet(state["in_channels"], len(state["class_names"]))
+    meta = read_meta(state, path)
+    model = EmotionNet(meta.in_channels, len(meta.classes))
     try:
         model.load_state_dict(inference_weights(state))
     except RuntimeError as e:
-        raise ConfigError(f"{path}: weights do not fit EmotionNet ({str(e).splitlines()[0][:120]})") from None
+        raise CheckpointError(f"{path}: weights do not fit EmotionNet ({str(e).splitlines()[0][:120]})") from None
     return model.eval()
 
 
 def load_model(path: str | Path) -> tuple[EmotionNet, dict]:
     state = load_checkpoint(path)
-    return model_from_state(state, path), model_meta(state)
+    return model_from_state(state, path), model_meta(read_meta(state, path))
+
+
+def is_our_export(path: Path) -> bool:
+    """An export emotion-dist wrote: its JSON sidecar says so."""
+    sidecar = Path(path).with_suffix(".json")
+    try:
+        return json.loads(sidecar.read_text()).get("format") == "emotion-dist"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def output_path(checkpoint: str, fmt: str, out: str | None) -> Path:
+    """Where the export goes, checked before any work: never the checkpoint, never a file of another
+    kind or one emotion-dist did not write; a folder means a file named after the checkpoint in it."""
+    suffix = SUFFIXES[fmt]
+    path = Path(out) if out else Path(checkpoint).with_suffix(suffix)
+    if path.is_dir() or (out and out.endswith(("/", "\\"))):
+        path = path / Path(checkpoint).with_suffix(suffix).name
+    guard_output(path, what=f"the {fmt} export", suffixes=(suffix,), inputs=[Path(checkpoint)], ours=is_our_export)
+    guard_output(path.with_suffix(".json"), what="the sidecar", suffixes=(".json",), inputs=[Path(checkpoint)],
+                 ours=lambda p: is_our_export(path), option="--out (its sidecar)")
+    return path
 
 
 def export(checkpoint: str, fmt: str, out: str | None = None) -> Path:
+    path = output_path(checkpoint, fmt, out)
     model, meta = load_model(checkpoint)
-    suffix = {"onnx": ".onnx", "safetensors": ".safetensors"}[fmt]
-    path = Path(out) if out else Path(checkpoint).with_suffix(suffix)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         from safetensors.torch import save
 

@@ -93,19 +93,21 @@ def is_stale_temp(path: Path, max_age_s: float = 24 * 3600) -> bool:
 
 
 def remove_stale_temps(folder: Path, everything_ours: bool = False, max_age_s: float = 24 * 3600) -> list[Path]:
-    """Remove temp files that killed writers left in `folder` (not recursive). With
+    """Remove temp files (and temp folders) that killed writers left in `folder`. With
     `everything_ours` (a folder only this process writes to, under the run-directory lease) every
     temp file of ours goes, else only those whose writer is gone. Returns what was removed."""
+    import shutil
+
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
     for p in folder.iterdir():
-        if not _TEMP_RE.match(p.name) or not p.is_file():
+        if not _TEMP_RE.match(p.name) or p.is_symlink():
             continue
         if everything_ours or is_stale_temp(p, max_age_s):
             try:
-                p.unlink()
+                shutil.rmtree(p) if p.is_dir() else p.unlink()  # a temp folder: a data set being generated
                 removed.append(p)
             except FileNotFoundError:
                 pass

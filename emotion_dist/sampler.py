@@ -4,25 +4,48 @@ The epoch's global order depends only on (seed, epoch). Training walks it in mic
 `world * batch_size` consecutive samples, each split into `world` contiguous shards; an optimizer
 step takes `grad_accum` micro-batches. Given the samples already consumed, the rest of the epoch
 is split over the *current* ranks: resuming on another world size repeats and skips nothing.
+
+Static shapes: every micro-batch has exactly `batch_size` positions on every rank. The epoch's
+ragged end is padded with filler positions (the first samples of the epoch's order) that carry
+zero weight: the loss and the samples counted are exact, each sample is still trained on once per
+epoch, a compiled step never sees a new shape, and no rank ever gets a batch of one (BatchNorm
+cannot train on it). The fillers do take part in the BatchNorm statistics of that last batch.
 Evaluation shards are contiguous and unpadded (DistributedSampler pads with duplicates).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 
+SEED_MOD = 2**63  # torch.Generator takes 64-bit seeds; any config seed maps into range
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % SEED_MOD)
     return torch.randperm(n, generator=g)
 
 
 @dataclass
 class Step:
-    micro_batches: list[torch.Tensor]  # this rank's sample positions, one tensor per micro-batch
-    global_samples: int  # samples in the whole step over all ranks (for exact loss scaling)
+    micro_batches: list[torch.Tensor]  # this rank's sample positions, one tensor per micro-batch (batch_size each)
+    global_samples: int  # real samples in the whole step over all ranks (for exact loss scaling)
+    real: Optional[list[int]] = None  # per micro-batch, how many leading positions are real (the rest are fillers)
+
+    def __post_init__(self):
+        if self.real is None:
+            self.real = [len(m) for m in self.micro_batches]
+
+    def masks(self) -> list[torch.Tensor]:
+        """Per micro-batch, True where a position is a real sample (False: a zero-weight filler)."""
+        return [torch.arange(len(m)) < r for m, r in zip(self.micro_batches, self.real)]
+
+    def real_positions(self) -> torch.Tensor:
+        """This rank's real sample positions in the step (fillers left out)."""
+        return torch.cat([m[:r] for m, r in zip(self.micro_batches, self.real)])
 
 
 class ResumableSampler:
@@ -44,36 +67,41 @@ class ResumableSampler:
         if epoch != self.epoch:
             self.epoch, self.consumed = epoch, 0
 
-    def _micro(self, start: int) -> torch.Tensor | None:
-        """Global positions [start, start + world*batch) of the epoch order, or None at the end."""
-        chunk = min(self.world * self.batch_size, self.n - start)
-        return None if chunk < self.world else torch.arange(start, start + chunk)
-
     def steps_per_epoch(self) -> int:
         per_step = self.world * self.batch_size * self.grad_accum
-        full, rest = divmod(self.n, per_step)
-        return full + (1 if rest >= self.world else 0)
+        return -(-self.n // per_step)
+
+    def order(self) -> torch.Tensor:
+        """The epoch's global order of sample positions: a pure function of (seed, epoch)."""
+        return epoch_order(self.n, self.seed, self.epoch)
 
     def plan(self) -> list[Step]:
         """The rest of the epoch for this rank, from `consumed` on; pure (advance() moves on)."""
-        order = epoch_order(self.n, self.seed, self.epoch)
-        steps, pos = [], self.consumed
-        while True:
-            micros, total = [], 0
-            for _ in range(self.grad_accum):
-                span = self._micro(pos)
-                if span is None:
-                    break
-                micros.append(order[torch.tensor_split(span, self.world)[self.rank]])
-                total += len(span)
-                pos += len(span)
-            if not micros:
-                return steps
-            steps.append(Step(micros, total))
+        return plan_steps(self.order(), self.consumed, self.batch_size, self.world, self.rank, self.grad_accum)
 
     def advance(self, step: Step) -> None:
         """Call once a step is applied: a checkpoint written now resumes after it."""
         self.consumed += step.global_samples
+
+
+def plan_steps(order: torch.Tensor, consumed: int, batch_size: int, world: int, rank: int,
+               grad_accum: int = 1) -> list[Step]:
+    """Walk `order` from `consumed` on in micro-batches of world x batch_size samples, each split into
+    `world` contiguous shards, `grad_accum` micro-batches a step; the last one padded with fillers."""
+    n, per_micro = len(order), world * batch_size
+    steps, pos = [], consumed
+    while pos < n:
+        micros, real, total = [], [], 0
+        while len(micros) < grad_accum and pos < n:
+            span = torch.arange(pos, min(pos + per_micro, n))
+            mine = order[torch.tensor_split(span, world)[rank]]
+            fill = batch_size - len(mine)
+            micros.append(torch.cat([mine, order[torch.arange(fill) % n]]) if fill else mine)
+            real.append(len(mine))
+            total += len(span)
+            pos += len(span)
+        steps.append(Step(micros, total, real))
+    return steps
 
 
 def eval_shard(n: int, world: int, rank: int) -> torch.Tensor:

@@ -16,6 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import interrupts
+from .errors import DataError
+from .fsutil import remove_stale_temps, temp_path
+
 CLASSES = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
 # FER2013 train counts: disgust is rare, happy common.
 FER_COUNTS = [3995, 436, 4097, 7215, 4965, 4830, 3171]
@@ -35,6 +39,7 @@ JITTER = (0.04, 0.03, 0.05, 0.03, 0.03, 0.05, 0.02)
 SCALE = 4  # draw at 4x and downsample for anti-aliasing
 SIZE = 48
 FORMAT_VERSION = 1
+MARKER = "synthetic.json"
 
 
 def class_counts(total: int) -> list[int]:
@@ -109,26 +114,58 @@ def _image_rng(seed: int, split: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, split, index])
 
 
+def _marker(out: Path):
+    try:
+        return json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_target(out: Path) -> None:
+    """The synthetic set is written only into a missing or empty folder, or one holding a synthetic
+    set emotion-dist wrote (its marker, and nothing else): never over someone's files."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file; the synthetic faces need a folder: choose another path")
+    if not out.is_dir():
+        return
+    entries = set(os.listdir(out))
+    if entries and not (_marker(out) is not None and entries <= {"train", "test", MARKER}):
+        raise DataError(
+            f"{out} holds files emotion-dist did not write; the synthetic faces are written only into a new or "
+            f"empty folder (or over a synthetic set it wrote): choose another folder, or read this one as data "
+            f"with data.source=folder"
+        )
+
+
 def generate(out: str | os.PathLike, n_train: int, n_test: int, seed: int = 0) -> Path:
-    """Write the dataset under `out` unless an identical one is already complete there."""
+    """Write the dataset under `out` unless an identical one is already complete there. Built in a
+    temp folder beside it and renamed into place, so `out` is never half-written; a stop signal
+    removes the temp folder (Interrupted), and one a killed process left is removed next time."""
     out = Path(out)
     spec = {"version": FORMAT_VERSION, "train": n_train, "test": n_test, "seed": seed}
-    marker = out / "synthetic.json"
-    if marker.is_file() and json.loads(marker.read_text()) == spec:
+    if _marker(out) == spec:
         return out
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split_id, (split, total) in enumerate((("train", n_train), ("test", n_test))):
-        index = 0
-        for label, count in enumerate(class_counts(total)):
-            folder = tmp / split / split / CLASSES[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            for _ in range(count):
-                draw_face(label, _image_rng(seed, split_id, index)).save(folder / f"{index:06d}.jpg", quality=92)
-                index += 1
-    (tmp / "synthetic.json").write_text(json.dumps(spec))
-    if out.exists():
-        shutil.rmtree(out)
+    check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    remove_stale_temps(out.parent)
+    tmp = temp_path(out)
+    try:
+        for split_id, (split, total) in enumerate((("train", n_train), ("test", n_test))):
+            index = 0
+            for label, count in enumerate(class_counts(total)):
+                folder = tmp / split / split / CLASSES[label]
+                folder.mkdir(parents=True, exist_ok=True)
+                for _ in range(count):
+                    interrupts.check()
+                    draw_face(label, _image_rng(seed, split_id, index)).save(folder / f"{index:06d}.jpg", quality=92)
+                    index += 1
+        (tmp / MARKER).write_text(json.dumps(spec))
+        if out.exists():  # empty, or a synthetic set of another spec: moved aside, then removed
+            old = temp_path(out.with_name(out.name + "-old"))
+            os.replace(out, old)
+            shutil.rmtree(old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
-from .config import ConfigError, load_config, save_config
+from . import interrupts
+from .config import load_config
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError, Interrupted, TrainingAborted, UserError
 
 log = logging.getLogger("emotion_dist")
 ACCELERATE_PRECISION = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
@@ -24,22 +25,29 @@ def resolve_config(config_path, overrides):
     return cfg, given
 
 
+def _error(rank: int, e: BaseException) -> None:
+    print(f"error: [rank {rank}] {e}", file=sys.stderr, flush=True)
+
+
 def run_training(config_path, overrides) -> int:
+    interrupts.install()  # from the first moment: a signal during data preparation stops cleanly too
     try:
         cfg, _ = resolve_config(config_path, overrides)
         from . import distributed as D
 
         info = D.detect_launch()
         D.check_launch(cfg, info)
-    except ConfigError as e:
+        env = D.init_distributed(cfg, info)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_USAGE
+    except Interrupted as e:
+        print(f"stopped by {e.signame} before training started; nothing to save", file=sys.stderr, flush=True)
+        return EXIT_OK
 
-    from .checkpoint import CheckpointError
-    from .engine import TrainingAborted
-    from .report import setup_logging
+    from .build import build_trainer
+    from .loggers import setup_logging
 
-    env = D.init_distributed(cfg, info)
     setup_logging(env.rank)
     trainer, ok = None, False
     try:
@@ -48,40 +56,19 @@ def run_training(config_path, overrides) -> int:
         if env.is_main:
             log.info("done: %s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
         ok = True
-        return 0
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: [rank {env.rank}] {e}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_OK
+    except UserError as e:
+        _error(env.rank, e)
+        return EXIT_USAGE
     except TrainingAborted as e:
-        print(f"error: [rank {env.rank}] {e}", file=sys.stderr, flush=True)
-        return 1
+        _error(env.rank, e)
+        return EXIT_FAILURE
+    except Interrupted as e:  # during data preparation: temp files are gone; the next start carries on
+        if env.is_main:
+            log.info("stopped by %s while preparing data; temp files removed, the next start carries on", e.signame)
+        ok = env.world_size == 1
+        return EXIT_OK
     finally:
         if trainer is not None:
             trainer.close()
         D.close_distributed(clean=ok)  # after a failure, peers may never reach a barrier
-
-
-def build_trainer(cfg, env):
-    """Data (prepared on rank 0 first), run directory, resolved config, the launch line, Trainer."""
-    import torch
-
-    from . import distributed as D
-    from .data import dataset_root, load_datasets
-    from .engine import Trainer
-
-    torch.backends.cudnn.benchmark = True  # fixed input sizes
-    root = D.rank_zero_first(env, lambda: dataset_root(cfg))
-    ds = D.rank_zero_first(env, lambda: load_datasets(cfg, root))
-    run_dir = Path(cfg.run.dir)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    per, world, acc = cfg.train.batch_size, env.world_size, cfg.train.grad_accum
-    if env.is_main:
-        log.info(
-            "launcher %s | world size %d | backend %s | device %s | precision %s | strategy %s | batch %d per "
-            "process x %d processes x %d accumulation = %d global | data %s (%d train / %d val / %d test, %d classes)",
-            env.launcher, world, env.backend, env.device, cfg.train.precision, cfg.dist.strategy, per, world, acc,
-            per * world * acc, ds.root, len(ds.train), len(ds.val), len(ds.test) if ds.test else 0, len(ds.classes),
-        )
-    return Trainer(cfg, env, ds)

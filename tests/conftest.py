@@ -40,6 +40,44 @@ def torchrun_cmd(nproc: int, *overrides: str, extra: tuple = (), script: str = T
             script, *overrides]
 
 
+def without(overrides: list[str], *keys: str) -> list[str]:
+    """The overrides minus those setting the given keys (or key prefixes)."""
+    return [o for o in overrides if not o.startswith(keys)]
+
+
+def states_equal(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            states_equal(a[k], b[k])
+        elif torch.is_tensor(a[k]):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def assert_same_training_state(run_a, run_b):
+    """Two runs' last.pt hold the same weights, optimizer, EMA, schedule and progress."""
+    from emotion_dist.checkpoint import load_checkpoint
+
+    a, b = load_checkpoint(run_a / "checkpoints/last.pt"), load_checkpoint(run_b / "checkpoints/last.pt")
+    states_equal(a["model_state_dict"], b["model_state_dict"])
+    states_equal(a["optimizer_state_dict"]["state"], b["optimizer_state_dict"]["state"])
+    assert ("ema_state_dict" in a) == ("ema_state_dict" in b)
+    if "ema_state_dict" in a:
+        states_equal(a["ema_state_dict"], b["ema_state_dict"])
+        assert a["ema_updates"] == b["ema_updates"] == a["global_step"]
+    assert a["scheduler_state_dict"] == b["scheduler_state_dict"]
+    assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
+    return a, b
+
+
+def cli_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "emotion_dist.cli", *args]
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small synthetic dataset in the Kaggle layout, shared by the whole session."""
@@ -56,3 +94,9 @@ def fast_overrides(tiny_data, tmp_path) -> list[str]:
         "train.batch_size=8", "train.epochs=2", "train.eval_test=false", "log.every_steps=1",
         f"run.cache_dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}", "train.channels_last=false",
     ]
+
+
+@pytest.fixture
+def base_overrides(fast_overrides) -> list[str]:
+    """fast_overrides without run.dir: for tests that run several runs side by side."""
+    return without(fast_overrides, "run.dir")

@@ -73,13 +73,28 @@ def test_sampler_resume_and_world_size_change_cover_the_epoch_once():
     assert s2[0].steps_per_epoch() == len(s2[0].plan()) == 7  # 6 x 16 + 7
     first = []
     for step0, step1 in list(zip(s2[0].plan(), s2[1].plan()))[:5]:
-        first += torch.cat(step0.micro_batches + step1.micro_batches).tolist()
+        first += torch.cat([step0.real_positions(), step1.real_positions()]).tolist()
         for s in s2:
             s.advance(step0)
     one = ResumableSampler(n, b, 1, 0, seed=5)
     one.load_state_dict(s2[0].state_dict())
-    rest = [i for st in one.plan() for m in st.micro_batches for i in m.tolist()]
+    rest = [i for st in one.plan() for i in st.real_positions().tolist()]
     assert sorted(first + rest) == list(range(n))
+
+
+def test_every_micro_batch_has_the_same_shape_and_fillers_carry_no_weight():
+    """Static shapes (a compiled step never recompiles, no BatchNorm batch of one): the epoch's ragged
+    end is padded with zero-weight fillers, and the real samples still cover the epoch once."""
+    for n, b, world, accum in ((103, 4, 2, 2), (9, 8, 2, 1), (17, 8, 1, 1), (3, 4, 2, 1)):
+        seen = []
+        for rank in range(world):
+            for step in ResumableSampler(n, b, world, rank, seed=2, grad_accum=accum).plan():
+                assert all(len(m) == b for m in step.micro_batches)
+                assert [int(m.sum()) for m in step.masks()] == step.real
+                seen += step.real_positions().tolist()
+        assert sorted(seen) == list(range(n)), (n, b, world)
+    last = ResumableSampler(17, 8, 1, 0, seed=2).plan()[-1]
+    assert last.real == [1] and last.global_samples == 1  # 17 = 2 x 8 + 1: one real sample, seven fillers
 
 
 def test_eval_shards_are_unpadded_and_complete():

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from emotion_dist.checkpoint import CheckpointError, Checkpointer, load_checkpoint
+from emotion_dist.checkpoint import CheckpointError, CheckpointFiles, load_checkpoint
 from conftest import ROOT
 
 
@@ -15,7 +15,7 @@ def _state(step: int) -> dict:
 
 
 def test_roundtrip_with_weights_only(tmp_path):
-    ck = Checkpointer(tmp_path, keep=2)
+    ck = CheckpointFiles(tmp_path, keep=2)
     for step in (1, 2, 3):
         ck.save(_state(step), step, is_best=step == 2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
@@ -41,7 +41,7 @@ def test_future_format_version_is_a_clear_error(tmp_path):
 
 
 def test_truncated_last_is_skipped_by_auto_resume(tmp_path):
-    ck = Checkpointer(tmp_path, keep=3)
+    ck = CheckpointFiles(tmp_path, keep=3)
     ck.save(_state(4), 4)
     ck.save(_state(8), 8)
     data = ck.last.read_bytes()
@@ -54,7 +54,7 @@ def test_truncated_last_is_skipped_by_auto_resume(tmp_path):
 def test_crash_between_temp_write_and_rename_keeps_previous(tmp_path):
     """A real process killed (SIGKILL) after writing the temp file, before os.replace."""
     target = tmp_path / "checkpoints" / "last.pt"
-    Checkpointer(tmp_path).save(_state(1), 1)
+    CheckpointFiles(tmp_path).save(_state(1), 1)
     code = (
         "import os, signal, sys\n"
         "sys.path.insert(0, %r)\n"

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from emotion_dist.checkpoint import load_checkpoint
-from conftest import ROOT, env_for_child, run, torchrun_cmd, train_cmd
+from conftest import ROOT, env_for_child, run, torchrun_cmd, train_cmd, without
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def test_two_ranks_with_sync_bn_equal_one_rank_with_double_batch(tmp_path, fast_
     Checked after k=2 steps on the weights *and* on Adam's first moment (0.1 x the gradient):
     Adam divides by sqrt(v), so over many steps it turns fp32 rounding noise on near-zero
     gradients into +-lr updates; the gradient itself is the sharp test."""
-    base = [o for o in fast_overrides if not o.startswith(("run.dir", "train.batch_size"))]
+    base = without(fast_overrides, "run.dir", "train.batch_size")
     one, two, nosync = tmp_path / "one", tmp_path / "two", tmp_path / "nosync"
     run(train_cmd(*base, "train.batch_size=16", "train.max_steps=2", f"run.dir={one}"))
     run(torchrun_cmd(2, *base, "train.batch_size=8", "dist.sync_bn=true", "train.max_steps=2", f"run.dir={two}"))
@@ -69,9 +69,9 @@ def test_distributed_evaluation_equals_single_process(tmp_path, fast_overrides):
     run(train_cmd(*fast_overrides, "train.epochs=1"))
     ckpt = tmp_path / "run/checkpoints/last.pt"
     common = ["--checkpoint", str(ckpt), "--split", "test", f"run.cache_dir={tmp_path / 'cache'}"]
-    run([sys.executable, "-m", "emotion_dist.cli", "evaluate", *common, "--json", str(tmp_path / "one.json")])
+    run([sys.executable, "-m", "emotion_dist.cli", "evaluate", *common, "--json-out", str(tmp_path / "one.json")])
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "emotion_dist.cli",
-         "evaluate", *common, "--json", str(tmp_path / "two.json")])
+         "evaluate", *common, "--json-out", str(tmp_path / "two.json")])
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert one["count"] == two["count"] == 63 and 63 % 2 == 1  # not divisible by the world size
     assert two["world_size"] == 2
@@ -83,7 +83,7 @@ def test_distributed_evaluation_equals_single_process(tmp_path, fast_overrides):
 def test_early_stop_is_taken_by_every_rank_at_the_same_epoch(tmp_path, fast_overrides):
     """The seed stopped on rank 0 only and hung the others: here every rank decides from the same
     all-reduced validation figures, so both processes leave the loop together and exit 0."""
-    args = [o for o in fast_overrides if not o.startswith("train.epochs")]
+    args = without(fast_overrides, "train.epochs")
     args += ["train.epochs=40", "train.patience=2", "train.warmup_epochs=0"]
     proc = run(torchrun_cmd(2, *args), timeout=400)
     rows = _records(tmp_path / "run", "epoch")

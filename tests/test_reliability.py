@@ -16,17 +16,12 @@ from hypothesis import strategies as st
 
 from emotion_dist.checkpoint import load_checkpoint
 from emotion_dist.config import ConfigError, Config, load_config
-from conftest import ROOT, env_for_child, run, torchrun_cmd, train_cmd
-from test_train import assert_same_training_state
-
-
-def _base(fast_overrides):
-    return [o for o in fast_overrides if not o.startswith("run.dir")]
+from conftest import ROOT, assert_same_training_state, env_for_child, run, torchrun_cmd, train_cmd, without
 
 
 @pytest.mark.slow
-def test_killed_rank_is_restarted_and_resumes_to_the_same_weights(tmp_path, fast_overrides):
-    base = _base(fast_overrides)
+def test_killed_rank_is_restarted_and_resumes_to_the_same_weights(tmp_path, base_overrides):
+    base = base_overrides
     full, killed = tmp_path / "full", tmp_path / "killed"
     run(torchrun_cmd(2, *base, "ckpt.every_steps=5", f"run.dir={full}"))
     env = env_for_child(EMOTION_DIST_FAULT="1:13:kill", EMOTION_DIST_FAULT_ONCE=tmp_path / "fired")
@@ -87,8 +82,8 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.parametrize("on_error,code", [("stop", 1), ("warn", 0)])
-def test_full_disk_keeps_the_previous_checkpoint(small_disk, fast_overrides, on_error, code):
-    base = _base(fast_overrides)
+def test_full_disk_keeps_the_previous_checkpoint(small_disk, base_overrides, on_error, code):
+    base = base_overrides
     out = run(train_cmd(*base, f"run.dir={small_disk}/run", "ckpt.keep=1", f"ckpt.on_error={on_error}"), check=False)
     assert out.returncode == code, out.stderr[-2000:]
     assert "checkpoint write at step 42 failed (No space left on device)" in out.stdout + out.stderr
@@ -108,7 +103,7 @@ def test_corrupt_images_are_skipped_counted_and_reported(tmp_path, fast_override
     (data / "train/train/sad/notes.jpg").write_text("hello")
     good = next((data / "train/train/fear").glob("*.jpg"))
     (data / "train/train/fear/cut.jpg").write_bytes(good.read_bytes()[:150])
-    overrides = [o for o in fast_overrides if not o.startswith("data.root")]
+    overrides = without(fast_overrides, "data.root")
     out = run(train_cmd(*overrides, f"data.root={data}", "train.epochs=1"))
     assert out.stdout.count("skipped unreadable image") == 3
     report = json.loads((tmp_path / "run/data_report.json").read_text())
@@ -116,8 +111,8 @@ def test_corrupt_images_are_skipped_counted_and_reported(tmp_path, fast_override
     assert sorted(os.path.basename(s["file"]) for s in report["skipped"]) == ["cut.jpg", "notes.jpg", "zero.jpg"]
 
 
-def test_sigterm_on_a_plain_run_saves_at_a_step_boundary_and_resumes(tmp_path, fast_overrides):
-    base = _base(fast_overrides)
+def test_sigterm_on_a_plain_run_saves_at_a_step_boundary_and_resumes(tmp_path, base_overrides):
+    base = base_overrides
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     run(train_cmd(*base, f"run.dir={full}"))
     proc = subprocess.Popen(train_cmd(*base, f"run.dir={stopped}"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -7,15 +7,14 @@ from pathlib import Path
 import pytest
 
 from emotion_dist.checkpoint import load_checkpoint
-from conftest import ROOT, run, torchrun_cmd, train_cmd
-from test_train import assert_same_training_state
+from conftest import ROOT, assert_same_training_state, run, torchrun_cmd, train_cmd
 
 pytestmark = pytest.mark.slow
 ROUNDTRIP = str(ROOT / "tests" / "helpers" / "roundtrip.py")
 
 
-def test_two_process_mid_epoch_resume_is_bit_exact(tmp_path, fast_overrides):
-    base = [o for o in fast_overrides if not o.startswith("run.dir")] + ["train.ema_decay=0.9"]
+def test_two_process_mid_epoch_resume_is_bit_exact(tmp_path, base_overrides):
+    base = base_overrides + ["train.ema_decay=0.9"]
     full, split = tmp_path / "full", tmp_path / "split"
     run(torchrun_cmd(2, *base, f"run.dir={full}"))
     run(torchrun_cmd(2, *base, f"run.dir={split}", "train.max_steps=15"))  # epoch 2, step 4 of 11
@@ -51,12 +50,12 @@ def test_world_size_two_to_one_mid_epoch_sees_every_sample_once(tmp_path, fast_o
     ("fsdp", [(2, "fsdp"), (1, "ddp"), (2, "ddp")], True),  # the EMA is sharded like the weights
     ("ddp", [(2, "fsdp"), (2, "zero")], True),
 ])
-def test_sharded_optimizer_state_loads_anywhere(tmp_path, fast_overrides, saved, loads, ema):
+def test_sharded_optimizer_state_loads_anywhere(tmp_path, fast_overrides, base_overrides, saved, loads, ema):
     ema_on = ["train.ema_decay=0.9"] if ema else []
     run(torchrun_cmd(2, *fast_overrides, *ema_on, f"dist.strategy={saved}", "train.max_steps=4"))
     ckpt = tmp_path / "run/checkpoints/last.pt"
     assert load_checkpoint(ckpt)["strategy"] == saved
-    base = [o for o in fast_overrides if not o.startswith("run.dir")]
+    base = base_overrides
     for world, strategy in loads:
         args = [*base, *ema_on, f"dist.strategy={strategy}", f"run.resume={ckpt}", f"run.dir={tmp_path / strategy}{world}"]
         out = run([sys.executable, ROUNDTRIP, *args] if world == 1 else torchrun_cmd(2, *args, script=ROUNDTRIP))

@@ -7,31 +7,7 @@ import pytest
 import torch
 
 from emotion_dist.checkpoint import load_checkpoint
-from conftest import run, train_cmd
-
-
-def states_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], dict):
-            states_equal(a[k], b[k])
-        elif torch.is_tensor(a[k]):
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
-
-
-def assert_same_training_state(run_a, run_b):
-    a, b = load_checkpoint(run_a / "checkpoints/last.pt"), load_checkpoint(run_b / "checkpoints/last.pt")
-    states_equal(a["model_state_dict"], b["model_state_dict"])
-    states_equal(a["optimizer_state_dict"]["state"], b["optimizer_state_dict"]["state"])
-    assert ("ema_state_dict" in a) == ("ema_state_dict" in b)
-    if "ema_state_dict" in a:
-        states_equal(a["ema_state_dict"], b["ema_state_dict"])
-        assert a["ema_updates"] == b["ema_updates"] == a["global_step"]
-    assert a["scheduler_state_dict"] == b["scheduler_state_dict"]
-    assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
-    return a, b
+from conftest import assert_same_training_state, run, train_cmd, without
 
 
 @pytest.mark.slow
@@ -50,8 +26,8 @@ def test_quickstart_config_trains_to_90_percent(tmp_path):
     assert "launcher python | world size 1 | backend gloo | device cpu" in proc.stdout
 
 
-def test_resume_at_epoch_boundary_continues_epoch_lr_and_best(tmp_path, fast_overrides):
-    base = [o for o in fast_overrides if not o.startswith("run.dir")]
+def test_resume_at_epoch_boundary_continues_epoch_lr_and_best(tmp_path, base_overrides):
+    base = base_overrides
     full, split = tmp_path / "full", tmp_path / "split"
     run(train_cmd(*base, f"run.dir={full}"))
     # stop exactly at the end of epoch 1 (21 steps of 8 on 167 training images), then resume
@@ -66,8 +42,8 @@ def test_resume_at_epoch_boundary_continues_epoch_lr_and_best(tmp_path, fast_ove
     assert [h["epoch"] for h in b["history"]] == [1, 2]
 
 
-def test_resume_mid_epoch_is_bit_exact(tmp_path, fast_overrides):
-    base = [o for o in fast_overrides if not o.startswith("run.dir")]
+def test_resume_mid_epoch_is_bit_exact(tmp_path, base_overrides):
+    base = base_overrides
     full, split = tmp_path / "full", tmp_path / "split"
     run(train_cmd(*base, f"run.dir={full}"))
     run(train_cmd(*base, f"run.dir={split}", "train.max_steps=30"))  # epoch 2, step 9 of 21
@@ -93,7 +69,7 @@ def test_init_from_loads_weights_for_a_new_head_and_inspect_reports(tmp_path, fa
         (two / "train" / cls).mkdir(parents=True)
         for i, f in enumerate(sorted((tiny_data / "train/train" / cls).glob("*.jpg"))[:12]):
             (two / "train" / cls / f.name).write_bytes(f.read_bytes())
-    base = [o for o in fast_overrides if not o.startswith(("data.root", "run.dir"))]
+    base = without(fast_overrides, "data.root", "run.dir")
     out = run(train_cmd(*base, f"data.root={two}", "model.num_classes=2", f"model.init_from={ckpt}",
                         "train.epochs=1", f"run.dir={tmp_path / 'ft'}"))
     assert "init_from" in out.stdout and "shape mismatch ['classify.linear.bias', 'classify.linear.weight']" in out.stdout
@@ -111,7 +87,7 @@ def test_resuming_with_other_classes_is_a_clear_error(tmp_path, fast_overrides, 
         (other / "train" / cls).mkdir(parents=True)
         for f in sorted((tiny_data / "train/train/happy").glob("*.jpg"))[:4]:
             (other / "train" / cls / f.name).write_bytes(f.read_bytes())
-    base = [o for o in fast_overrides if not o.startswith("data.root")]
+    base = without(fast_overrides, "data.root")
     out = run(train_cmd(*base, f"data.root={other}", "model.num_classes=2"), check=False)
     assert out.returncode == 2
     assert "checkpoint classes" in out.stderr and "model.init_from" in out.stderr

@@ -73,7 +73,7 @@ def test_wandb_run_id_is_reused_after_resume(trained, tiny_data):
 def test_evaluate_json_table_png_and_tta(trained, tmp_path):
     ckpt = trained / "run/checkpoints/last.pt"
     out = run([sys.executable, "-m", "emotion_dist.cli", "evaluate", "--checkpoint", str(ckpt), "--tta",
-               "--json", str(tmp_path / "r.json"), "--out", str(tmp_path), f"run.cache_dir={trained}/cache"])
+               "--json-out", str(tmp_path / "r.json"), "--out", str(tmp_path), f"run.cache_dir={trained}/cache"])
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["split"] == "test" and report["count"] == 63 and report["tta"] is True
     assert set(report["per_class"]) == {"angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"}

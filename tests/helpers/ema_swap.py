@@ -7,10 +7,10 @@ import sys
 import torch
 
 from emotion_dist import distributed as D
-from emotion_dist.engine import evaluate
+from emotion_dist.build import build_trainer
 from emotion_dist.model import build_model
-from emotion_dist.parallel import full_model_state_dict
-from emotion_dist.train import build_trainer, resolve_config
+from emotion_dist.train import resolve_config
+from emotion_dist.validation import evaluate
 
 
 def main() -> int:
@@ -19,6 +19,7 @@ def main() -> int:
     trainer = build_trainer(cfg, env)
     trainer.fit()  # stops at train.max_steps, mid-epoch, after at least one validation
     model, ema = trainer.model, trainer.ema
+    full_model_state_dict = trainer.strategy.full_model_state_dict
     before = D.broadcast_object(full_model_state_dict(model))
     with ema.swapped():
         pass
@@ -26,7 +27,8 @@ def main() -> int:
     assert all(torch.equal(before[k], after[k]) for k in before), "the swap changed the live weights"
 
     def run(m):
-        res, cm = evaluate(m, trainer.ds.val, trainer.transform, env, len(trainer.ds.classes), 8)
+        res, cm = evaluate(m, trainer.ds.val, trainer.transform, env, len(trainer.ds.classes), 8,
+                           strategy=trainer.strategy if m is model else None)
         return res["loss"], cm.tolist()
 
     with ema.swapped():

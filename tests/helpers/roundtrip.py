@@ -6,9 +6,9 @@ import sys
 import torch
 
 from emotion_dist import distributed as D
+from emotion_dist.build import build_trainer
 from emotion_dist.checkpoint import load_checkpoint
-from emotion_dist.parallel import full_model_state_dict, full_state_dict
-from emotion_dist.train import build_trainer, resolve_config
+from emotion_dist.train import resolve_config
 
 
 def main() -> int:
@@ -16,12 +16,12 @@ def main() -> int:
     info = D.detect_launch()
     env = D.init_distributed(cfg, info)
     trainer = build_trainer(cfg, env)
-    trainer.maybe_resume()
-    model_sd, optim_sd = full_state_dict(trainer.model, trainer.optimizer)
+    trainer.resume()
+    model_sd, optim_sd = trainer.strategy.full_state_dict(trainer.model, trainer.optimizer)
     ema_sd = None
     if trainer.ema:
         with trainer.ema.swapped():
-            ema_sd = full_model_state_dict(trainer.model)
+            ema_sd = trainer.strategy.full_model_state_dict(trainer.model)
     if env.is_main:
         saved = load_checkpoint(cfg.run.resume)
         for k, v in saved["model_state_dict"].items():

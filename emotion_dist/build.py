@@ -1,0 +1,110 @@
+"""Assemble a Trainer from a validated config and a started process group: data (prepared once,
+read everywhere), model and strategy, optimizer and schedule, EMA, sampler, loss, the logger sinks,
+and the checkpointer every stateful part registers with. Nothing here trains."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from . import distributed as D
+from .augment import BatchTransform
+from .checkpoint import CheckpointFiles, Checkpointer, CheckpointMeta, inference_weights, load_checkpoint
+from .config import Config
+from .data import Datasets, class_weights, dataset_root, load_datasets, normalization
+from .ema import ModelEMA
+from .engine import Trainer, check_resumable
+from .fsutil import ensure_writable_dir
+from .loggers import build_logger
+from .losses import Criterion
+from .model import build_model
+from .sampler import ResumableSampler
+from .schedule import ProgressLR
+from .strategy import make_strategy
+from .train_state import EMAState, Keyed, RngStates, TrainProgress, WeightsAndOptimizer
+
+log = logging.getLogger("emotion_dist")
+
+
+def prepare_data(cfg: Config, env: D.DistEnv) -> Datasets:
+    """The data set, prepared (generated, downloaded, decoded into the cache) by one rank while the
+    others wait, then read by every rank from what it wrote."""
+    ensure_writable_dir(Path(cfg.run.cache_dir), "run.cache_dir")
+    root = D.rank_zero_first(env, lambda: dataset_root(cfg))
+    return D.rank_zero_first(env, lambda: load_datasets(cfg, root))
+
+
+def init_from(model: torch.nn.Module, path: str) -> None:
+    """Fine-tuning: load the weights that fit (strict=False, a new head allowed) and say what did not."""
+    sd = inference_weights(load_checkpoint(path))
+    own = model.state_dict()
+    fitting = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    missing, unexpected = model.load_state_dict(fitting, strict=False)
+    shape_mismatch = sorted(k for k in sd if k in own and own[k].shape != sd[k].shape)
+    log.info("init_from %s: loaded %d tensors; missing %s; unexpected %s; shape mismatch %s",
+             path, len(fitting), missing or "none", unexpected or "none", shape_mismatch or "none")
+
+
+def build_trainer(cfg: Config, env: D.DistEnv, ds: Datasets | None = None) -> Trainer:
+    t = cfg.train
+    run_dir = Path(cfg.run.dir)
+    if env.is_main:
+        ensure_writable_dir(run_dir, "run.dir")
+    ds = ds or prepare_data(cfg, env)
+    strategy = make_strategy(cfg.dist.strategy, env, cfg.dist.sync_bn)
+
+    torch.manual_seed(t.seed)  # the same initial weights on every rank and world size
+    model = build_model(cfg.model.in_channels, len(ds.classes), cfg.data.image_size)
+    torch.manual_seed(t.seed + env.rank)  # then per rank
+    if cfg.model.init_from:
+        init_from(model, cfg.model.init_from)
+    if t.compile:
+        model.compile()  # in place: parameter names (and so checkpoints) stay the same
+    model = strategy.wrap(model, channels_last=t.channels_last)
+    strategy.sync_initial_weights(model)
+    ema = ModelEMA(model, t.ema_decay) if t.ema_decay > 0 else None
+
+    global_batch = t.batch_size * env.world_size * t.grad_accum
+    lr = t.lr * (global_batch / 64 if t.lr_scale == "linear" else 1.0)
+    optimizer = strategy.build_optimizer(model, lr, t.weight_decay)
+    scheduler = ProgressLR(optimizer, t.warmup_epochs, t.epochs)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
+    sampler = ResumableSampler(len(ds.train), t.batch_size, env.world_size, env.rank, t.seed, t.grad_accum)
+    weights = class_weights(ds).to(env.device) if t.class_weights == "balanced" else None
+
+    files = CheckpointFiles(run_dir, cfg.ckpt.keep) if env.is_main else None
+    checkpointer = Checkpointer(files, env, cfg.ckpt.every_steps, cfg.ckpt.on_error)
+    progress = TrainProgress()
+    checkpointer.register("weights", WeightsAndOptimizer(strategy, model, optimizer))
+    if ema is not None:
+        checkpointer.register("ema", EMAState(ema, strategy, model))
+    checkpointer.register("scheduler", Keyed("scheduler_state_dict", scheduler))
+    checkpointer.register("scaler", Keyed("scaler_state_dict", scaler))
+    checkpointer.register("sampler", Keyed("sampler", sampler))
+    checkpointer.register("progress", progress)
+    checkpointer.register("rng", RngStates(env))
+
+    # decided before anything is written to the run directory: another run's folder is refused here
+    checkpointer.plan(cfg.run.resume, lambda state, path: check_resumable(state, path, ds, cfg.data.image_size))
+    mean, std = normalization(ds.channels)
+    meta = CheckpointMeta(classes=ds.classes, image_size=cfg.data.image_size, in_channels=ds.channels,
+                          normalization={"mean": mean, "std": std}, data_size=int(ds.train.images.shape[-1]),
+                          label_mode=ds.label_mode, config=cfg.to_dict(), world_size=env.world_size,
+                          strategy=cfg.dist.strategy, run_id=checkpointer.run_id)
+    if env.is_main:
+        from .config import save_config
+
+        save_config(cfg, run_dir / "config.yaml")
+        log.info(
+            "launcher %s | world size %d | backend %s | device %s | precision %s | strategy %s | batch %d per "
+            "process x %d processes x %d accumulation = %d global | data %s (%d train / %d val / %d test, %d classes)",
+            env.launcher, env.world_size, env.backend, env.device, t.precision, cfg.dist.strategy, t.batch_size,
+            env.world_size, t.grad_accum, global_batch, ds.root, len(ds.train), len(ds.val),
+            len(ds.test) if ds.test else 0, len(ds.classes),
+        )
+    logger = build_logger(run_dir, env.is_main, cfg)
+    return Trainer(cfg, env, ds, model, strategy, optimizer, scheduler, scaler, ema, sampler,
+                   BatchTransform(ds.channels, cfg.data.image_size, env.device, t.seed),
+                   Criterion(t.label_smoothing, weights), checkpointer, logger, meta, progress)

@@ -1,0 +1,75 @@
+"""Evaluation: exact distributed evaluation of a split, the per-epoch validation plots, and the
+final test pass on best.pt. The test split is read only here, once, at the end of training."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed as D
+from .amp import autocast
+from .augment import BatchTransform, gather_uint8
+from .data import Split
+from .metrics import confusion_matrix, plot_confusion, plot_curves, summarize
+from .sampler import eval_shard
+from .strategy import broadcast_buffers
+
+
+@torch.no_grad()
+def evaluate(model, split: Split, transform: BatchTransform, env: D.DistEnv, num_classes: int,
+             batch_size: int, precision: str = "fp32", tta: bool = False, strategy=None) -> tuple[dict, torch.Tensor]:
+    """Exact distributed evaluation: unpadded contiguous shards, summed confusion matrix, with rank
+    0's BatchNorm statistics (those a checkpoint holds). Every rank runs the same number of forwards
+    of the same shape (FSDP all-gathers inside forward; a compiled model sees one shape): batches
+    are padded with masked-out copies of a real image."""
+    model.eval()
+    broadcast_buffers(model)
+    shard = eval_shard(len(split), env.world_size, env.rank)
+    n_batches = max(1, math.ceil(math.ceil(len(split) / env.world_size) / batch_size))
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=env.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+    for b in range(n_batches):
+        chunk = shard[b * batch_size:(b + 1) * batch_size]
+        real = len(chunk)
+        padded = torch.cat([chunk, torch.zeros(batch_size - real, dtype=torch.int64)])
+        x_u8, y, _ = gather_uint8(split, padded)
+        x = transform.eval(x_u8)
+        with autocast(env.device, precision):
+            logits = model(x).float()
+            if tta:
+                logits = (logits.softmax(1) + model(torch.flip(x, dims=[3])).float().softmax(1)).log()
+        if real:
+            logits, y = logits[:real], y[:real].to(env.device)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            cm += confusion_matrix(logits.argmax(1), y, num_classes)
+    if strategy is not None:
+        strategy.after_eval(model)
+    D.all_reduce_sum(cm)
+    D.all_reduce_sum(loss_sum)
+    n = int(cm.sum())
+    return {"loss": float(loss_sum) / max(n, 1), "count": n}, cm
+
+
+def evaluate_split(model, split: Split, transform: BatchTransform, env: D.DistEnv, classes: list[str], batch_size: int,
+                   precision: str = "fp32", strategy=None, tta: bool = False) -> tuple[dict, torch.Tensor]:
+    """evaluate() plus accuracy, macro-F1 and per-class figures."""
+    res, cm = evaluate(model, split, transform, env, len(classes), batch_size, precision, tta, strategy)
+    res.update(summarize(cm.cpu(), classes))
+    return res, cm
+
+
+def save_epoch_plots(logger, run_dir: Path, history: list[dict], cm: torch.Tensor, classes: list[str]) -> None:
+    """Rank 0: the learning curves and the validation confusion matrix, rewritten each epoch."""
+    logger.best_effort(plot_curves, history, Path(run_dir) / "curves.png")
+    logger.best_effort(plot_confusion, cm.cpu(), classes, Path(run_dir) / "confusion_val.png", "validation")
+
+
+def test_pass(model, strategy, weights: dict, split: Optional[Split], transform: BatchTransform, env: D.DistEnv,
+              classes: list[str], batch_size: int, precision: str) -> tuple[dict, torch.Tensor]:
+    """Load best.pt's inference weights into the (wrapped) model and evaluate the test split once."""
+    strategy.load_model_state_dict(model, weights)
+    return evaluate_split(model, split, transform, env, classes, batch_size, precision, strategy)
