@@ -4,8 +4,10 @@
 array job and task) or torchrun run id, the restart attempt, the start time and the heartbeat
 interval. The heartbeat is the file's modification time, refreshed by a daemon thread. A second job
 is refused at once with one line (RunDirBusy, exit 2); a stale lease (its process gone from this
-host, or no heartbeat for `stale_after_s`) is taken over with a warning; a later attempt of the same
-job (torchrun restart, Slurm requeue) takes over its own lease at once.
+host, or no heartbeat for `stale_after_s`) is taken over with a warning. A restart of the same job
+(same Slurm job id or torchrun run id: a torchrun restart, a Slurm requeue) takes over its own lease
+as soon as its earlier run is shown gone, without waiting for the staleness: at once by pid on this
+host, else when the heartbeat has stopped for a few beats.
 
 Run directories live on shared filesystems (NFS, Lustre), so nothing here relies on flock or
 O_EXCL, which NFS clients have not always honoured across hosts. Each step is an operation that the
@@ -196,7 +198,7 @@ class RunDirLease:
                 if verdict == "stale":
                     log.warning("run.dir=%s: taking over a stale lease: %s", self.run_dir, why)
                 else:
-                    log.info("run.dir=%s: %s", self.run_dir, why)
+                    log.info("run.dir=%s: taking over the lease of this job's earlier run: %s", self.run_dir, why)
                 return self._start()
             time.sleep(0.01 * (1 + attempt))  # another job is creating or taking over the lease: look again
         found = self._read(self.path)
@@ -259,34 +261,36 @@ class RunDirLease:
     # ---- judging a lease found in place ---------------------------------------------------
 
     def _judge(self, holder: LeaseRecord, beat: float) -> tuple[str, str]:
-        """("restart" or "stale", why to take it over), ("refuse", the one line) or ("retry", "")
-        for a lease held by `holder` whose heartbeat was stamped at `beat` (the filesystem's clock)."""
+        """("restart" (this job's) or "stale" (another job's), why to take it over), ("refuse", the
+        one line) or ("retry", "") for a lease held by `holder` whose heartbeat was stamped at `beat` (the filesystem's clock)."""
         age = self._age(beat)
         stale_s = max(self.stale_after_s, 3 * holder.interval_s)
         same_job = holder.job_key() is not None and holder.job_key() == self.me.job_key()
-        if same_job and self.me.attempt > holder.attempt:
-            return "restart", f"{self.me.describe()} takes over the lease of its earlier attempt ({holder.describe()})"
+        taken = "restart" if same_job else "stale"
         # A pid means something only in its own PID namespace: containers and `unshare -p` on one
         # host reuse numbers (two torchrun agents were both pid 1), so elsewhere only the heartbeat counts.
-        if (holder.host == self.me.host and holder.pid_ns is not None and holder.pid_ns == self.me.pid_ns
-                and not process_alive(holder.pid)):
-            return "stale", f"{holder.describe()} is gone (no process {holder.pid} on this host)"
+        checkable = holder.host == self.me.host and holder.pid_ns is not None and holder.pid_ns == self.me.pid_ns
+        if checkable and not process_alive(holder.pid):
+            return taken, f"{holder.describe()} is gone (no process {holder.pid} on this host)"
         if age > stale_s:
-            return "stale", f"{holder.describe()} has not beaten for {age:.0f} s (stale after {stale_s:g} s)"
-        if same_job:
-            # The same job and attempt: either two launches of one job that never met (each formed
-            # its own world), or an elastic restart whose old rank 0 on another node was just
-            # stopped. Only a live holder keeps beating: watch a few intervals.
+            return taken, f"{holder.describe()} has not beaten for {age:.0f} s (stale after {stale_s:g} s)"
+        if same_job and not checkable:
+            # A requeue or restart finds the lease of its own earlier run, killed on another node or
+            # in another PID namespace, still fresh. It takes over once the heartbeat is seen to have
+            # stopped: a few beats, not the staleness. One that keeps beating is alive whatever its
+            # attempt: a second launch of the same job that never joined the first (same run id, a
+            # world of its own), refused like any other job; taking over by attempt number would let
+            # two such launches steal the lease from each other at every torchrun restart.
             state = self._watch(holder, beat)
             if state == "stopped":
-                return "stale", f"{holder.describe()} stopped beating (an earlier world of this job)"
+                return "restart", f"{holder.describe()} stopped beating (an earlier run of this job)"
             if state == "changed":
                 return "retry", ""
-            return "refuse", self._busy_message(holder, age, twin=True)
-        return "refuse", self._busy_message(holder, age)
+        return "refuse", self._busy_message(holder, age, twin=same_job)
 
     def _busy_message(self, holder: LeaseRecord, age: float, twin: bool = False) -> str:
-        who = "another process of this same job (a second launch that did not join the first?)" if twin else "another job"
+        who = ("another live process of this same job (a second launch that never joined the first, or an earlier "
+               "run still going)" if twin else "another job")
         return (f"run.dir={self.run_dir} is in use by {who}: {holder.describe()}, heartbeat {age:.0f} s ago; "
                 f"wait for it to finish, set run.dir to another folder, or, if you are sure that job is dead, "
                 f"remove {self.path}")

@@ -46,9 +46,14 @@ class Holder:
         self.rc = self.proc.returncode
         return self
 
-    def kill(self):
+    def kill(self, reap=True):
         self.proc.kill()
-        self.proc.wait(timeout=60)
+        if reap:
+            self.proc.wait(timeout=60)
+            return
+        stat = Path(f"/proc/{self.proc.pid}/stat")  # dead but not yet reaped by its parent: a zombie
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
 
 
 def _record(run_dir) -> dict:
@@ -80,12 +85,13 @@ def test_second_job_is_refused_with_one_line_naming_holder_and_fix(tmp_path):
 def test_lease_of_a_dead_process_is_taken_over_at_once_with_a_warning(tmp_path, caplog):
     dead = Holder(tmp_path, heartbeat_s=10.0, stale_s=60.0)  # a fresh heartbeat: only the pid tells
     assert dead.held
-    dead.kill()
+    dead.kill(reap=False)  # a zombie still answers kill(pid, 0)
     with caplog.at_level(logging.WARNING, logger="emotion_dist"):
         with RunDirLease(tmp_path, env={}) as lease:
             assert _record(tmp_path)["token"] == lease.me.token
-    assert f"taking over a stale lease: host" in caplog.text and f"no process {dead.pid} on this host" in caplog.text
+    assert "taking over a stale lease: host" in caplog.text and f"no process {dead.pid} on this host" in caplog.text
     assert not (tmp_path / LEASE_NAME).exists()
+    dead.proc.wait(timeout=60)
 
 
 def test_old_heartbeat_of_another_host_is_stale(tmp_path, caplog):
@@ -110,43 +116,71 @@ def _unshare_works() -> bool:
 
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare -p (root or user namespaces)")
 def test_other_pid_namespace_trusts_the_heartbeat_not_the_pid(tmp_path):
-    """Seen from another PID namespace on the same host, the holder's pid does not exist: a pid
-    check would call a live job dead. Only its heartbeat may, once it stops (SIGKILL)."""
+    """Seen from another PID namespace on the same host (the issue's two torchrun agents), the
+    holder's pid does not exist: a pid check would call a live job dead. Only the heartbeat counts:
+    a live holder is refused to another job and to a second launch of its own job; once it is
+    SIGKILLed, a restart of its job takes over as soon as the beats stop, before the staleness."""
     other_ns = ("unshare", "-p", "-f", "--mount-proc", "--kill-child")
-    holder = Holder(tmp_path, heartbeat_s=0.2, stale_s=1.0)
+    job = {"TORCHELASTIC_RUN_ID": "r1", "TORCHELASTIC_RESTART_COUNT": "0"}
+    holder = Holder(tmp_path, heartbeat_s=0.2, stale_s=60.0, **job)
     assert holder.held
-    reader = Holder(tmp_path, heartbeat_s=0.2, stale_s=1.0, prefix=other_ns)
-    assert not reader.held and reader.rc == 2 and f"pid {holder.pid}" in reader.err, reader.err
+    other = Holder(tmp_path, heartbeat_s=0.2, stale_s=60.0, prefix=other_ns)
+    assert other.rc == 2 and "in use by another job" in other.err and f"pid {holder.pid}" in other.err, other.err
+    twin = Holder(tmp_path, heartbeat_s=0.2, stale_s=60.0, prefix=other_ns, **job)
+    assert twin.rc == 2 and "in use by another live process of this same job" in twin.err, twin.err
     holder.kill()
-    path = tmp_path / LEASE_NAME
-    while time.time() - path.stat().st_mtime <= 1.5:  # let its last heartbeat age past the staleness
-        time.sleep(0.1)
-    taker = Holder(tmp_path, heartbeat_s=0.2, stale_s=1.0, prefix=other_ns)
-    assert taker.held, taker.err
-    taker.release()
-    assert taker.rc == 0 and "taking over a stale lease" in taker.err and "has not beaten for" in taker.err
-    assert not path.exists()
+    other = Holder(tmp_path, heartbeat_s=0.2, stale_s=60.0, prefix=other_ns)
+    assert other.rc == 2 and "in use by another job" in other.err, other.err  # not stale yet
+    restart = Holder(tmp_path, heartbeat_s=0.2, stale_s=60.0, prefix=other_ns,
+                     **{**job, "TORCHELASTIC_RESTART_COUNT": "1"})
+    assert restart.held, restart.err
+    restart.release()
+    assert restart.rc == 0 and "taking over the lease of this job's earlier run" in restart.err
+    assert "stopped beating" in restart.err and not (tmp_path / LEASE_NAME).exists()
 
 
 @pytest.mark.parametrize("job, restart", [
     ({"SLURM_JOB_ID": "77"}, {"SLURM_RESTART_COUNT": "1"}),  # scontrol requeue
     ({"TORCHELASTIC_RUN_ID": "r1", "TORCHELASTIC_RESTART_COUNT": "0"}, {"TORCHELASTIC_RESTART_COUNT": "1"}),
 ])
-def test_restart_of_the_same_job_takes_over_its_lease_at_once(tmp_path, job, restart):
-    first = Holder(tmp_path, heartbeat_s=0.2, stale_s=60.0, **job)  # alive, beating, same host
+def test_restart_of_the_same_job_takes_over_its_lease_without_waiting(tmp_path, job, restart):
+    first = Holder(tmp_path, heartbeat_s=0.2, stale_s=60.0, **job)
     assert first.held
-    # the same job and attempt, alive: a second launch that did not join the first is refused
-    twin = Holder(tmp_path, heartbeat_s=0.2, stale_s=60.0, **job)
-    assert twin.rc == 2 and "another process of this same job" in twin.err, twin.err
+    for env in (job, {**job, **restart}):  # alive on this host: a second launch, or an earlier run still going
+        again = Holder(tmp_path, heartbeat_s=0.2, stale_s=60.0, **env)
+        assert again.rc == 2 and "in use by another live process of this same job" in again.err, again.err
+    first.kill()
+    # as if it ran on a node that was lost: its heartbeat is fresh and its pid cannot be checked
+    path = tmp_path / LEASE_NAME
+    rec = _record(tmp_path)
+    rec["host"] = "node2"
+    path.write_text(json.dumps(rec))
+    other = Holder(tmp_path, heartbeat_s=0.2, stale_s=60.0)
+    assert other.rc == 2 and "in use by another job" in other.err, other.err
     second = Holder(tmp_path, heartbeat_s=0.2, stale_s=60.0, **{**job, **restart})
     assert second.held, second.err
     assert _record(tmp_path)["token"] == second.token
-    path = tmp_path / LEASE_NAME
-    first.release()  # it finds the lease taken over: it says so and must not delete the new one
-    assert first.rc == 0 and f"lost: lost the lease on run.dir={tmp_path}: it is now held by " in first.out
-    assert _record(tmp_path)["token"] == second.token
     second.release()
-    assert second.rc == 0 and not path.exists()
+    assert second.rc == 0 and "taking over the lease of this job's earlier run: host node2" in second.err
+    assert not path.exists()
+
+
+def test_frozen_holder_finds_its_lease_taken_and_never_deletes_the_new_one(tmp_path, caplog):
+    first = Holder(tmp_path, heartbeat_s=0.2, stale_s=1.0)
+    assert first.held
+    os.kill(first.pid, signal.SIGSTOP)  # a paused VM, a process stuck longer than the staleness
+    path = tmp_path / LEASE_NAME
+    while time.time() - path.stat().st_mtime <= 1.5:
+        time.sleep(0.1)
+    with caplog.at_level(logging.WARNING, logger="emotion_dist"):
+        second = RunDirLease(tmp_path, interval_s=0.2, stale_after_s=1.0, env={}).acquire()
+    assert "has not beaten for" in caplog.text
+    os.kill(first.pid, signal.SIGCONT)
+    first.release()
+    assert first.rc == 0 and f"lost: lost the lease on run.dir={tmp_path}: it is now held by host" in first.out
+    assert _record(tmp_path)["token"] == second.me.token
+    second.release()
+    assert not path.exists()
 
 
 def _race(run_dir, barrier, done, results, die):
