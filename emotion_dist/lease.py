@@ -180,7 +180,7 @@ class RunDirLease:
 
     def acquire(self) -> "RunDirLease":
         """Hold the lease, or raise RunDirBusy naming the holder and what to do. A stale lease is
-        taken over with a warning; one of an earlier attempt of this job, at once."""
+        taken over with a warning; this job's own, as soon as its earlier run is shown gone."""
         if self.held:
             return self
         ensure_writable_dir(self.run_dir, "run.dir")
@@ -234,7 +234,7 @@ class RunDirLease:
         self.held = False
         claim = self.run_dir / (CLAIM_PREFIX + self.me.token)
         try:
-            if not self._link_new(claim):  # a restart of this job is taking the lease over right now
+            if not self._link_new(claim):  # another process is taking the lease over right now
                 self._lose(None)
                 return
         except OSError as e:
@@ -326,13 +326,15 @@ class RunDirLease:
             found = self._read(self.path)
             if found is None or found[0].token != holder.token:
                 return False  # released or replaced since we judged it
-            tmp = self._write_temp()
+            tmp, _ = self._write_temp()
             try:
                 os.replace(tmp, self.path)
             except FileNotFoundError:  # NFS: a retried rename whose first reply was lost
                 now = self._read(self.path)
                 if now is None or now[0].token != self.me.token:
                     raise
+            finally:
+                tmp.unlink(missing_ok=True)
             for old in abandoned:
                 old.unlink(missing_ok=True)
             return True
@@ -381,38 +383,41 @@ class RunDirLease:
 
     # ---- files ----------------------------------------------------------------------------
 
-    def _write_temp(self) -> Path:
+    def _write_temp(self) -> tuple[Path, float]:
         """Our record in a fresh, unique temp file next to the lease (a name remove_stale_temps
-        knows, so a killed starter's leftover goes at the next start)."""
+        knows, so a killed starter's leftover goes at the next start), and its stamp: the
+        filesystem's "now"."""
         tmp = temp_path(self.run_dir / f"{LEASE_NAME}.{uuid.uuid4().hex}")
         try:
             with open(tmp, "wb") as f:
                 f.write(self.me.to_bytes())
                 f.flush()
                 os.fsync(f.fileno())
+                return tmp, os.fstat(f.fileno()).st_mtime
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return tmp
 
     def _link_new(self, dst: Path) -> bool:
         """Create `dst` holding our record if it does not exist, atomically, NFS included."""
-        tmp = self._write_temp()
+        tmp, _ = self._write_temp()
         try:
             os.link(tmp, dst)
             return True
         except FileExistsError:
-            return os.stat(tmp).st_nlink == 2  # the link was made and its reply lost (NFS)
+            try:
+                return os.stat(tmp).st_nlink == 2  # the link was made and its reply lost (NFS)
+            except FileNotFoundError:
+                return False
+        except FileNotFoundError:  # our temp file removed under us (a start cleaning temp files): look again
+            return False
         finally:
             tmp.unlink(missing_ok=True)
 
     def _age(self, stamp: float) -> float:
         """Seconds since `stamp` on the filesystem's clock: the stamp of a file written just now."""
-        tmp = self._write_temp()
-        try:
-            now = os.stat(tmp).st_mtime
-        finally:
-            tmp.unlink(missing_ok=True)
+        tmp, now = self._write_temp()
+        tmp.unlink(missing_ok=True)
         return max(0.0, now - stamp)
 
     def _read(self, path: Path, foreign_ok: bool = False) -> Optional[tuple[LeaseRecord, float]]:

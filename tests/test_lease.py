@@ -109,6 +109,23 @@ def test_old_heartbeat_of_another_host_is_stale(tmp_path, caplog):
     assert "host elsewhere" in caplog.text and "has not beaten for 100 s" in caplog.text
 
 
+def test_a_taker_killed_between_claim_and_rename_does_not_block_the_lease(tmp_path, caplog):
+    dead = Holder(tmp_path / "run")
+    dead.kill()
+    token = _record(tmp_path / "run")["token"]
+    taker = Holder(tmp_path / "elsewhere")  # its record, left as the claim on the dead lease
+    taker.kill()
+    claim = tmp_path / "run" / f".{LEASE_NAME}.takeover.{token}"
+    shutil.copy(tmp_path / "elsewhere" / LEASE_NAME, claim)
+    old = time.time() - 100
+    os.utime(claim, (old, old))
+    with caplog.at_level(logging.WARNING, logger="emotion_dist"):
+        with RunDirLease(tmp_path / "run", env={}) as lease:
+            assert _record(tmp_path / "run")["token"] == lease.me.token
+    assert f"no process {dead.pid}" in caplog.text
+    assert not list((tmp_path / "run").iterdir())  # the dead claim and ours are gone with the lease
+
+
 def _unshare_works() -> bool:
     return shutil.which("unshare") is not None and subprocess.run(
         ["unshare", "-p", "-f", "--mount-proc", "true"], capture_output=True).returncode == 0
@@ -188,6 +205,8 @@ def _race(run_dir, barrier, done, results, die):
     barrier.wait()
     msg = lease.try_acquire()
     results.put((os.getpid(), msg))
+    results.close()
+    results.join_thread()  # flushed before a winner's os._exit below
     done.wait()
     if msg is None and die:
         os._exit(0)  # killed while holding: the next round races to take the stale lease over
