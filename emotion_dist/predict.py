@@ -342,6 +342,7 @@ def run_images(args) -> int:
 def run_predict(args) -> int:
     from . import video
 
+    modelfile.require(args.checkpoint)  # a missing model, a folder or a JPEG: one line before anything else
     source = video.source_of(args)
     if source is None:
         return run_images(args)

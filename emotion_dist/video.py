@@ -67,7 +67,7 @@ def source_of(args) -> Optional[Source]:
     stream_only = [flag for flag, value in (("--every", args.every), ("--smooth", args.smooth), ("--csv", args.csv))
                    if value is not None]
     if stream_only:
-        raise ConfigError(f"{', '.join(stream_only)} apply to a video or a camera, not to still images")
+        raise ConfigError(f"{', '.join(stream_only)}: only for a video or a camera, not for still images")
     return None
 
 

@@ -56,3 +56,19 @@ def fast_overrides(tiny_data, tmp_path) -> list[str]:
         "train.batch_size=8", "train.epochs=2", "train.eval_test=false", "log.every_steps=1",
         f"run.cache_dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}", "train.channels_last=false",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_data):
+    """A real checkpoint from a four-step training run on tiny_data (no warm-up and a high lr, so
+    its outputs depend on the picture at all), and its ONNX export: `.pt` and `.onnx` (+ .json)."""
+    from types import SimpleNamespace
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    run(train_cmd("data.source=folder", f"data.root={tiny_data}", "data.image_size=32", "train.batch_size=16",
+                  "train.max_steps=4", "train.warmup_epochs=0", "train.lr=0.01", "train.label_smoothing=0",
+                  "train.eval_test=false", "log.wandb=off", f"run.dir={d}/run", f"run.cache_dir={d}/cache"))
+    pt = d / "run/checkpoints/last.pt"
+    run([sys.executable, "-m", "emotion_dist.cli", "export", "--checkpoint", str(pt), "--format", "onnx",
+         "--out", str(d / "model.onnx")])
+    return SimpleNamespace(pt=pt, onnx=d / "model.onnx")
