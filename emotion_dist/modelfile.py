@@ -28,7 +28,8 @@ _MAGIC = [
 # ONNX ModelProto: field 1 (ir_version, a small varint), then another top-level field
 # (producer_name, producer_version, domain, model_version, doc_string, graph, opset_import)
 _ONNX_SECOND_FIELD = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42}
-HINT = "--checkpoint takes a .pt checkpoint (runs/NAME/checkpoints/best.pt) or a model from emotion-dist export --format onnx"
+HINT = ("--checkpoint takes a .pt checkpoint (runs/NAME/checkpoints/best.pt) or a model from "
+        "emotion-dist export --format onnx")
 
 
 def kind(path: str | os.PathLike) -> str:

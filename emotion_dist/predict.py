@@ -313,6 +313,8 @@ def run_images(args) -> int:
     model = Path(args.checkpoint)
     json_out = check_json_out(args.json_out, (".json",), [model, model.with_suffix(".json")], json_written_by_us)
     annotations = plan_annotations(files, args.out) if args.out else None
+    if json_out:
+        remove_stale_temps(json_out.parent)
     classifier = load_classifier(args.checkpoint)
     interrupts.install()
     faces, messages = [], []

@@ -117,19 +117,25 @@ class VideoSource:
         self.name = f"camera {source}" if self.camera else printable(source)
         if self.camera:
             self.cap = cv2.VideoCapture(source)
-            if not self.cap.isOpened():
-                raise DataError(f"camera {source} could not be opened (no such device, no permission, or in use by "
-                                f"another program); check --source (0 = the first camera)")
+            failure = (f"camera {source} could not be opened (no such device, no permission, or in use by another "
+                       f"program); check --source (0 = the first camera)")
+        elif "://" in source:  # a stream URL (rtsp://, http://): FFmpeg opens it as given
+            if not source.isascii():
+                raise DataError(f"stream URL {self.name} holds characters that are not ASCII; percent-encode them")
+            self.cap = cv2.VideoCapture(source)
+            failure = (f"stream {self.name} could not be opened (unreachable, or a protocol or codec that OpenCV's "
+                       f"FFmpeg lacks); check the URL")
         else:
             path = Path(source)
-            if "://" not in source and not path.is_file():
+            if not path.is_file():
                 what = "is a folder" if path.is_dir() else "does not exist"
                 raise DataError(f"video {self.name} {what}; give a video file, or --source 0 for a camera")
             with cv2_name(path) as name:
                 self.cap = cv2.VideoCapture(name)
-            if not self.cap.isOpened():
-                raise DataError(f"{self.name} is not a video OpenCV can read (unknown container or codec, truncated, "
-                                f"or not a video); convert it, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4")
+            failure = (f"{self.name} is not a video OpenCV can read (unknown container or codec, truncated, or not "
+                       f"a video); convert it, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4")
+        if not self.cap.isOpened():
+            raise DataError(failure)
         ok, self._first = self.cap.read()
         if not ok:
             self.cap.release()

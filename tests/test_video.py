@@ -193,7 +193,7 @@ def test_video_errors_are_one_line(tiny_model, clip, tmp_path, capfd):
         ("predict", "--checkpoint", pt, "--source", "99"): "camera 99 could not be opened",
         ("predict", "--checkpoint", pt, str(clip), "--out", str(tmp_path / "a.avi")): "does not end in .mp4",
         ("predict", "--checkpoint", pt, str(clip), "--out", str(clip)): "is the input file itself",
-        ("predict", "--checkpoint", pt, str(clip), "--out", str(tmp_path / "foreign.mp4")): "not written by emotion-dist",
+        ("predict", "--checkpoint", pt, str(clip), "--out", str(tmp_path / "foreign.mp4")): "not written by",
         ("predict", "--checkpoint", pt, str(clip), "--out", str(tmp_path)): "is a folder",
         ("predict", "--checkpoint", pt, str(clip), "--json-out", str(tmp_path / "r.json")): "does not end in .jsonl",
         ("predict", "--checkpoint", pt, str(clip), "--csv", str(tmp_path / "text.mp4")): "does not end in .csv",
