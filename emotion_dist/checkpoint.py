@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from . import modelfile
 from .errors import CheckpointError, ConfigError, DataError
 from .fsutil import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
@@ -37,38 +38,10 @@ RUN_DIR_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", RUN_MARKER)  # w
 
 
 # ------------------------------------------------------------------------------------ reading
-def _sniff(path: Path) -> Optional[str]:
-    """What a file that is not a PyTorch checkpoint looks like, from its first bytes and name."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except OSError as e:
-        return f"cannot be read ({e.strerror or e})"
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return None  # torch's zip format or a legacy pickle
-    if path.suffix.lower() == ".onnx":
-        return "is an ONNX model (predict takes it; evaluate, export and resuming need the .pt it came from)"
-    if path.suffix.lower() == ".safetensors":
-        return "is a safetensors export (weights only); pass the .pt checkpoint it came from"
-    if head.startswith(b"\xff\xd8\xff") or head.startswith(b"\x89PNG"):
-        return "is an image, not a checkpoint"
-    if not head:
-        return "is empty (0 bytes)"
-    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
-        return "is a text file, not a checkpoint"
-    return "is not a PyTorch checkpoint"
-
-
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load with weights_only=True: tensors and plain containers only, never arbitrary code."""
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a folder; pass a .pt file (e.g. {path / 'checkpoints/best.pt'})")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
-    kind = _sniff(path)
-    if kind:
-        raise CheckpointError(f"{path} {kind}")
+    modelfile.require(path, accept=(modelfile.TORCH,))  # a JPEG, text or .onnx: said so, not "pickled objects"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -15,6 +15,12 @@ def _fail(msg: str, code: int = EXIT_USAGE) -> int:
     return code
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config (default: built-in defaults = configs/default.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
@@ -43,12 +49,34 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "else RUN_DIR/eval)")
     e.add_argument("overrides", nargs="*", metavar="key=value")
 
-    pr = sub.add_parser("predict", help="detect faces in photos and classify their expression")
+    pr = sub.add_parser(
+        "predict", help="detect faces in photos, a video or a camera and classify their expression",
+        description="Still images: one line per face on stdout (--json: one JSON document). A video or a camera: "
+                    "faces tracked across frames, one record per frame and face (--json: JSON Lines as the stream "
+                    "goes; --csv). Status and fps go to stderr. Exit 0: done or stopped by a signal; 1: no face "
+                    "found anywhere; 2: bad input (one line saying what to fix).")
     pr.add_argument("--checkpoint", required=True, help="a .pt checkpoint or an exported .onnx model")
-    pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    pr.add_argument("--out", default=None, help="write annotated copies (boxes + labels) here")
-    pr.add_argument("--json", action="store_true", help="print JSON instead of one line per face")
-    pr.add_argument("--no-detect", action="store_true", help="each image is one face crop (FER-style inputs)")
+    pr.add_argument("inputs", nargs="*", metavar="IMAGE_DIR_OR_VIDEO",
+                    help="images and folders of images, or one video file (.mp4, .avi, .mov, .mkv, ...)")
+    pr.add_argument("--source", default=None, metavar="CAMERA_OR_URL",
+                    help="read a camera (0 = the first webcam) or a stream URL / video file instead of inputs")
+    pr.add_argument("--out", default=None,
+                    help="images: a folder for annotated copies (NAME_pred.png); video/camera: an annotated .mp4")
+    pr.add_argument("--json", action="store_true",
+                    help="stdout holds only JSON: one document for images, JSON Lines (one record per frame and "
+                         "face) for a video or camera")
+    pr.add_argument("--json-out", default=None, metavar="FILE",
+                    help="also write the JSON to FILE (.json for images, .jsonl for a video or camera)")
+    pr.add_argument("--csv", default=None, metavar="FILE",
+                    help="video/camera: write the records as CSV to FILE.csv ('-' = stdout, not with --json)")
+    pr.add_argument("--every", type=_positive_int, default=None, metavar="N",
+                    help="video/camera: process every N-th frame (default 1 = all); the annotated video holds "
+                         "the processed frames at fps/N")
+    pr.add_argument("--smooth", type=_positive_int, default=None, metavar="N",
+                    help="video/camera: report each face's probabilities averaged over its last N processed "
+                         "frames (default 5; 1 = raw)")
+    pr.add_argument("--no-detect", action="store_true",
+                    help="each image (or frame) is one face crop (FER-style inputs)")
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX (verified with onnxruntime) or safetensors")
     x.add_argument("--checkpoint", required=True)

@@ -21,8 +21,9 @@ from typing import Callable, Iterable, Optional
 from .errors import ConfigError
 
 HOST = socket.gethostname().split(".")[0] or "localhost"
-# .NAME.tmp.HOST.PID (this version) and .NAME.tmpPID / NAME.tmpPID.npy (before): both recognised
-_TEMP_RE = re.compile(r"^\.?(?P<name>.+?)\.tmp(?:\.(?P<host>[^./]+)\.(?P<pid>\d+)|(?P<oldpid>\d+))(?P<ext>\.npy)?$")
+# .NAME.tmp.HOST.PID[.npy|.mp4] (this version; the suffix where a writer picks the format from the
+# name) and .NAME.tmpPID / NAME.tmpPID.npy (before): all recognised
+_TEMP_RE = re.compile(r"^\.?(?P<name>.+?)\.tmp(?:\.(?P<host>[^./]+)\.(?P<pid>\d+)|(?P<oldpid>\d+))(?P<ext>\.npy|\.mp4)?$")
 
 
 def temp_path(path: Path) -> Path:

@@ -100,3 +100,19 @@ def fast_overrides(tiny_data, tmp_path) -> list[str]:
 def base_overrides(fast_overrides) -> list[str]:
     """fast_overrides without run.dir: for tests that run several runs side by side."""
     return without(fast_overrides, "run.dir")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_data):
+    """A real checkpoint from a four-step training run on tiny_data (no warm-up and a high lr, so
+    its outputs depend on the picture at all), and its ONNX export: `.pt` and `.onnx` (+ .json)."""
+    from types import SimpleNamespace
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    run(train_cmd("data.source=folder", f"data.root={tiny_data}", "data.image_size=32", "train.batch_size=16",
+                  "train.max_steps=4", "train.warmup_epochs=0", "train.lr=0.01", "train.label_smoothing=0",
+                  "train.eval_test=false", "log.wandb=off", f"run.dir={d}/run", f"run.cache_dir={d}/cache"))
+    pt = d / "run/checkpoints/last.pt"
+    run([sys.executable, "-m", "emotion_dist.cli", "export", "--checkpoint", str(pt), "--format", "onnx",
+         "--out", str(d / "model.onnx")])
+    return SimpleNamespace(pt=pt, onnx=d / "model.onnx")
