@@ -36,8 +36,8 @@ def check_image_size(size: int) -> None:
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "folder", "kaggle"] = "synthetic"
-    root: Optional[str] = None  # folder: the ImageFolder tree; synthetic: cache folder (default under run.cache_dir)
+    source: Literal["synthetic", "folder", "kaggle", "fer2013_csv"] = "synthetic"
+    root: Optional[str] = None  # folder: the ImageFolder tree; synthetic: cache folder (default under run.cache_dir); fer2013_csv: the CSV file
     kaggle_handle: str = "aadityasinghal/facial-expression-dataset/versions/1"
     image_size: int = 64
     val_fraction: float = 0.1
@@ -47,6 +47,9 @@ class DataConfig:
     synthetic_train: int = 4000
     synthetic_test: int = 700
     synthetic_seed: int = 0
+    ferplus: Optional[str] = None  # fer2013new.csv: FER+ vote labels (8 classes), joined row by row to data.root's CSV
+    label_mode: Literal["majority", "probability", "crossentropy"] = "majority"  # FER+ (Barsoum et al. 2016)
+    dedupe: Literal["off", "warn", "drop"] = "warn"  # duplicates across splits: drop removes them from train
 
 
 @dataclass
@@ -78,6 +81,7 @@ class TrainConfig:
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_test: bool = True  # evaluate best.pt on the test split after training
+    sampler: Literal["uniform", "balanced"] = "uniform"  # balanced: classes drawn equally often, with replacement
 
 
 @dataclass
@@ -260,6 +264,11 @@ def validate(cfg: Config) -> None:
     _check(d.limit >= 0, f"data.limit={d.limit} must be >= 0 (0 = all images)")
     _check(d.synthetic_train >= 14 and d.synthetic_test >= 7, "data.synthetic_train/test too small; use at least 14/7")
     _check(d.source != "folder" or bool(d.root), "data.source=folder needs data.root=PATH to an ImageFolder tree")
+    _check(d.source != "fer2013_csv" or bool(d.root), "data.source=fer2013_csv needs data.root=PATH to fer2013.csv or icml_face_data.csv")
+    _check(d.ferplus is None or d.source == "fer2013_csv",
+           "data.ferplus (FER+ votes) joins fer2013.csv row by row; set data.source=fer2013_csv data.root=PATH/fer2013.csv")
+    _check(d.label_mode == "majority" or d.ferplus is not None,
+           f"data.label_mode={d.label_mode} needs FER+ votes; set data.ferplus=PATH to fer2013new.csv")
     _check(cfg.model.in_channels in (1, 3), f"model.in_channels={cfg.model.in_channels} is invalid; allowed: 1, 3")
     _check(cfg.model.num_classes >= 2, f"model.num_classes={cfg.model.num_classes} must be >= 2")
     _check(t.epochs >= 1, f"train.epochs={t.epochs} must be >= 1")
