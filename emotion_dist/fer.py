@@ -28,7 +28,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -77,43 +77,40 @@ class FerData:
 
 
 # ---------------------------------------------------------------- FER+ votes -> labels
-def ferplus_label(votes: np.ndarray, mode: str) -> tuple[Optional[np.ndarray], str]:
+def ferplus_label(votes: Sequence[int], mode: str) -> tuple[Optional[np.ndarray], str]:
     """Ten vote counts (FERPLUS_VOTES order) -> (8-class distribution, "") or (None, why it is dropped).
-    majority gives a one-hot distribution. The rules are the reference code's, step by step."""
-    raw = np.where(votes > 1, votes, 0).astype(np.float64)  # a single vote is an outlier
-    total = raw.sum()
+    majority gives a one-hot distribution. The rules are the reference code's, step by step (plain
+    Python: numpy's per-call overhead on ten numbers cost more than the whole CSV parse)."""
+    raw = [float(v) if v > 1 else 0.0 for v in votes]  # a single vote is an outlier
+    total = sum(raw)
+    kept = [0.0] * len(raw)
     if mode == "majority":
-        top = int(np.argmax(raw))
-        if total == 0 or raw[top] <= 0.5 * total:
+        peak = max(raw)
+        if total == 0 or peak <= 0.5 * total:
             return None, "no majority"
-        kept = np.zeros(len(raw))
-        kept[top] = 1.0
+        kept[raw.index(peak)] = 1.0
     else:
         # the top emotions, ties taken together in column order, until 75 % of the votes or 3
         # emotions; reaching unknown/NF ends the walk (and only counts when it came first)
-        kept = np.zeros(len(raw))
-        covered, count = 0.0, 0
-        while covered < 0.75 * total and count < 3:
-            peak = raw.max()
-            hit_unknown = False
-            for i in np.flatnonzero(raw == peak):
+        covered, count, walking = 0.0, 0, True
+        while covered < 0.75 * total and count < 3 and walking:
+            peak = max(raw)
+            for i in [i for i, v in enumerate(raw) if v == peak]:
                 kept[i], raw[i] = peak, 0.0
                 covered += peak
                 count += 1
                 if i >= len(FERPLUS_CLASSES):
-                    hit_unknown = True
-                    if kept.sum() > peak:
+                    walking = False
+                    if sum(kept) > peak:
                         kept[i] = 0.0
                         count -= 1
                     break
-            if hit_unknown:
-                break
-        if kept.sum() <= 0.5 * total or count > 3:
+        if sum(kept) <= 0.5 * total or count > 3:
             return None, "votes too spread"
-    top = int(np.argmax(kept))
+    top = kept.index(max(kept))
     if top >= len(FERPLUS_CLASSES):
         return None, f"majority {FERPLUS_VOTES[top]}"
-    dist = kept[: len(FERPLUS_CLASSES)]
+    dist = np.asarray(kept[: len(FERPLUS_CLASSES)], dtype=np.float64)
     return (dist / dist.sum()).astype(np.float32), ""
 
 
@@ -152,12 +149,12 @@ def parse_usage(text: str) -> str:
     return usage
 
 
-def parse_votes(fields: list[str]) -> np.ndarray:
+def parse_votes(fields: list[str]) -> list[int]:
     try:
-        votes = np.array([int(f.strip()) for f in fields], dtype=np.int64)
+        votes = [int(f) for f in fields]  # int() accepts surrounding spaces
     except ValueError:
         raise ValueError("a FER+ vote count is not an integer") from None
-    if (votes < 0).any():
+    if min(votes) < 0:
         raise ValueError("a FER+ vote count is negative")
     return votes
 
