@@ -90,8 +90,7 @@ def print_summary(s: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{s['split']} split, {s['n']} runs, TTA {s['tta']}, {s['count']} images: accuracy "
-                    f"{_pm(s['accuracy'])} %  macro-F1 {_pm(s['macro_f1'])} % (mean ± sample std)")
+    t = Table(title=f"{s['split']} split, {s['count']} images, TTA {s['tta']}: {s['n']} runs (mean ± sample std)")
     for col in ("run", "seed", "accuracy %", "macro-F1 %"):
         t.add_column(col, justify="left" if col == "run" else "right")
     for r in s["runs"]:

@@ -145,7 +145,9 @@ def write_ferplus(path, rows=PLUS, header=",".join(FERPLUS_HEADER)):
 
 
 def plus_pair(tmp_path):
-    fer = write_fer(tmp_path / "fer2013.csv", [(str(k % 7), pixels(face(k)), u) for k, (u, _, _) in enumerate(PLUS)])
+    rows = [(str(k % 7), pixels(face(k)), u) for k, (u, _, _) in enumerate(PLUS)]
+    rows[3] = ("3", fives(100), "Training")  # a bad fer2013.csv row: its FER+ row goes with it
+    fer = write_fer(tmp_path / "fer2013.csv", rows)
     return fer, write_ferplus(tmp_path / "fer2013new.csv")
 
 
@@ -158,7 +160,8 @@ def test_ferplus_label_modes(tmp_path, mode):
     want = EXPECT_TRAIN[mode]
     assert tr.ids.tolist() == sorted(want)
     assert tr.labels.tolist() == [want[i][0] for i in sorted(want)]
-    assert np.array_equal(tr.images[0, 0], face(0))  # joined row by row: row 0's image
+    for k, i in enumerate(tr.ids.tolist()):  # joined row by row, past the bad row
+        assert np.array_equal(tr.images[k, 0], face(i))
     if mode == "majority":
         assert tr.targets is None
     else:
@@ -171,7 +174,8 @@ def test_ferplus_label_modes(tmp_path, mode):
     assert d.splits["val"].ids.tolist() == [9] and d.splits["val"].labels.tolist() == [S]
     assert d.splits["test"].ids.tolist() == [10] and d.splits["test"].labels.tolist() == [D]
     assert d.excluded["dropped by FER+"] == 1 and d.excluded["majority NF"] == 1
-    assert [(w, "not an integer" in why) for w, why in d.skipped] == [("fer2013new.csv line 14", True)]
+    assert [w for w, _ in d.skipped] == ["fer2013.csv line 5", "fer2013new.csv line 14"]
+    assert "100 pixel values" in d.skipped[0][1] and "vote count is not an integer" in d.skipped[1][1]
 
 
 def test_ferplus_majority_follows_the_reference_rules():
