@@ -35,7 +35,8 @@ def views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
         from torchvision.transforms.v2 import functional as TF
 
         c = crop_size(x.shape[-1])
-        return list(TF.ten_crop(x, [c, c]))  # 5 crops, then the 5 crops of the mirrored image
+        # 5 crops, then the 5 crops of the mirrored image; contiguous, as pin_memory and the copy to the device want
+        return [v.contiguous() for v in TF.ten_crop(x, [c, c])]
     raise ValueError(f"tta={tta!r} is invalid; allowed: {', '.join(TTA_MODES)}")
 
 
