@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workdir", default=None, help="keep the bench's run folders here")
     b.add_argument("--json", default=None, help="write the results as JSON to this file")
 
+    sm = sub.add_parser("summarize", help="mean ± std of test accuracy and macro-F1 over runs (seeds)")
+    sm.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or evaluate --json reports")
+    sm.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     c = sub.add_parser("ckpt", help="checkpoint tools")
     csub = c.add_subparsers(dest="ckpt_command", required=True)
     i = csub.add_parser("inspect", help="print a checkpoint's metadata")
@@ -159,6 +163,10 @@ def _run(args) -> int:
         from .bench import run_bench
 
         return run_bench(args)
+    if args.command == "summarize":
+        from .summary import run_summarize
+
+        return run_summarize(args)
     if args.command == "ckpt":
         from .inspect_ckpt import inspect
 

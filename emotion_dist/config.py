@@ -42,7 +42,7 @@ MAX_TIMEOUT_S = 7 * 24 * 3600  # collectives take a bounded timeout; a week is b
 @dataclass
 class DataConfig:
     source: Literal["auto", "synthetic", "folder", "kaggle", "fer2013_csv"] = "auto"
-    root: Optional[str] = None  # auto: read what is there (none -> synthetic); synthetic: where to write it
+    root: Optional[str] = None  # auto: read what is there (none -> synthetic); synthetic: where to write it; fer2013_csv: the CSV
     kaggle_handle: str = "aadityasinghal/facial-expression-dataset/versions/1"
     image_size: int = 64
     val_fraction: float = 0.1
@@ -52,6 +52,9 @@ class DataConfig:
     synthetic_train: int = 4000
     synthetic_test: int = 700
     synthetic_seed: int = 0
+    ferplus: Optional[str] = None  # fer2013new.csv: FER+ vote labels (8 classes), joined row by row to data.root's CSV
+    label_mode: Literal["majority", "probability", "crossentropy"] = "majority"  # FER+ (Barsoum et al. 2016)
+    dedupe: Literal["off", "warn", "drop"] = "warn"  # duplicates across splits: drop removes them from train
 
 
 @dataclass
@@ -83,6 +86,7 @@ class TrainConfig:
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_test: bool = True  # evaluate best.pt on the test split after training
+    sampler: Literal["uniform", "balanced"] = "uniform"  # balanced: classes drawn equally often, with replacement
 
 
 @dataclass
@@ -270,7 +274,12 @@ def validate(cfg: Config) -> None:
     _check(d.limit >= 0, f"data.limit={d.limit} must be >= 0 (0 = all images)")
     _check(d.synthetic_train >= 14 and d.synthetic_test >= 7, "data.synthetic_train/test too small; use at least 14/7")
     _check(d.source != "folder" or bool(d.root), "data.source=folder needs data.root=PATH to an ImageFolder tree")
-    _check(d.source != "fer2013_csv" or bool(d.root), "data.source=fer2013_csv needs data.root=PATH to fer2013.csv")
+    _check(d.source != "fer2013_csv" or bool(d.root), "data.source=fer2013_csv needs data.root=PATH to fer2013.csv or icml_face_data.csv")
+    csv_root = d.source == "fer2013_csv" or (d.source == "auto" and str(d.root or "").lower().endswith(".csv"))
+    _check(d.ferplus is None or csv_root,
+           "data.ferplus (FER+ votes) joins fer2013.csv row by row; set data.source=fer2013_csv data.root=PATH/fer2013.csv")
+    _check(d.label_mode == "majority" or d.ferplus is not None,
+           f"data.label_mode={d.label_mode} needs FER+ votes; set data.ferplus=PATH to fer2013new.csv")
     _check(cfg.model.in_channels in (1, 3), f"model.in_channels={cfg.model.in_channels} is invalid; allowed: 1, 3")
     _check(cfg.model.num_classes >= 2, f"model.num_classes={cfg.model.num_classes} must be >= 2")
     _check(t.epochs >= 1, f"train.epochs={t.epochs} must be >= 1")
