@@ -34,7 +34,7 @@ log = logging.getLogger("emotion_dist")
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
 RUN_MARKER = "run.json"
-RUN_DIR_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", RUN_MARKER)  # what marks an emotion-dist run dir
+RUN_DIR_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", RUN_MARKER, "lease.json")  # what marks a run dir
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -187,7 +187,8 @@ class CheckpointFiles:
 
     def clean_temps(self) -> list[Path]:
         """Temp files a killed write left behind (only this run writes here: the run-dir lease)."""
-        return remove_stale_temps(self.dir, everything_ours=True) + remove_stale_temps(self.run_dir, everything_ours=True)
+        # the run directory itself: only dead writers' (a starting job's lease temp file lives there)
+        return remove_stale_temps(self.dir, everything_ours=True) + remove_stale_temps(self.run_dir)
 
     # -------- paths
     @property
@@ -280,13 +281,21 @@ class StartPlan:
     state: Optional[dict] = None
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """A run writes only into a new or empty folder, or a run directory of emotion-dist's."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir={run_dir} is a file, not a folder; point run.dir at a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
+        raise ConfigError(f"run.dir={run_dir} is a non-empty folder that is not an emotion-dist run directory; "
+                          f"choose a new or empty run.dir")
+
+
 def plan_start(files: CheckpointFiles, resume: str) -> StartPlan:
     """Rank 0: decide fresh start or resume, refusing (one line) to mix two runs in one directory."""
     run_dir = files.run_dir
     key = "run.dir"
-    if run_dir.exists() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
-        raise ConfigError(f"{key}={run_dir} is a non-empty folder that is not an emotion-dist run directory; "
-                          f"choose a new or empty {key}")
+    check_run_dir(run_dir)
     if resume == "never":
         existing = files.all_checkpoints()
         if existing:

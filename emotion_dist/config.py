@@ -101,6 +101,8 @@ class DistConfig:
 class RunConfig:
     dir: str = "runs/default"
     resume: str = "auto"  # auto | never | PATH
+    lease_heartbeat_s: float = 10.0  # the run-directory lease's heartbeat (one job per run.dir)
+    lease_stale_s: float = 60.0  # a lease not refreshed for this long belongs to a dead job: taken over
     cache_dir: str = ".cache/emotion-dist"
 
 
@@ -302,6 +304,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.ckpt.keep >= 1, f"ckpt.keep={cfg.ckpt.keep} must be >= 1")
     _check(cfg.log.every_steps >= 1, f"log.every_steps={cfg.log.every_steps} must be >= 1")
     _check(bool(cfg.run.dir), "run.dir must not be empty")
+    _check(cfg.run.lease_heartbeat_s > 0, f"run.lease_heartbeat_s={cfg.run.lease_heartbeat_s} must be > 0")
+    _check(cfg.run.lease_stale_s >= 3 * cfg.run.lease_heartbeat_s,
+           f"run.lease_stale_s={cfg.run.lease_stale_s} must be at least 3 x run.lease_heartbeat_s")
     r = cfg.run.resume
     _check(
         r in ("auto", "never") or os.path.isfile(r),

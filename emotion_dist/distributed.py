@@ -237,16 +237,18 @@ def _on_rank0(fn):
         return None, e, _error_box(e)
 
 
-def rank0_decides(fn):
-    """Run fn on rank 0 and give every rank its (picklable) result; an error it raises (a
-    ConfigError, say) is raised on every rank as the same one-line error, so no rank is left waiting."""
+def rank0_decides(fn, share_result: bool = True):
+    """Run fn on rank 0 and give every rank its result (picklable; with share_result=False the other
+    ranks get None: a lease, say); an error it raises (a ConfigError, say) is raised on every rank as
+    the same one-line error, so no rank is left waiting."""
     result, error, box = _on_rank0(fn)
-    result, box = broadcast_object((result, box))
+    shared, box = broadcast_object((result if share_result else None, box))
     if error is not None:
         raise error
     if box is not None:
         _raise_box(box)
-    return result
+    on_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    return result if on_rank0 else shared
 
 
 def rank_zero_first(env: DistEnv, fn):

@@ -26,6 +26,7 @@ from .data import Datasets, write_data_report
 from .diagnostics import SampleIdLog, inject_fault
 from .ema import ModelEMA
 from .errors import TrainingAborted
+from .lease import RunDirLease
 from .loader import Batch, train_batches
 from .loggers import RunLogger
 from .losses import Criterion
@@ -78,6 +79,7 @@ class Trainer:
     logger: RunLogger
     meta: CheckpointMeta
     progress: TrainProgress = field(default_factory=TrainProgress)
+    lease: Optional[RunDirLease] = None  # rank 0's hold on run.dir; losing it stops every rank
     phase: str = "start-up"  # what the ranks were doing together, for the message when a peer is lost
 
     # ------------------------------------------------------------------ the loop
@@ -192,7 +194,11 @@ class Trainer:
             norm = self.strategy.clip_grad_norm(self.model, t.clip_grad_norm or float("inf"))
             local_bad = ~(torch.isfinite(norm) & torch.isfinite(loss_sum))
         self.phase = "the step-boundary agreement (all-reduce of stop/non-finite flags)"
-        stop, bad = D.agree_any([interrupts.requested() is not None, local_bad], env.device)
+        lost = self.lease is not None and self.lease.lost is not None
+        stop, bad, lost = D.agree_any([interrupts.requested() is not None, local_bad, lost], env.device)
+        if lost:
+            raise TrainingAborted(self.lease.lost if self.lease else "rank 0 lost the lease on run.dir (another job "
+                                  "took the run directory over); stopping without writing")
         if t.precision == "fp16":
             self.scaler.step(self.optimizer)
             self.scaler.update()

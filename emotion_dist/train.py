@@ -25,6 +25,17 @@ def resolve_config(config_path, overrides):
     return cfg, given
 
 
+def hold_run_dir(cfg):
+    """Rank 0, before any expensive work: one job per run directory (RunDirBusy names the holder)."""
+    from pathlib import Path
+
+    from .checkpoint import check_run_dir
+    from .lease import RunDirLease
+
+    check_run_dir(Path(cfg.run.dir))  # never a lease file in someone's folder
+    return RunDirLease(cfg.run.dir, interval_s=cfg.run.lease_heartbeat_s, stale_after_s=cfg.run.lease_stale_s).acquire()
+
+
 def _error(rank: int, e: BaseException) -> None:
     print(f"error: [rank {rank}] {e}", file=sys.stderr, flush=True)
 
@@ -49,9 +60,11 @@ def run_training(config_path, overrides) -> int:
     from .loggers import setup_logging
 
     setup_logging(env.rank)
-    trainer, ok = None, False
+    trainer, lease, ok = None, None, False
     try:
+        lease = D.rank0_decides(lambda: hold_run_dir(cfg), share_result=False)
         trainer = build_trainer(cfg, env)
+        trainer.lease = lease
         result = trainer.fit()
         if env.is_main:
             log.info("done: %s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
@@ -71,4 +84,6 @@ def run_training(config_path, overrides) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        if lease is not None:  # after the last checkpoint: it was written under the lease
+            lease.release()
         D.close_distributed(clean=ok)  # after a failure, peers may never reach a barrier
