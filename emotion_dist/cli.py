@@ -40,11 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint (test split by default)")
-    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--checkpoint", required=True, action="append",
+                   help="a .pt checkpoint; give it several times to evaluate an ensemble (probabilities averaged)")
     e.add_argument("--split", choices=["test", "val"], default="test")
     e.add_argument("--json", action="store_true", help="print the report as one JSON document on stdout (the table goes to stderr)")
     e.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON report to FILE")
-    e.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    e.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "tencrop"],
+                   help="test-time augmentation: flip (the image and its mirror; the default of a bare --tta) or "
+                        "tencrop (4 corner + centre crops, 40 of 48 px, and their mirrors); probabilities averaged")
     e.add_argument("--out", default=None, help="folder for the confusion-matrix PNG (default: next to the JSON report, "
                                                 "else RUN_DIR/eval)")
     e.add_argument("overrides", nargs="*", metavar="key=value")

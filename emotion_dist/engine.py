@@ -135,7 +135,7 @@ class Trainer:
         window_t, window_n = time.perf_counter(), 0
         batches = train_batches(self.ds.train, steps, p.epoch, self.transform, self.cfg.data.pipeline,
                                 self.ds.channels, self.cfg.data.image_size, self.cfg.train.seed,
-                                self.cfg.data.num_workers)
+                                self.cfg.data.num_workers, self.ds.label_mode)
         for i, (step, micro) in enumerate(batches, start=total - len(steps) + 1):
             self.phase = "the training step (forward/backward, gradient all-reduce)"
             self.scheduler.update(p.epoch + self.sampler.consumed / self.sampler.n)
@@ -184,7 +184,8 @@ class Trainer:
                     loss = loss * float("nan")
                 self.scaler.scale(loss * scale).backward()
             loss_sum += loss.detach()
-            correct += ((logits.detach().argmax(1) == y) & mask).sum()
+            hard = y.argmax(1) if y.is_floating_point() else y  # soft targets: scored against their top class
+            correct += ((logits.detach().argmax(1) == hard) & mask).sum()
         if t.precision == "fp16":  # GradScaler skips non-finite steps itself and adapts its scale
             self.scaler.unscale_(self.optimizer)
             if t.clip_grad_norm:

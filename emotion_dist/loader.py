@@ -14,21 +14,30 @@ import torch
 
 from .augment import BatchTransform, ClassicDataset, gather_uint8
 from .data import Split
+from .labels import training_targets
 from .sampler import Step
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images, labels, mask
 
 
 def train_batches(split: Split, steps: Iterable[Step], epoch: int, transform: BatchTransform, pipeline: str = "fast",
-                  channels: int = 1, image_size: int = 64, seed: int = 0, num_workers: int = 0) -> Iterator[tuple[Step, list[Batch]]]:
+                  channels: int = 1, image_size: int = 64, seed: int = 0, num_workers: int = 0,
+                  label_mode: str = "majority") -> Iterator[tuple[Step, list[Batch]]]:
+    """Labels are class indices, or for FER+'s soft label modes a per-draw label (probability) or the
+    vote distribution itself (crossentropy). Augmentation and label draws are keyed per draw."""
     steps = list(steps)
     device = transform.device
+
+    def targets(y, idx, keys):
+        return training_targets(split, y, idx, keys, label_mode, seed, epoch).to(device, non_blocking=True)
+
     if pipeline == "fast":
         for step in steps:
             out = []
-            for pos, mask in zip(step.micro_batches, step.masks()):
+            for j, (pos, mask) in enumerate(zip(step.micro_batches, step.masks())):
                 x_u8, y, idx = gather_uint8(split, pos)
-                out.append((transform.train(x_u8, idx, epoch), y.to(device, non_blocking=True), mask.to(device)))
+                keys = step.keys[j] if step.keys is not None else idx
+                out.append((transform.train(x_u8, keys, epoch), targets(y, idx, keys), mask.to(device)))
             yield step, out
         return
     dataset = ClassicDataset(split, channels, image_size, True, seed)
@@ -40,6 +49,6 @@ def train_batches(split: Split, steps: Iterable[Step], epoch: int, transform: Ba
     for step in steps:
         out = []
         for mask in step.masks():
-            x, y, _ = next(it)
-            out.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True), mask.to(device)))
+            x, y, idx = next(it)
+            out.append((x.to(device, non_blocking=True), targets(y, idx, idx), mask.to(device)))
         yield step, out

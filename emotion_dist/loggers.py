@@ -18,10 +18,12 @@ from typing import Optional
 log = logging.getLogger("emotion_dist")
 
 
-def setup_logging(rank: int) -> None:
+def setup_logging(rank: int, stream=None) -> None:
+    """Rank 0 logs at INFO, the others only warnings; to stdout unless stdout carries a command's
+    result (evaluate's table or JSON: logs go to stderr)."""
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout, force=True)
+                        stream=stream or sys.stdout, force=True)
 
 
 class DiskWarnings:
