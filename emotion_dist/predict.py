@@ -217,6 +217,7 @@ def plan_annotations(files: list[Path], out_dir: str) -> list[Path]:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {printable(out)} is a file; for images --out is a folder for the annotated copies "
                           f"(a .mp4 file only for a video or camera)")
+    out.mkdir(parents=True, exist_ok=True)  # the folder the user named for the copies
     inputs = {f.resolve() for f in files}
     targets, used = [], set()
     for f in files:
