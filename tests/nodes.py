@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +34,15 @@ from pathlib import Path
 from conftest import TRAIN, env_for_child
 
 SCRATCH_SIZE = "256m"
+
+
+def available() -> str | None:
+    """None when nodes can be made here, else the reason they cannot."""
+    if not shutil.which("unshare"):
+        return "unshare (util-linux) is not installed"
+    if os.geteuid() != 0:
+        return "nodes need root (mount, UTS and PID namespaces, tmpfs mounts)"
+    return None
 
 
 def hosts_file(path: Path, names: list[str]) -> Path:
@@ -73,6 +83,8 @@ def kill_namespace(pid: int) -> list[int]:
         ns = mount_namespace(pid)
     except OSError:
         return []
+    if ns == mount_namespace(os.getpid()):  # a reused pid, not a node: never the machine's own processes
+        raise RuntimeError(f"pid {pid} is not in a node's mount namespace; refusing to kill its namespace")
     victims = processes_in_namespace(ns)
     for p in victims:
         try:

@@ -81,7 +81,8 @@ def available() -> str | None:
     """None when a cluster can be started here, else the reason it cannot."""
     missing = [t for t in ("slurmctld", "slurmd", "sbatch", "munged", "unshare") if not shutil.which(t)]
     if missing:
-        return f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd slurm-client munge"
+        return (f"Slurm is not installed ({', '.join(missing)} missing): "
+                "apt-get install slurmctld slurmd slurm-client munge")
     if os.geteuid() != 0:
         return "the local Slurm cluster needs root (SlurmUser=root, mount namespaces)"
     return None
@@ -96,8 +97,8 @@ class Cluster:
         self.scratch = folder / "scratch"  # each node mounts its own tmpfs here
         self.hosts = hosts_file(folder / "hosts", self.nodes)
         self.conf = folder / "slurm.conf"
-        self.conf.write_text(CONF.format(d=folder, n=nodes, cpus=CPUS, first_job=FIRST_JOB_ID, ctld_port=CTLD_PORT, d_port=SLURMD_PORT,
-                                         d_port_last=SLURMD_PORT + nodes - 1))
+        self.conf.write_text(CONF.format(d=folder, n=nodes, cpus=CPUS, first_job=FIRST_JOB_ID, ctld_port=CTLD_PORT,
+                                         d_port=SLURMD_PORT, d_port_last=SLURMD_PORT + nodes - 1))
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def _munge_ok(self) -> bool:
@@ -126,7 +127,8 @@ class Cluster:
             stat = Path(f"/proc/{self.slurmd_pid(node)}/stat").read_text()
         except (OSError, ValueError):
             return False
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+        name, state = stat.split("(", 1)[1].rsplit(")", 1)
+        return name == "slurmd" and state.split()[0] != "Z"
 
     def node_path(self, node: str, path: Path) -> Path:
         """`path` as `node` sees it (its scratch tmpfs included)."""
@@ -148,7 +150,10 @@ class Cluster:
                            + (self.dir / "log/slurmctld.log").read_text()[-2000:])
 
     def kill_node(self, node: str) -> list[int]:
-        """The node dies whole: its slurmd and every job step process on it (SIGKILL)."""
+        """The node dies whole: its slurmd and every job step process on it (SIGKILL). A node whose
+        slurmd is gone was killed whole already (its pid may belong to another process by now)."""
+        if not self.node_alive(node):
+            return []
         return kill_namespace(self.slurmd_pid(node))
 
     def set_state(self, node: str, state: str, reason: str = "test") -> None:
@@ -160,7 +165,8 @@ class Cluster:
         """Restart a killed node (fresh scratch, as after a reboot) and return it to service."""
         self.kill_node(node)  # whatever is left of it
         self.start_node(node)
-        self.set_state(node, "RESUME")
+        # ReturnToService=2 may bring it back by itself when slurmd registers; RESUME is then refused
+        self.run("scontrol", "update", f"NodeName={node}", "State=RESUME")
         self.wait_nodes("idle", [node])
 
     def heal(self) -> None:
@@ -175,10 +181,7 @@ class Cluster:
 
     def stop(self) -> None:
         for node in self.nodes:
-            try:
-                self.kill_node(node)
-            except (OSError, ValueError):
-                pass
+            self.kill_node(node)
         pid_file = self.dir / "slurmctld.pid"
         if pid_file.is_file():
             try:

@@ -15,6 +15,7 @@ the sample-id audit can demand every sample of the epoch exactly once.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -27,6 +28,7 @@ import pytest
 
 from emotion_dist.checkpoint import load_checkpoint
 from conftest import ROOT, epoch_sample_ids, env_for_child, run, torchrun_cmd
+import nodes
 from nodes import TorchrunNode, free_port, hosts_file, torchrun_args
 from test_train import assert_same_training_state
 
@@ -80,6 +82,16 @@ def error_lines(text: str) -> list[str]:
 def assert_every_sample_once(run_dir: Path, epoch: int = 0) -> None:
     ids = epoch_sample_ids(run_dir, epoch)
     assert len(ids) == len(set(ids)) == N_TRAIN, (len(ids), len(set(ids)))
+
+
+@pytest.fixture(scope="module")
+def namespaces():
+    """Nodes need root and unshare: CI fails without them, elsewhere the tests skip, saying why."""
+    reason = nodes.available()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the multi-node tests: {reason}")
+        pytest.skip(reason)
 
 
 # ---------------------------------------------------------------- the reference: 4 processes, one node
@@ -155,20 +167,20 @@ def test_launch_line_names_the_nodes_and_the_checkpoint_counts_them(two_node_job
 
 
 # ---------------------------------------------------------------- two torchrun agents as two nodes
-def test_two_torchrun_agents_equal_one_node(tiny_data, reference, tmp_path):
+def test_two_torchrun_agents_equal_one_node(namespaces, tiny_data, reference, tmp_path):
     (tmp_path / "scratch").mkdir()
     hosts = hosts_file(tmp_path / "hosts", ["nodeA", "nodeB"])
     endpoint = f"nodeA:{free_port()}"
     args = overrides(tiny_data, tmp_path / "scratch" / "cache", "train.max_steps=3", f"run.dir={tmp_path / 'run'}")
-    nodes = [TorchrunNode(name, tmp_path / "scratch", hosts, torchrun_args("2", 2, endpoint, "two-agents", *args),
-                          tmp_path / f"{name}.log") for name in ("nodeA", "nodeB")]
+    agents = [TorchrunNode(name, tmp_path / "scratch", hosts, torchrun_args("2", 2, endpoint, "two-agents", *args),
+                           tmp_path / f"{name}.log") for name in ("nodeA", "nodeB")]
     try:
-        for node in nodes:
-            assert node.wait(300) == 0, node.output()[-4000:]
+        for agent in agents:
+            assert agent.wait(300) == 0, agent.output()[-4000:]
     finally:
-        for node in nodes:
-            node.close()
-    assert "world size 4" in nodes[0].output()
+        for agent in agents:
+            agent.close()
+    assert "world size 4" in agents[0].output()
     assert_same_training_state(reference, tmp_path / "run")
 
 
@@ -258,7 +270,7 @@ ELASTIC = ("--max-restarts=2", "--monitor-interval=0.5",
 
 
 @pytest.fixture(scope="module")
-def elastic_loses_an_agent(tiny_data, tmp_path_factory):
+def elastic_loses_an_agent(namespaces, tiny_data, tmp_path_factory):
     d = tmp_path_factory.mktemp("elastic")
     (d / "scratch").mkdir()
     hosts = hosts_file(d / "hosts", ["nodeA", "nodeB"])
@@ -308,8 +320,8 @@ def test_odd_world_sizes_resume_4_3_2_and_evaluate_exactly(tiny_data, reference,
     assert final["epoch"] == 1 and final["world_size"] == 2
     assert_every_sample_once(run_dir)
 
-    common = ["evaluate", "--checkpoint", str(run_dir / "checkpoints/last.pt"), "--split", "val", "--out", str(tmp_path),
-              f"run.cache_dir={cache}"]
+    common = ["evaluate", "--checkpoint", str(run_dir / "checkpoints/last.pt"), "--split", "val",
+              "--out", str(tmp_path), f"run.cache_dir={cache}"]
     run([sys.executable, "-m", "emotion_dist.cli", *common, "--json", str(tmp_path / "one.json")])
     run(torchrun_cmd(3, *common, "--json", str(tmp_path / "three.json"), extra=("-m",), script="emotion_dist.cli"))
     one, three = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "three.json"))
