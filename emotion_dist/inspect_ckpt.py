@@ -4,16 +4,9 @@ same as one JSON document."""
 
 from __future__ import annotations
 
-import math
-
 from .checkpoint import load_checkpoint, read_meta
 from .config import apply_overrides, config_diff, config_from_dict, load_config, validate
 from .output import MARKER, check_json_out, emit, human
-
-
-def _number(value):
-    """JSON has no NaN: a missing figure is null."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def describe(path: str, config_path: str | None, overrides: list[str]) -> dict:
@@ -35,14 +28,14 @@ def describe(path: str, config_path: str | None, overrides: list[str]) -> dict:
         "samples_per_epoch": sampler.get("n"), "global_step": state.get("global_step"),
         "world_size": meta.world_size, "strategy": meta.strategy, "nodes": meta.num_nodes,
         "classes": meta.classes, "image_size": meta.image_size, "in_channels": meta.in_channels,
-        "label_mode": meta.label_mode, "best_val_macro_f1": _number(state.get("best_metric")),
-        "best_epoch": state.get("best_epoch"), "last_loss": _number(state.get("loss")),
+        "label_mode": meta.label_mode, "best_val_macro_f1": state.get("best_metric"),
+        "best_epoch": state.get("best_epoch"), "last_loss": state.get("loss"),
         "parameters": sum(v.numel() for k, v in state["model_state_dict"].items()
                           if "running" not in k and "num_batches" not in k),
         "run_id": meta.run_id,
         "ema": {"decay": meta.config.get("train", {}).get("ema_decay"), "updates": state["ema_updates"]}
         if "ema_state_dict" in state else None,
-        "last_epoch": {k: _number(last.get(k)) for k in ("val_accuracy", "val_macro_f1")} if last else None,
+        "last_epoch": {k: last.get(k) for k in ("val_accuracy", "val_macro_f1")} if last else None,
         "config_diff": [{"key": k, "checkpoint": a, "current": b} for k, a, b in config_diff(saved, current)],
     }
 

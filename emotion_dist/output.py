@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -39,14 +40,26 @@ def human(args):
     return sys.stderr if getattr(args, "json", False) else sys.stdout
 
 
+def strict_json(obj):
+    """JSON as jq and every other parser reads it: NaN and infinities become null, paths strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj if obj is None or isinstance(obj, (str, int, float, bool)) else str(obj)
+
+
 def emit(args, document: dict) -> None:
     """Print (--json) and/or write (--json-out) the command's JSON document."""
     from .fsutil import atomic_write_json
 
+    document = strict_json(document)
     if getattr(args, "json", False):
-        print(json.dumps(document, indent=1, default=str), flush=True)
+        print(json.dumps(document, indent=1, allow_nan=False), flush=True)
     if getattr(args, "json_out", None):
-        atomic_write_json(Path(args.json_out), json.loads(json.dumps(document, default=str)))
+        atomic_write_json(Path(args.json_out), document)
 
 
 @contextlib.contextmanager
