@@ -53,7 +53,8 @@ def init_from(model: torch.nn.Module, path: str, classes: list[str]) -> None:
              path, len(fitting), missing or "none", unexpected or "none", shape_mismatch or "none")
 
 
-def build_trainer(cfg: Config, env: D.DistEnv, ds: Datasets | None = None) -> Trainer:
+def build_trainer(cfg: Config, env: D.DistEnv, ds: Datasets | None = None, notes: list[str] = ()) -> Trainer:
+    """`notes`: where the launcher's or W&B's environment set or lost a value (env_settings), for the start line."""
     t = cfg.train
     run_dir = Path(cfg.run.dir)
     if env.is_main:
@@ -110,10 +111,10 @@ def build_trainer(cfg: Config, env: D.DistEnv, ds: Datasets | None = None) -> Tr
         save_config(cfg, run_dir / "config.yaml")
         log.info(
             "launcher %s | world size %d | backend %s | device %s | precision %s | strategy %s | batch %d per "
-            "process x %d processes x %d accumulation = %d global | data %s (%d train / %d val / %d test, %d classes)",
+            "process x %d processes x %d accumulation = %d global | data %s (%d train / %d val / %d test, %d classes)%s",
             env.launcher, env.world_size, env.backend, env.device, t.precision, cfg.dist.strategy, t.batch_size,
             env.world_size, t.grad_accum, global_batch, ds.root, len(ds.train), len(ds.val),
-            len(ds.test) if ds.test else 0, len(ds.classes),
+            len(ds.test) if ds.test else 0, len(ds.classes), "".join(f" | {n}" for n in notes),
         )
     logger = build_logger(run_dir, env.is_main, cfg)
     return Trainer(cfg, env, ds, model, strategy, optimizer, scheduler, scaler, ema, sampler,

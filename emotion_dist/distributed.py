@@ -31,6 +31,11 @@ class LaunchInfo:
     local_rank: int
     master_addr: str
     master_port: int
+    rendezvous: bool = True  # False for one process started without a rendezvous (python, accelerate's one-process launcher)
+
+
+# what accelerate's one-process launcher (`prepare_simple_launcher_cmd_env`) always sets; it sets no RANK/WORLD_SIZE
+ACCELERATE_SIMPLE_LAUNCHER_VARS = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND")
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -74,10 +79,11 @@ def detect_launch(env: dict | None = None) -> LaunchInfo:
             _int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + job % 20000,
         )
     else:
-        info = LaunchInfo("python", 0, 1, 0, "127.0.0.1", 0)
+        one = "accelerate" if any(k in env for k in ACCELERATE_SIMPLE_LAUNCHER_VARS) else "python"
+        info = LaunchInfo(one, 0, 1, 0, "127.0.0.1", 0, rendezvous=False)
     if not (0 <= info.rank < info.world_size):
         raise LaunchError(f"rank {info.rank} is outside world size {info.world_size}; fix the launcher's environment")
-    if info.launcher != "python" and not 0 < info.master_port < 65536:
+    if info.rendezvous and not 0 < info.master_port < 65536:
         raise LaunchError(f"MASTER_PORT={info.master_port} is not a TCP port; use one between 1024 and 65535")
     return info
 
@@ -145,7 +151,7 @@ def init_distributed(cfg: Config, info: LaunchInfo) -> DistEnv:
     backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     timeout = timedelta(seconds=cfg.dist.timeout_s)
     if not dist.is_initialized():
-        if info.launcher == "python":
+        if not info.rendezvous:
             store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout)
             dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
         else:
