@@ -225,7 +225,7 @@ def _run(args) -> int:
 
         return run_evaluate(args)
     if args.command == "predict":
-        from .predict import run_predict
+        from .video import run_predict
 
         return run_predict(args)
     if args.command == "export":

@@ -118,13 +118,8 @@ def select_device(cfg: Config, local_rank: int) -> torch.device:
 
 
 def check_launch(cfg: Config, info: LaunchInfo) -> None:
-    """Launch-dependent config checks, before the process group starts."""
-    from .strategy import STRATEGIES
-
-    need = STRATEGIES[cfg.dist.strategy].min_world_size
-    if info.world_size < need:
-        raise ConfigError(f"dist.strategy={cfg.dist.strategy} needs at least {need} processes; launch with torchrun "
-                          f"or use dist.strategy=ddp")
+    """Launch-dependent config checks, before the process group starts (the strategy's own:
+    strategy.check_world_size)."""
     if cfg.dist.backend == "nccl" and (cfg.train.device == "cpu" or not torch.cuda.is_available()):
         raise ConfigError("dist.backend=nccl needs CUDA GPUs and none is in use here; use dist.backend=auto (gloo on CPU)")
 

@@ -340,13 +340,3 @@ def run_images(args) -> int:
     if json_out:
         atomic_write_json(json_out, document)
     return 0 if faces or not messages or interrupts.requested() else 1
-
-
-def run_predict(args) -> int:
-    from . import video
-
-    modelfile.require(args.checkpoint)  # a missing model, a folder or a JPEG: one line before anything else
-    source = video.source_of(args)
-    if source is None:
-        return run_images(args)
-    return video.run_video(args, source)

@@ -257,12 +257,17 @@ class FSDPStrategy(Strategy):
 STRATEGIES = {s.name: s for s in (DDPStrategy, ZeroStrategy, FSDPStrategy)}
 
 
+def check_world_size(name: str, world_size: int) -> None:
+    """Before the process group starts: a strategy that cannot run on this many processes."""
+    need = STRATEGIES[name].min_world_size
+    if world_size < need:
+        raise ConfigError(f"dist.strategy={name} needs at least {need} processes; launch with torchrun or use "
+                          f"dist.strategy=ddp")
+
+
 def make_strategy(name: str, env: DistEnv, sync_bn: bool = False) -> Strategy:
-    cls = STRATEGIES[name]
-    if env.world_size < cls.min_world_size:
-        raise ConfigError(f"dist.strategy={name} needs at least {cls.min_world_size} processes; launch with "
-                          f"torchrun or use dist.strategy=ddp")
-    return cls(env, sync_bn)
+    check_world_size(name, env.world_size)
+    return STRATEGIES[name](env, sync_bn)
 
 
 def broadcast_buffers(model: nn.Module) -> None:

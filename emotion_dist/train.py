@@ -57,8 +57,11 @@ def run_training(config_path, overrides, out: argparse.Namespace | None = None) 
         check_trackers(cfg)
         from . import distributed as D
 
+        from .strategy import check_world_size
+
         info = D.detect_launch()
         D.check_launch(cfg, info)
+        check_world_size(cfg.dist.strategy, info.world_size)
         env = D.init_distributed(cfg, info)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
