@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,10 @@ class DataConfig:
     synthetic_train: int = 4000
     synthetic_test: int = 700
     synthetic_seed: int = 0
+    cache_size: str = "auto"  # stored size of the decoded cache: auto (native if all share one, else image_size) or pixels
+    fit: Literal["resize", "crop", "pad"] = "resize"  # how non-square images become square in the cache
+    prepare_scope: Literal["auto", "node", "job"] = "auto"  # prepare data once per node or once per job
+    prepare_timeout_s: float = 21600.0  # how long ranks wait for data preparation (not dist.timeout_s)
 
 
 @dataclass
@@ -259,6 +264,10 @@ def validate(cfg: Config) -> None:
     _check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
     _check(d.limit >= 0, f"data.limit={d.limit} must be >= 0 (0 = all images)")
     _check(d.synthetic_train >= 14 and d.synthetic_test >= 7, "data.synthetic_train/test too small; use at least 14/7")
+    _check(d.cache_size == "auto" or (d.cache_size.isdigit() and 8 <= int(d.cache_size) <= 4096),
+           f"data.cache_size={d.cache_size} is invalid; use auto or a size in pixels from 8 to 4096 (e.g. 96)")
+    _check(math.isfinite(d.prepare_timeout_s) and d.prepare_timeout_s > 0,
+           f"data.prepare_timeout_s={d.prepare_timeout_s} must be a positive number of seconds (e.g. 21600)")
     _check(d.source != "folder" or bool(d.root), "data.source=folder needs data.root=PATH to an ImageFolder tree")
     _check(cfg.model.in_channels in (1, 3), f"model.in_channels={cfg.model.in_channels} is invalid; allowed: 1, 3")
     _check(cfg.model.num_classes >= 2, f"model.num_classes={cfg.model.num_classes} must be >= 2")
