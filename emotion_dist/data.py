@@ -4,11 +4,8 @@ augmentation on the training device; classic: the seed's per-sample torchvision.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -17,11 +14,9 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError
-from .images import IMAGE_EXTS, read_uint8
+from .images import IMAGE_EXTS
 
 log = logging.getLogger("emotion_dist")
-
-CACHE_VERSION = 1
 
 
 def normalization(channels: int) -> tuple[list[float], list[float]]:
@@ -99,17 +94,6 @@ def scan(folder: Path, classes: Optional[list[str]] = None) -> tuple[list[str], 
 
 
 # ---------------------------------------------------------------- decoding and the uint8 cache
-def decode_image(path: str, channels: int, size: Optional[int]) -> np.ndarray:
-    """Decode any common mode (L, RGB, RGBA, P, CMYK, 16-bit, float) to uint8 HxWxC."""
-    from PIL import Image
-
-    a = read_uint8(path, channels)
-    if size is not None and a.shape[:2] != (size, size):
-        img = Image.fromarray(a[:, :, 0] if channels == 1 else a)
-        a = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
-    return a[:, :, None] if a.ndim == 2 else a
-
-
 @dataclass
 class DecodedImages:
     images: np.ndarray  # N x C x S x S uint8 (memory-mapped)
@@ -118,55 +102,14 @@ class DecodedImages:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
 
 
-def _first_size(files: list[str], channels: int) -> int:
-    for f in files:
-        try:
-            h, w, _ = decode_image(f, channels, None).shape
-            return max(h, w) if h != w else h
-        except Exception:
-            continue
-    raise ConfigError(f"none of the {len(files)} images could be decoded; check the dataset files")
+def decode_all(files: list[str], labels: list[int], channels: int, cache_dir: Path, *, cache_size="auto",
+               image_size: int = 64, fit: str = "resize") -> DecodedImages:
+    """Every image decoded once into the uint8 cache (cache.py: keyed on the files, sizes, mtimes,
+    channels, stored size and fit) and memory-mapped, so later runs and every rank share it."""
+    from .cache import FileDecoder, build
 
-
-def decode_all(files: list[str], labels: list[int], channels: int, cache_dir: Path) -> DecodedImages:
-    """Decode every image once into a uint8 array cached on disk (keyed on the file list, sizes
-    and mtimes) and memory-mapped, so later runs and every rank share it for free."""
-    h = hashlib.sha256(f"v{CACHE_VERSION} c{channels}".encode())
-    for f in files:
-        st = os.stat(f)
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    key = h.hexdigest()[:20]
-    npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-    if npy.is_file() and meta.is_file():
-        m = json.loads(meta.read_text())
-        arr = np.load(npy, mmap_mode="r")
-        return DecodedImages(arr, np.asarray(m["labels"], dtype=np.int64), m["files"], [tuple(s) for s in m["skipped"]])
-
-    size = _first_size(files, channels)
-
-    def one(f):
-        try:
-            return decode_image(f, channels, size), None
-        except Exception as e:  # corrupt, truncated, zero-byte, not an image
-            return None, f"{type(e).__name__}: {str(e)[:120]}"
-
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        results = list(pool.map(one, files, chunksize=64))
-    keep = [i for i, (a, _) in enumerate(results) if a is not None]
-    skipped = [(files[i], r) for i, (a, r) in enumerate(results) if a is None]
-    arr = np.empty((len(keep), channels, size, size), dtype=np.uint8)
-    for j, i in enumerate(keep):
-        arr[j] = results[i][0].transpose(2, 0, 1)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = npy.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, npy)
-    kept_files = [files[i] for i in keep]
-    kept_labels = [labels[i] for i in keep]
-    tmpm = meta.with_suffix(f".tmp{os.getpid()}")
-    tmpm.write_text(json.dumps({"labels": kept_labels, "files": kept_files, "skipped": skipped}))
-    os.replace(tmpm, meta)
-    return DecodedImages(np.load(npy, mmap_mode="r"), np.asarray(kept_labels, dtype=np.int64), kept_files, skipped)
+    c = build(cache_dir, files, labels, FileDecoder(channels), cache_size=cache_size, image_size=image_size, fit=fit)
+    return DecodedImages(c.images, c.labels, c.items, c.skipped)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -220,7 +163,8 @@ def load_datasets(cfg: Config, root: Path) -> Datasets:
             f"{cfg.model.num_classes}; set model.num_classes={len(classes)}"
         )
     cache = Path(cfg.run.cache_dir) / "decoded"
-    tr = decode_all(files, labels, channels, cache)
+    sizing = {"cache_size": d.cache_size, "image_size": d.image_size, "fit": d.fit}
+    tr = decode_all(files, labels, channels, cache, **sizing)
     skipped = list(tr.skipped)
     tr_idx, val_idx = stratified_split(tr.labels, d.val_fraction, seed=cfg.train.seed)
     if d.limit:
@@ -229,7 +173,7 @@ def load_datasets(cfg: Config, root: Path) -> Datasets:
     test = None
     if test_dir is not None:
         _, tfiles, tlabels = scan(test_dir, classes)
-        te = decode_all(tfiles, tlabels, channels, cache)
+        te = decode_all(tfiles, tlabels, channels, cache, **sizing)
         skipped += te.skipped
         test = Split(te.images, te.labels, np.arange(len(te.labels)), te.files)
     for f, why in skipped:
