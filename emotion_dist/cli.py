@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train", type=int, default=4000)
     s.add_argument("--test", type=int, default=700)
     s.add_argument("--seed", type=int, default=0)
+    _config_args(dsub.add_parser("cache", help="decode the configured data set into its cache ahead of training "
+                                              "(e.g. in a Slurm job of its own) and report the cost"))
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint (test split by default)")
     e.add_argument("--checkpoint", required=True)
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
+    from .errors import Interrupted, TrainingAborted
 
     args = build_parser().parse_args(argv)
     try:
@@ -84,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             from .train import run_training
 
             return run_training(args.config, args.overrides)
+        if args.command == "data" and args.data_command == "cache":
+            from .cache import run_data_cache
+
+            return run_data_cache(args.config, args.overrides)
         if args.command == "data":
             from .synthetic import generate
 
@@ -114,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
             return inspect(args.path, args.config, args.overrides)
     except ConfigError as e:
         return _fail(str(e))
+    except TrainingAborted as e:
+        return _fail(str(e), 1)
+    except Interrupted as e:  # a stop signal while preparing data: nothing half-built is kept; exit 0 to requeue
+        print(f"stopped by {e.signame} while preparing data; run the command again to carry on", file=sys.stderr)
+        return 0
     except KeyboardInterrupt:
         return 130
     return 0

@@ -184,21 +184,3 @@ def gather_objects(obj) -> list:
         return out
     return [obj]
 
-
-def rank_zero_first(env: DistEnv, fn):
-    """Run fn on rank 0 while the others wait, then on the others (which find its result cached).
-    Rank 0's failure is re-raised everywhere instead of leaving the others at the barrier."""
-    error = None
-    if env.is_main:
-        try:
-            result = fn()
-        except Exception as e:
-            error = e
-    failed = broadcast_object(repr(error) if error else None)
-    if error is not None:
-        raise error
-    if failed:
-        raise ConfigError(f"rank 0 failed while preparing data: {failed}")
-    if not env.is_main:
-        result = fn()
-    return result

@@ -32,6 +32,7 @@ def run_evaluate(args) -> int:
     from .engine import evaluate
     from .export import model_from_state
     from .metrics import plot_confusion, summarize
+    from .prepare import Preparation
     from .report import setup_logging
 
     info = D.detect_launch()
@@ -39,8 +40,9 @@ def run_evaluate(args) -> int:
     setup_logging(env.rank)
     ok = False
     try:
-        root = D.rank_zero_first(env, lambda: dataset_root(cfg))
-        ds = D.rank_zero_first(env, lambda: load_datasets(cfg, root))
+        prep = Preparation.start(cfg, env)
+        root = prep.once("the dataset", lambda: dataset_root(cfg))
+        ds = prep.once("the decoded images", lambda: load_datasets(cfg, root), together=True)
         if ds.classes != state["class_names"]:
             raise ConfigError(f"the data's classes {ds.classes} differ from the checkpoint's {state['class_names']}")
         split = ds.test if args.split == "test" else ds.val

@@ -62,16 +62,17 @@ def run_training(config_path, overrides) -> int:
 
 
 def build_trainer(cfg, env):
-    """Data (prepared on rank 0 first), run directory, resolved config, the launch line, Trainer."""
+    """Data (prepared once per node or job), run directory, resolved config, the launch line, Trainer."""
     import torch
 
-    from . import distributed as D
     from .data import dataset_root, load_datasets
     from .engine import Trainer
+    from .prepare import Preparation
 
     torch.backends.cudnn.benchmark = True  # fixed input sizes
-    root = D.rank_zero_first(env, lambda: dataset_root(cfg))
-    ds = D.rank_zero_first(env, lambda: load_datasets(cfg, root))
+    prep = Preparation.start(cfg, env)  # once per node or per job; waits never bounded by dist.timeout_s
+    root = prep.once("the dataset", lambda: dataset_root(cfg))
+    ds = prep.once("the decoded images", lambda: load_datasets(cfg, root), together=True)
     run_dir = Path(cfg.run.dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
