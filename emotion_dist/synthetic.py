@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import interrupts
+
 CLASSES = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
 # FER2013 train counts: disgust is rare, happy common.
 FER_COUNTS = [3995, 436, 4097, 7215, 4965, 4830, 3171]
@@ -118,15 +120,20 @@ def generate(out: str | os.PathLike, n_train: int, n_test: int, seed: int = 0) -
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    for split_id, (split, total) in enumerate((("train", n_train), ("test", n_test))):
-        index = 0
-        for label, count in enumerate(class_counts(total)):
-            folder = tmp / split / split / CLASSES[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            for _ in range(count):
-                draw_face(label, _image_rng(seed, split_id, index)).save(folder / f"{index:06d}.jpg", quality=92)
-                index += 1
-    (tmp / "synthetic.json").write_text(json.dumps(spec))
+    try:
+        for split_id, (split, total) in enumerate((("train", n_train), ("test", n_test))):
+            index = 0
+            for label, count in enumerate(class_counts(total)):
+                folder = tmp / split / split / CLASSES[label]
+                folder.mkdir(parents=True, exist_ok=True)
+                for _ in range(count):
+                    interrupts.check()  # a stop signal while drawing: leave no half-written folder
+                    draw_face(label, _image_rng(seed, split_id, index)).save(folder / f"{index:06d}.jpg", quality=92)
+                    index += 1
+        (tmp / "synthetic.json").write_text(json.dumps(spec))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)

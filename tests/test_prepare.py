@@ -154,3 +154,18 @@ def test_a_cold_cache_with_dist_timeout_2_trains_on_two_processes(tmp_path):
     metas = [json.loads(p.read_text()) for p in (cache / "decoded").glob("*[0-9a-f].json")]
     train = next(m for m in metas if m["build"]["images"] == 1500)
     assert [r["images"] for r in train["build"]["per_rank"]] == [750, 750]  # the node's ranks shared the work
+
+
+def test_a_stop_signal_while_drawing_the_synthetic_set_exits_0_and_leaves_no_temp_folder(tmp_path):
+    """SIGTERM while `train` prepares its data (issue 12: rc 143 and a synthetic-...tmpPID folder)."""
+    cache = tmp_path / "cache"
+    p = subprocess.Popen(train_cmd("data.synthetic_train=3000", f"run.cache_dir={cache}", f"run.dir={tmp_path / 'run'}"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for_child(), cwd=ROOT)
+    while not (cache.is_dir() and any(".tmp" in n.name for n in cache.iterdir())):
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    assert _last_line(err) == "stopped by SIGTERM while preparing data; run the command again to carry on"
+    assert [n.name for n in cache.iterdir() if ".tmp" in n.name] == []
