@@ -576,6 +576,9 @@ class _Build:
         os.replace(self.tmp, self.folder / f"{key}.npy")
         self.tmp = None
         seconds = time.monotonic() - start
+        if self.team.shows_progress:
+            log.info("decoded %d %s in %.1f s (%.0f img/s) into %s", len(self.items), self.what, seconds,
+                     len(self.items) / max(seconds, 1e-9), self.folder / f"{key}.npy")
         atomic_write_json(self.folder / f"{key}.json", {
             "emotion_dist": MARKER, "version": CACHE_VERSION, "shape": list(shape), "stored_size": size,
             "channels": c, "fit": self.fit, "items": [self.items[i] for i in keep],
