@@ -148,8 +148,10 @@ def _sizes_task(decoder: Decoder, items: list) -> list[list[int]]:
 
 
 def _decode_task(decoder: Decoder, items: list, first_row: int, path: str, offset: int, size: int,
-                 fit: str) -> list[tuple[int, str]]:
-    """Decode `items` into rows first_row.. of the cache file; returns (row, reason) of unreadable ones."""
+                 fit: str) -> tuple[list[tuple[int, str]], float]:
+    """Decode `items` into rows first_row.. of the cache file; returns (row, reason) of unreadable
+    ones and the CPU seconds spent (images/s per core on a machine that other work shares)."""
+    cpu = time.process_time()
     c = decoder.channels
     out = np.zeros((len(items), c, size, size), np.uint8)
     failed = []
@@ -166,7 +168,7 @@ def _decode_task(decoder: Decoder, items: list, first_row: int, path: str, offse
         _pwrite_all(fd, memoryview(out).cast("B"), offset + first_row * out[0].nbytes)
     finally:
         os.close(fd)
-    return failed
+    return failed, time.process_time() - cpu
 
 
 def _pwrite_all(fd: int, buf: memoryview, pos: int) -> None:
@@ -528,11 +530,13 @@ class _Build:
         start = time.monotonic()
         step = _chunk_len(self.decoder.channels * size * size)
         failed: list[tuple[int, str]] = []
+        cpu = [0.0]
         workers = self._workers(plan)
         bar = _Bar(team.shows_progress, len(self.items), self.what)
         try:
-            def on_result(rows, args):
-                failed.extend(rows)
+            def on_result(result, args):
+                failed.extend(result[0])
+                cpu[0] += result[1]
                 bar.update(team.add_progress(len(args[1])))
 
             def on_idle():
@@ -545,7 +549,7 @@ class _Build:
                                            HEADER_BYTES, size, self.fit) for i in range(self.lo, self.hi, step)),
                            on_result, on_idle)
             report = {"failed": failed, "images": self.hi - self.lo, "workers": workers,
-                      "seconds": round(time.monotonic() - start, 3)}
+                      "seconds": round(time.monotonic() - start, 3), "cpu_seconds": round(cpu[0], 3)}
             reports = team.gather(json.dumps(report))
             if team.is_leader:
                 bar.update(team.add_progress(0))
@@ -586,7 +590,8 @@ class _Build:
             "skipped": [[self.items[i], why] for i, why in failed.items()],
             "build": {"images": len(self.items), "seconds": round(seconds, 3), "ranks": len(reports),
                       "workers": sum(rep["workers"] for rep in reports),
-                      "per_rank": [{"images": rep["images"], "workers": rep["workers"], "seconds": rep["seconds"]}
+                      "cpu_seconds": round(sum(rep["cpu_seconds"] for rep in reports), 3),
+                      "per_rank": [{k: rep[k] for k in ("images", "workers", "seconds", "cpu_seconds")}
                                    for rep in reports],
                       "finished_at": time.time()},
         }, indent=None)
@@ -690,6 +695,7 @@ def run_data_cache(config_path, overrides) -> int:
             root = prep.once("the dataset", lambda: dataset_root(cfg))
             ds = prep.once("the decoded images", lambda: load_datasets(cfg, root), together=True)
         if env.is_main:
+            print(f"data ready in {time.time() - started:.1f} s (scan, sizes, decoding, checks)", flush=True)
             splits = [("train+val", ds.train.images)] + ([("test", ds.test.images)] if ds.test is not None else [])
             hwm = _MemoryPeaks._field("/proc/self/status", "VmHWM:")
             for name, images in splits:
@@ -708,8 +714,11 @@ def _describe(split: str, npy: Path, started: float) -> str:
     b = meta["build"]
     head = (f"{split}: {n} images ({len(meta['skipped'])} skipped) as {c} x {s} x {s} uint8 = "
             f"{human_bytes(npy.stat().st_size)} on disk in {npy}")
-    cores = max(1, b["workers"])
-    rate = f"{b['images'] / max(b['seconds'], 1e-9):,.0f} img/s, {b['images'] / max(b['seconds'], 1e-9) / cores:,.0f} img/s per core"
+    workers = max(1, b["workers"])
+    wall = b["images"] / max(b["seconds"], 1e-9)
+    rate = (f"{wall:,.0f} img/s, {wall / workers:,.0f} img/s per core ({workers} worker process"
+            f"{'es' if workers > 1 else ''} on {b['ranks']} rank{'s' if b['ranks'] > 1 else ''}), "
+            f"{b['images'] / max(b['cpu_seconds'], 1e-9):,.0f} img/s per CPU-second")
     if b["finished_at"] >= started:
-        return f"{head}; built in {b['seconds']:.1f} s: {rate} ({cores} worker process{'es' if cores > 1 else ''} on {b['ranks']} rank{'s' if b['ranks'] > 1 else ''})"
+        return f"{head}; decoded in {b['seconds']:.1f} s: {rate}"
     return f"{head}; already built (earlier: {b['seconds']:.1f} s, {rate})"

@@ -225,7 +225,7 @@ def test_cold_build_memory_stays_bounded_against_a_warm_run(big_rgb, tmp_path):
     workers = meta["build"]["workers"]
     assert cold_own - warm_own < 50e6, (cold_own, warm_own)
     assert cold_workers < 40e6 * workers, (cold_workers, workers)
-    assert "built in" in cold.stdout and "img/s per core" in cold.stdout and "157.29 MB on disk" in cold.stdout
+    assert "decoded in" in cold.stdout and "img/s per core" in cold.stdout and "157.29 MB on disk" in cold.stdout
     assert "peak memory" in cold.stdout and "already built" in warm.stdout
 
 
@@ -258,7 +258,7 @@ def test_a_killed_or_signalled_build_is_never_used_and_the_next_run_finishes_it(
     assert _temps(folder) == [] and _caches(folder) == []
 
     done = run(cmd, timeout=300)
-    assert "built in" in done.stdout and _temps(folder) == []
+    assert "decoded in" in done.stdout and _temps(folder) == []
     (npy,) = folder.glob("*.npy")
     assert np.load(npy, mmap_mode="r").shape == (800, 3, 128, 128)
 
