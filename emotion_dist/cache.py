@@ -46,7 +46,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from . import interrupts
-from .errors import DataError, Interrupted
+from .errors import DataError
 from .fsutil import atomic_write_json, disk_error, remove_stale_temps, temp_path
 
 log = logging.getLogger("emotion_dist")

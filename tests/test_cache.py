@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import ROOT, env_for_child, run
 from emotion_dist.cache import FileDecoder, build, cache_key, content_key
-from emotion_dist.data import decode_all, scan
+from emotion_dist.data import decode_all
 
 CLI = [sys.executable, "-m", "emotion_dist.cli"]
 

@@ -8,9 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-import pytest
 
 from conftest import ROOT, env_for_child, run, torchrun_cmd, train_cmd
 from emotion_dist.errors import DataError, Interrupted, TrainingAborted
