@@ -128,10 +128,20 @@ def fit_square(a: np.ndarray, size: int, fit: str) -> np.ndarray:
     return a
 
 
-def _ignore_stop_signals() -> None:
-    """Workers leave stopping to their rank (which cancels the pool and removes the temp file)."""
+def _worker_init(parent: int) -> None:
+    """Workers leave stopping to their rank (which cancels the pool and removes the temp file), and
+    die with it: a killed rank's forked workers would otherwise wait forever on their task queue,
+    holding the rank's sockets open."""
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the rank died before prctl took effect
+        os._exit(1)
 
 
 def _sizes_task(decoder: Decoder, items: list) -> list[list[int]]:
@@ -294,7 +304,7 @@ class _Chunks:
             # __main__ (spawn/forkserver re-run an unguarded script); the workers only run PIL and
             # numpy, nothing that the parent's other threads (gloo, the heartbeat) could hold
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=_ignore_stop_signals)
+                                            initializer=_worker_init, initargs=(os.getpid(),))
 
     def run(self, fn, tasks, on_result, on_idle=lambda: None) -> None:
         if self.pool is None:

@@ -198,6 +198,14 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 def _run_sampled(cmd: list[str], folder: Path) -> tuple[subprocess.CompletedProcess, int, int]:
     """Run cmd; sample its RssAnon, and the private memory of its children while a cache temp
     file exists (the decode workers; not ldconfig's vfork at import, which shares our pages)."""
@@ -244,9 +252,16 @@ def test_a_killed_or_signalled_build_is_never_used_and_the_next_run_finishes_it(
     folder = tmp_path / "cache" / "decoded"
     cmd = _cache_cmd(big_rgb, tmp_path / "cache", "data.cache_size=128")
     killed = _start_and_wait_for_temp(cmd, folder)
+    while not (workers := _descendants(killed.pid)):
+        assert killed.poll() is None, killed.communicate()
+        time.sleep(0.002)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert _caches(folder) == [] and len(_temps(folder)) == 1  # half-built: not a cache
+    deadline = time.monotonic() + 60  # its decode workers die with it (not a speed limit: they must go)
+    while any(os.path.exists(f"/proc/{w}") and "Z" not in _state(w) for w in workers):
+        assert time.monotonic() < deadline, f"decode workers {workers} outlived their killed rank"
+        time.sleep(0.05)
     assert not list(folder.glob("*[0-9a-f].json"))
 
     stopped = _start_and_wait_for_temp(cmd, folder)  # removed the killed run's temp before starting
