@@ -166,3 +166,12 @@ def test_a_stop_signal_while_drawing_the_synthetic_set_exits_0_and_leaves_no_tem
     assert p.returncode == 0, err[-2000:]
     assert _last_line(err) == "stopped by SIGTERM while preparing data; run the command again to carry on"
     assert [n.name for n in cache.iterdir() if ".tmp" in n.name] == []
+
+
+def test_waiting_longer_than_data_prepare_timeout_s_is_one_line_on_every_rank(tmp_path):
+    outs = _finish(_two_ranks("slow", f"run.cache_dir={tmp_path}", "data.prepare_timeout_s=2", PROBE_SLOW_S=6))
+    assert [rc for rc, _, _ in outs] == [2, 2], [err[-2000:] for _, _, err in outs]
+    lines = {_last_line(err) for _, _, err in outs}
+    assert lines == {"error: waited 2 s (data.prepare_timeout_s) for rank 0 on "
+                     f"{host_name()} to prepare the slow data; raise data.prepare_timeout_s, or build the cache "
+                     "ahead with `emotion-dist data cache`"}
