@@ -379,6 +379,7 @@ class _Bar:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+            self.progress = None
 
 
 # ---------------------------------------------------------------- the build
@@ -563,6 +564,7 @@ class _Build:
             reports = team.gather(json.dumps(report))
             if team.is_leader:
                 bar.update(team.add_progress(0))
+                bar.close()  # before the log lines of the finish
                 self._finish(size, [json.loads(r) for r in reports], start)
         finally:
             bar.close()
