@@ -59,18 +59,29 @@ def gray(images: np.ndarray) -> np.ndarray:
     return x[:, 0]
 
 
-def fingerprints(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Per image (N x C x H x W uint8): the 64-bit pHash (uint64) and the 32x32 gray downscale,
-    centred and scaled to unit length (N x 1024 float32; dot products are Pearson correlations)."""
+CHUNK_BYTES = 8 << 20  # images are read (from the memory-mapped cache) and hashed this much at a time
+
+
+def _rows_per_chunk(images) -> int:
+    """Rows of `images` in about CHUNK_BYTES of float32: memory stays bounded whatever the data set's size."""
+    per_image = 4 * int(np.prod(images.shape[1:]))
+    return max(1, CHUNK_BYTES // max(per_image, 1))
+
+
+def fingerprints(images) -> tuple[np.ndarray, np.ndarray]:
+    """Per image (N x C x H x W uint8, any array-like that slices rows): the 64-bit pHash (uint64) and
+    the 32x32 gray downscale, centred and scaled to unit length (N x 1024 float32; dot products are
+    Pearson correlations). Read in bounded chunks."""
     n, _, h, w = images.shape
     rows = _box_matrix(h, HASH_SIDE).astype(np.float32)
     cols = _box_matrix(w, HASH_SIDE).astype(np.float32)
     dct = _dct_matrix(HASH_SIDE)[:LOW].astype(np.float32)
     hashes = np.empty(n, dtype=np.uint64)
     unit = np.empty((n, HASH_SIDE * HASH_SIDE), dtype=np.float32)
+    chunk = _rows_per_chunk(images)
     for s in range(0, n, chunk):
         interrupts.check()
-        small = rows @ gray(images[s:s + chunk]) @ cols.T  # chunk x 32 x 32
+        small = rows @ gray(np.asarray(images[s:s + chunk])) @ cols.T  # chunk x 32 x 32
         low = (dct @ small @ dct.T).reshape(len(small), -1)
         bits = low > np.median(low, axis=1, keepdims=True)
         hashes[s:s + chunk] = np.packbits(bits, axis=1).view(">u8")[:, 0]
@@ -80,21 +91,30 @@ def fingerprints(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.
     return hashes, unit
 
 
-def exact_groups(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+def exact_groups(images: Sequence) -> list[np.ndarray]:
     """Per array, a group id per image: equal ids <=> identical pixels (across all the arrays;
-    images of different shapes never share an id)."""
-    shapes = sorted({a.shape[1:] for a in images})
-    out = [np.zeros(len(a), np.int64) for a in images]
-    offset = 0
-    for shape in shapes:
-        members = [k for k, a in enumerate(images) if a.shape[1:] == shape]
-        flat = np.ascontiguousarray(np.concatenate([images[k].reshape(len(images[k]), -1) for k in members]))
-        _, inverse = np.unique(flat.view(np.dtype((np.void, flat.shape[1])))[:, 0], return_inverse=True)
-        bounds = np.cumsum([0] + [len(images[k]) for k in members])
-        for m, k in enumerate(members):
-            out[k] = inverse[bounds[m]:bounds[m + 1]] + offset
-        offset += int(inverse.max(initial=-1)) + 1
-    return out
+    images of different shapes never share an id). Each image is reduced to a 128-bit digest of
+    its shape and bytes, in bounded chunks, so no array is ever held in memory whole."""
+    import hashlib
+
+    digests = []
+    for a in images:
+        shape = str(tuple(a.shape[1:])).encode()
+        d = np.empty(len(a), dtype="V16")
+        chunk = _rows_per_chunk(a)
+        for s in range(0, len(a), chunk):
+            interrupts.check()
+            block = np.ascontiguousarray(a[s:s + chunk])
+            for i in range(len(block)):
+                h = hashlib.blake2b(shape, digest_size=16)
+                h.update(block[i].tobytes())
+                d[s + i] = h.digest()
+        digests.append(d)
+    if not digests:
+        return []
+    _, inverse = np.unique(np.concatenate(digests), return_inverse=True)
+    bounds = np.cumsum([0] + [len(d) for d in digests])
+    return [inverse[bounds[k]:bounds[k + 1]].astype(np.int64) for k in range(len(digests))]
 
 
 def equal_pairs(ga: np.ndarray, gb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

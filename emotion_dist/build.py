@@ -29,11 +29,15 @@ log = logging.getLogger("emotion_dist")
 
 
 def prepare_data(cfg: Config, env: D.DistEnv, check_classes: bool = True) -> Datasets:
-    """The data set, prepared (generated, downloaded, decoded into the cache) by one rank while the
-    others wait, then read by every rank from what it wrote."""
+    """The data set, prepared (generated, downloaded: one rank; decoded into the cache: the preparing
+    node's ranks together) once per node or once per job (prepare.py), then read by every rank.
+    Waiting ranks poll the store, never bounded by dist.timeout_s."""
+    from .prepare import Preparation
+
     ensure_writable_dir(Path(cfg.run.cache_dir), "run.cache_dir")
-    root = D.rank_zero_first(env, lambda: dataset_root(cfg))
-    return D.rank_zero_first(env, lambda: load_datasets(cfg, root, check_classes))
+    prep = Preparation.start(cfg, env)
+    root = prep.once("the dataset", lambda: dataset_root(cfg))
+    return prep.once("the decoded images", lambda: load_datasets(cfg, root, check_classes), together=True)
 
 
 def init_from(model: torch.nn.Module, path: str, classes: list[str]) -> None:

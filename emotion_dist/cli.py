@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test", type=int, default=700, help="test images (default 700)")
     s.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     add_output_args(s, "where the data set went and its sizes")
+    dc = _sub(dsub, "cache", "decode the configured data set into its cache ahead of training (e.g. in a Slurm job "
+                             "of its own) and report images, seconds, img/s per core, size on disk and peak memory")
+    _config_args(dc)
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint (test split by default)")
     e.add_argument("--checkpoint", required=True, action="append",
@@ -179,7 +182,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import EXIT_OK, Interrupted, UserError
+    from .errors import EXIT_FAILURE, EXIT_OK, Interrupted, TrainingAborted, UserError
 
     # file names that are not valid UTF-8 print as \xNN instead of raising mid-output
     for stream in (sys.stdout, sys.stderr):
@@ -190,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except UserError as e:
         return _fail(str(e))
-    except Interrupted as e:
-        print(f"stopped by {e.signame}; nothing half-written was kept", file=sys.stderr, flush=True)
+    except TrainingAborted as e:  # e.g. a data preparation that another rank aborted
+        return _fail(str(e), EXIT_FAILURE)
+    except Interrupted as e:  # a stop signal while preparing data: nothing half-built is kept; exit 0 to requeue
+        print(f"stopped by {e.signame} while preparing data; run the command again to carry on",
+              file=sys.stderr, flush=True)
         return EXIT_OK
     except KeyboardInterrupt:
         return 130
@@ -209,6 +215,10 @@ def _run(args) -> int:
         return run_training(args.config, args.overrides, args)
     if args.command == "config":
         return _config_keys(args)
+    if args.command == "data" and args.data_command == "cache":
+        from .data_cache import run_data_cache
+
+        return run_data_cache(args.config, args.overrides)
     if args.command == "data":
         from . import interrupts
         from .synthetic import generate

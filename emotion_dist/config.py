@@ -71,6 +71,14 @@ class DataConfig:
                     "cross-entropy on it")
     dedupe: Literal["off", "warn", "drop"] = setting(
         "warn", "images duplicated across splits: `warn`, `drop` (removed from train) or `off`")
+    cache_size: str = setting(
+        "auto", "stored size of the decoded cache: `auto` (the native size when all images share one square size, "
+                "else data.image_size) or pixels; disk = images x channels x size^2 bytes")
+    fit: Literal["resize", "crop", "pad"] = setting("resize", "how non-square images become square in the cache")
+    prepare_scope: Literal["auto", "node", "job"] = setting(
+        "auto", "prepare data once per node (node-local run.cache_dir) or once per job (shared); `auto` detects")
+    prepare_timeout_s: float = setting(
+        21600.0, "how long ranks wait for data preparation (separate from dist.timeout_s)")
 
 
 @dataclass
@@ -308,6 +316,10 @@ def validate(cfg: Config) -> None:
     _check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
     _check(d.limit >= 0, f"data.limit={d.limit} must be >= 0 (0 = all images)")
     _check(d.synthetic_train >= 14 and d.synthetic_test >= 7, "data.synthetic_train/test too small; use at least 14/7")
+    _check(d.cache_size == "auto" or (d.cache_size.isdigit() and 8 <= int(d.cache_size) <= 4096),
+           f"data.cache_size={d.cache_size} is invalid; use auto or a size in pixels from 8 to 4096 (e.g. 96)")
+    _check(math.isfinite(d.prepare_timeout_s) and d.prepare_timeout_s > 0,
+           f"data.prepare_timeout_s={d.prepare_timeout_s} must be a positive number of seconds (e.g. 21600)")
     _check(d.source != "folder" or bool(d.root), "data.source=folder needs data.root=PATH to an ImageFolder tree")
     _check(d.source != "fer2013_csv" or bool(d.root), "data.source=fer2013_csv needs data.root=PATH to fer2013.csv or icml_face_data.csv")
     csv_root = d.source == "fer2013_csv" or (d.source == "auto" and str(d.root or "").lower().endswith(".csv"))

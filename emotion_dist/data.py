@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -19,12 +17,9 @@ import torch
 
 from .config import Config, ConfigError
 from .fsutil import atomic_write_bytes
-from .images import read_uint8
-from .readers import RawSplit, find_splits, get_reader, scan  # noqa: F401  (find_splits, scan: used by tools)
+from .readers import RawSplit, get_reader
 
 log = logging.getLogger("emotion_dist")
-
-CACHE_VERSION = 1
 
 
 def normalization(channels: int) -> tuple[list[float], list[float]]:
@@ -41,17 +36,6 @@ def dataset_root(cfg: Config) -> Path:
 
 
 # ---------------------------------------------------------------- decoding and the uint8 cache
-def decode_image(path: str, channels: int, size: Optional[int]) -> np.ndarray:
-    """Decode any common mode (L, RGB, RGBA, P, CMYK, 16-bit, float) to uint8 HxWxC."""
-    from PIL import Image
-
-    a = read_uint8(path, channels)
-    if size is not None and a.shape[:2] != (size, size):
-        img = Image.fromarray(a[:, :, 0] if channels == 1 else a)
-        a = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
-    return a[:, :, None] if a.ndim == 2 else a
-
-
 @dataclass
 class DecodedImages:
     images: np.ndarray  # N x C x S x S uint8 (memory-mapped)
@@ -60,55 +44,14 @@ class DecodedImages:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
 
 
-def _first_size(files: list[str], channels: int) -> int:
-    for f in files:
-        try:
-            h, w, _ = decode_image(f, channels, None).shape
-            return max(h, w) if h != w else h
-        except Exception:
-            continue
-    raise ConfigError(f"none of the {len(files)} images could be decoded; check the dataset files")
+def decode_all(files: list[str], labels: list[int], channels: int, cache_dir: Path, *, cache_size="auto",
+               image_size: int = 64, fit: str = "resize") -> DecodedImages:
+    """Every image decoded once into the uint8 cache (cache.py: keyed on the files, sizes, mtimes,
+    channels, stored size and fit) and memory-mapped, so later runs and every rank share it."""
+    from .cache import FileDecoder, build
 
-
-def decode_all(files: list[str], labels: list[int], channels: int, cache_dir: Path) -> DecodedImages:
-    """Decode every image once into a uint8 array cached on disk (keyed on the file list, sizes
-    and mtimes) and memory-mapped, so later runs and every rank share it for free."""
-    h = hashlib.sha256(f"v{CACHE_VERSION} c{channels}".encode())
-    for f in files:
-        st = os.stat(f)
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    key = h.hexdigest()[:20]
-    npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-    if npy.is_file() and meta.is_file():
-        m = json.loads(meta.read_text())
-        arr = np.load(npy, mmap_mode="r")
-        return DecodedImages(arr, np.asarray(m["labels"], dtype=np.int64), m["files"], [tuple(s) for s in m["skipped"]])
-
-    size = _first_size(files, channels)
-
-    def one(f):
-        try:
-            return decode_image(f, channels, size), None
-        except Exception as e:  # corrupt, truncated, zero-byte, not an image
-            return None, f"{type(e).__name__}: {str(e)[:120]}"
-
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        results = list(pool.map(one, files, chunksize=64))
-    keep = [i for i, (a, _) in enumerate(results) if a is not None]
-    skipped = [(files[i], r) for i, (a, r) in enumerate(results) if a is None]
-    arr = np.empty((len(keep), channels, size, size), dtype=np.uint8)
-    for j, i in enumerate(keep):
-        arr[j] = results[i][0].transpose(2, 0, 1)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = npy.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, npy)
-    kept_files = [files[i] for i in keep]
-    kept_labels = [labels[i] for i in keep]
-    tmpm = meta.with_suffix(f".tmp{os.getpid()}")
-    tmpm.write_text(json.dumps({"labels": kept_labels, "files": kept_files, "skipped": skipped}))
-    os.replace(tmpm, meta)
-    return DecodedImages(np.load(npy, mmap_mode="r"), np.asarray(kept_labels, dtype=np.int64), kept_files, skipped)
+    c = build(cache_dir, files, labels, FileDecoder(channels), cache_size=cache_size, image_size=image_size, fit=fit)
+    return DecodedImages(c.images, c.labels, c.items, c.skipped)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -156,12 +99,13 @@ class Datasets:
     duplicates: Optional[dict] = None  # the leak audit's report (data.dedupe=warn|drop)
 
 
-def _decoded(split: RawSplit, channels: int, cache: Path) -> tuple[np.ndarray, np.ndarray, list[str], list, Optional[np.ndarray]]:
+def _decoded(split: RawSplit, channels: int, cache: Path, d) -> tuple[np.ndarray, np.ndarray, list[str], list, Optional[np.ndarray]]:
     """(images, labels, ids, skipped, soft targets) of a reader's split: files go through the cache."""
     if split.files is None:
         ids = split.ids or [f"#{i}" for i in range(len(split))]
         return split.images, split.labels, ids, [], split.targets
-    dec = decode_all(split.files, split.labels.tolist(), channels, cache)
+    dec = decode_all(split.files, split.labels.tolist(), channels, cache, cache_size=d.cache_size,
+                     image_size=d.image_size, fit=d.fit)
     targets = None
     if split.targets is not None:  # keep the soft targets of the images that decoded
         row = {f: i for i, f in enumerate(split.files)}
@@ -181,19 +125,19 @@ def load_datasets(cfg: Config, root: Path, check_classes: bool = True) -> Datase
             f"{cfg.model.num_classes}; set model.num_classes={len(raw.classes)}"
         )
     cache = Path(cfg.run.cache_dir) / "decoded"
-    images, labels, files, skipped, targets = _decoded(raw.train, channels, cache)
+    images, labels, files, skipped, targets = _decoded(raw.train, channels, cache, d)
     skipped = list(raw.skipped) + skipped
     if raw.val is None:
         tr_idx, val_idx = stratified_split(labels, d.val_fraction, seed=cfg.train.seed)
         val = Split(images, labels, val_idx, files, targets)
     else:
         tr_idx = np.arange(len(labels))
-        v_images, v_labels, v_files, v_skipped, v_targets = _decoded(raw.val, channels, cache)
+        v_images, v_labels, v_files, v_skipped, v_targets = _decoded(raw.val, channels, cache, d)
         skipped += v_skipped
         val = Split(v_images, v_labels, np.arange(len(v_labels)), v_files, v_targets)
     test = None
     if raw.test is not None:
-        t_images, t_labels, t_files, t_skipped, t_targets = _decoded(raw.test, channels, cache)
+        t_images, t_labels, t_files, t_skipped, t_targets = _decoded(raw.test, channels, cache, d)
         skipped += t_skipped
         test = Split(t_images, t_labels, np.arange(len(t_labels)), t_files, t_targets)
     train = Split(images, labels, tr_idx, files, targets)
@@ -207,6 +151,21 @@ def load_datasets(cfg: Config, root: Path, check_classes: bool = True) -> Datase
         log.warning("skipped unreadable image %s (%s)", f, why)
     return Datasets(classes=raw.classes, train=train, val=val, test=test, channels=channels, root=str(root),
                     skipped=skipped, label_mode=raw.label_mode, excluded=raw.excluded, duplicates=duplicates)
+
+
+class Rows:
+    """A split's images as the audit reads them: rows of the (memory-mapped) decoded array picked by
+    an index, read a slice at a time, never copied whole."""
+
+    def __init__(self, images: np.ndarray, index: np.ndarray):
+        self.images, self.index = images, index
+        self.shape = (len(index), *images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.images[self.index[rows]]
 
 
 def audit_splits(train: Split, val: Split, test: Optional[Split], mode: str, cache: Path) -> tuple[dict, np.ndarray]:
@@ -227,7 +186,7 @@ def audit_splits(train: Split, val: Split, test: Optional[Split], mode: str, cac
             return saved["report"], np.asarray(saved["keep"], dtype=np.int64)
         except (OSError, ValueError, KeyError):
             pass  # damaged: audit again
-    result = audit({name: sp.images[np.sort(sp.index)] for name, sp in splits.items()},
+    result = audit({name: Rows(sp.images, np.sort(sp.index)) for name, sp in splits.items()},
                    {name: [sp.files[i] for i in np.sort(sp.index)] for name, sp in splits.items()})
     keep = dedupe(result, len(train), mode)
     log.info("%s", result.summary_line())

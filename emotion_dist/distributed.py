@@ -250,15 +250,3 @@ def rank0_decides(fn, share_result: bool = True):
         _raise_box(box)
     on_rank0 = not dist.is_initialized() or dist.get_rank() == 0
     return result if on_rank0 else shared
-
-
-def rank_zero_first(env: DistEnv, fn):
-    """Run fn on rank 0 while the others wait, then on the others (which find its result cached).
-    Rank 0's error is raised everywhere (the same one-line error) instead of leaving the others waiting."""
-    result, error, box = _on_rank0(fn)
-    box = broadcast_object(box)
-    if error is not None:
-        raise error
-    if box is not None:
-        _raise_box(box)
-    return result if env.is_main else fn()

@@ -48,7 +48,7 @@ def check_outputs(args) -> Path:
     return out
 
 
-def load_models(paths: list[str]) -> list[tuple[dict, "CheckpointMeta"]]:  # noqa: F821
+def load_models(paths: list[str]) -> list[tuple]:
     """The checkpoints of an evaluation (several: an ensemble), which must take the same input."""
     loaded = [(state, read_meta(state, p)) for p in paths for state in [load_checkpoint(p)]]
     first = loaded[0][1]

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from emotion_dist.config import ConfigError, load_config
-from emotion_dist.data import decode_all, find_splits, load_datasets, scan, stratified_split
+from emotion_dist.data import decode_all, load_datasets, stratified_split
+from emotion_dist.readers import find_splits, scan
 from emotion_dist.synthetic import CLASSES, generate
 
 
