@@ -108,15 +108,17 @@ def build_trainer(cfg: Config, env: D.DistEnv, ds: Datasets | None = None, notes
     meta = CheckpointMeta(classes=ds.classes, image_size=cfg.data.image_size, in_channels=ds.channels,
                           normalization={"mean": mean, "std": std}, data_size=int(ds.train.images.shape[-1]),
                           label_mode=ds.label_mode, config=cfg.to_dict(), world_size=env.world_size,
-                          strategy=cfg.dist.strategy, run_id=checkpointer.run_id)
+                          num_nodes=env.topology.num_nodes if env.topology else 1, strategy=cfg.dist.strategy,
+                          run_id=checkpointer.run_id)
     if env.is_main:
         from .config import save_config
 
         save_config(cfg, run_dir / "config.yaml")
         log.info(
-            "launcher %s | world size %d | backend %s | device %s | precision %s | strategy %s | batch %d per "
+            "launcher %s | world size %d | backend %s | device %s | precision %s | strategy %s | %s | batch %d per "
             "process x %d processes x %d accumulation = %d global | data %s (%d train / %d val / %d test, %d classes)%s",
-            env.launcher, env.world_size, env.backend, env.device, t.precision, cfg.dist.strategy, t.batch_size,
+            env.launcher, env.world_size, env.backend, env.device, t.precision, cfg.dist.strategy,
+            env.topology.describe() if env.topology else "1 node", t.batch_size,
             env.world_size, t.grad_accum, global_batch, ds.root, len(ds.train), len(ds.val),
             len(ds.test) if ds.test else 0, len(ds.classes), "".join(f" | {n}" for n in notes),
         )

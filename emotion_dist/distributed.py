@@ -96,6 +96,7 @@ class DistEnv:
     local_rank: int
     device: torch.device
     backend: str
+    topology: "Topology" = None  # noqa: F821  (which rank is on which node: topology.py)
 
     @property
     def is_main(self) -> bool:
@@ -167,7 +168,9 @@ def init_distributed(cfg: Config, info: LaunchInfo) -> DistEnv:
                 dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout, **kw)
             except (RuntimeError, ValueError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
                 raise _init_error(e, info, cfg.dist.timeout_s) from None
-    return DistEnv(info.launcher, info.rank, info.world_size, info.local_rank, device, backend)
+    from .topology import detect
+
+    return DistEnv(info.launcher, info.rank, info.world_size, info.local_rank, device, backend, detect(info.local_rank))
 
 
 def close_distributed(clean: bool = True) -> None:

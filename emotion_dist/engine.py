@@ -89,10 +89,12 @@ class Trainer:
         except RuntimeError as e:
             if not is_collective_failure(e):
                 raise
+            topo = self.env.topology
+            lost = topo.lost_peer(str(e)) if topo is not None else None
+            who = f"lost {lost}: it died or its node went down" if lost else "a peer rank is stuck or died"
             raise TrainingAborted(
                 f"rank {self.env.rank}: collective failed during {self.phase} at step {self.progress.global_step + 1} "
-                f"({str(e).strip().splitlines()[0][:160]}); a peer rank is stuck or died "
-                f"(dist.timeout_s={self.cfg.dist.timeout_s:g})"
+                f"({str(e).strip().splitlines()[0][:160]}); {who} (dist.timeout_s={self.cfg.dist.timeout_s:g})"
             ) from e
 
     def _fit(self) -> dict:

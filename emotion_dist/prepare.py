@@ -315,7 +315,8 @@ class Preparation:
     def start(cls, cfg, env=None) -> "Preparation":
         from . import topology
 
-        topo = topology.detect(env.local_rank if env is not None else 0)
+        topo = env.topology if env is not None and env.topology is not None else topology.detect(
+            env.local_rank if env is not None else 0)
         store = _default_store() if topo.world_size > 1 else None
         prep = cls(topo, "job", cfg.data.prepare_timeout_s, store)
         prep.scope = prep.decide_scope(Path(cfg.run.cache_dir), cfg.data.prepare_scope)

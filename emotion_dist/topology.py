@@ -24,6 +24,7 @@ class Topology:
     node: int  # index of this process's node; node 0 holds rank 0
     node_names: tuple[str, ...]  # per node
     node_ranks: tuple[tuple[int, ...], ...]  # per node, its global ranks in ascending order
+    addresses: tuple[str, ...] = ()  # per rank, the address its peers reach it at (names a lost peer)
 
     @property
     def num_nodes(self) -> int:
@@ -47,6 +48,22 @@ class Topology:
 
     def node_of(self, rank: int) -> int:
         return next(n for n, ranks in enumerate(self.node_ranks) if rank in ranks)
+
+    def lost_peer(self, error: str) -> str | None:
+        """Which node (and ranks) a collective error names: gloo says `Read error [ADDRESS]:PORT ...`
+        for the peer it lost. None when the address is not one of another node's."""
+        import re
+
+        found = re.search(r"\[([0-9A-Fa-f:.]+)\]:\d+", error)
+        if not found or not self.addresses or self.num_nodes == 1:  # one node: the address names no rank
+            return None
+        ranks = [r for r, a in enumerate(self.addresses) if a == found.group(1)]
+        nodes = sorted({self.node_of(r) for r in ranks} - {self.node})
+        if not nodes:
+            return None
+        lost = [r for n in nodes for r in self.node_ranks[n]]
+        return f"node {', '.join(self.node_names[n] for n in nodes)} (rank{'s' if len(lost) > 1 else ''} " \
+               f"{', '.join(map(str, lost))}) at {found.group(1)}"
 
     def describe(self) -> str:
         """`2 nodes (n1, n2) x 2 processes`, `1 node (vm) x 1 process`; uneven nodes list their counts."""
@@ -74,7 +91,15 @@ def node_identity(env: Optional[Mapping[str, str]] = None) -> tuple[str, str]:
     return f"host:{name}", name
 
 
-def from_identities(rank: int, local_rank: int, identities: list[tuple[str, str]]) -> Topology:
+def address() -> str:
+    """This process's address as gloo picks it (the host name, resolved), the one peers name in errors."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return ""
+
+
+def from_identities(rank: int, local_rank: int, identities: list[tuple], addresses: tuple[str, ...] = ()) -> Topology:
     """Group the ranks' (key, name) pairs into nodes, numbered by their lowest rank."""
     keys: dict[str, int] = {}
     names: list[str] = []
@@ -88,7 +113,8 @@ def from_identities(rank: int, local_rank: int, identities: list[tuple[str, str]
     if len(set(names)) < len(names):  # two agents on one host: tell them apart
         names = [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
     node = keys[identities[rank][0]]
-    return Topology(rank, len(identities), local_rank, node, tuple(names), tuple(tuple(r) for r in ranks))
+    return Topology(rank, len(identities), local_rank, node, tuple(names), tuple(tuple(r) for r in ranks),
+                    tuple(addresses))
 
 
 def single(local_rank: int = 0) -> Topology:
@@ -105,5 +131,5 @@ def detect(local_rank: int = 0) -> Topology:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return single(local_rank)
     out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, node_identity())
-    return from_identities(dist.get_rank(), local_rank, [tuple(x) for x in out])
+    dist.all_gather_object(out, (*node_identity(), address()))
+    return from_identities(dist.get_rank(), local_rank, [tuple(x[:2]) for x in out], tuple(x[2] for x in out))

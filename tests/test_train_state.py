@@ -123,3 +123,18 @@ def test_the_package_has_no_import_cycles():
             visit(node, [node])
     for leaf in ("errors", "fsutil", "interrupts", "images", "modelfile"):
         assert graph[leaf] <= {"errors"}, (leaf, graph[leaf])
+
+
+def test_topology_names_the_node_a_collective_error_lost():
+    from emotion_dist.topology import from_identities
+
+    ids = [("a", "n1"), ("a", "n1"), ("b", "n2"), ("b", "n2")]
+    addrs = ("127.0.1.1", "127.0.1.1", "127.0.1.2", "127.0.1.2")
+    t = from_identities(1, 1, ids, addrs)
+    assert t.describe() == "2 nodes (n1, n2) x 2 processes" and t.num_nodes == 2 and t.node == 0
+    gloo = "[../gloo/transport/tcp/pair.cc:537] Read error [127.0.1.2]:21378: Connection reset by peer"
+    assert t.lost_peer(gloo) == "node n2 (ranks 2, 3) at 127.0.1.2"
+    assert t.lost_peer(gloo.replace("127.0.1.2", "127.0.1.1")) is None  # its own node: no one to name
+    assert t.lost_peer("Timed out waiting 2000ms for recv operation") is None
+    one = from_identities(0, 0, ids[:2], addrs[:2])
+    assert one.lost_peer(gloo.replace("127.0.1.2", "127.0.1.1")) is None  # one node: the address names no rank
