@@ -236,7 +236,7 @@ class Team:
 
     def _step(self) -> str:
         self._steps += 1
-        return f"team/{self._steps}"
+        return f"team{self.leader}/{self._steps}"  # one namespace per team: each node's team leads its own build
 
     def gather(self, value: str) -> Optional[list[str]]:
         """Every member's value in member order, on the leader; None on the others."""
@@ -276,7 +276,7 @@ class Team:
         if self.board is None:
             self._progress += n
             return self._progress
-        return self.board.add("team/progress", n)
+        return self.board.add(f"team{self.leader}/progress", n)
 
 
 _role: object = None  # None (build alone), a Team, or READER
