@@ -55,6 +55,10 @@ class DataConfig:
     ferplus: Optional[str] = None  # fer2013new.csv: FER+ vote labels (8 classes), joined row by row to data.root's CSV
     label_mode: Literal["majority", "probability", "crossentropy"] = "majority"  # FER+ (Barsoum et al. 2016)
     dedupe: Literal["off", "warn", "drop"] = "warn"  # duplicates across splits: drop removes them from train
+    # the training split's decoded uint8 images resident on the training device, batches gathered there
+    # (no host-to-device copy per step); auto: on CUDA when they fit in on_device_max_fraction of its memory
+    on_device: Literal["auto", "true", "false"] = "auto"
+    on_device_max_fraction: float = 0.25
 
 
 @dataclass
@@ -84,6 +88,9 @@ class TrainConfig:
     max_bad_steps: int = 20  # consecutive non-finite steps before training stops
     channels_last: bool = True
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # inductor's modes
+    # inductor: the real compiler; aot_eager / eager: dynamo's debugging backends (accelerate's --dynamo_backend)
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_test: bool = True  # evaluate best.pt on the test split after training
     sampler: Literal["uniform", "balanced"] = "uniform"  # balanced: classes drawn equally often, with replacement
@@ -95,6 +102,11 @@ class DistConfig:
     sync_bn: bool = False
     timeout_s: float = 300.0
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # DistributedDataParallel's knobs (ddp and zero): smaller buckets start all-reduces during the backward pass
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = True  # gradients are views into the all-reduce buckets: no copy
+    static_graph: bool = False  # the same parameters are used every step (true for EmotionNet)
+    grad_compression: Literal["none", "bf16"] = "none"  # bf16: all-reduce gradients in bfloat16
 
 
 @dataclass
@@ -154,6 +166,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         allowed = get_args(typ)
         if isinstance(value, bool) and "off" in allowed:  # YAML 1.1 reads a bare off/on as a bool
             value = "on" if value else "off"
+        if isinstance(value, bool) and "true" in allowed:  # auto|true|false keys
+            value = "true" if value else "false"
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is invalid; allowed: {', '.join(map(str, allowed))}")
         return value
@@ -273,6 +287,12 @@ def validate(cfg: Config) -> None:
     _check(d.image_size <= MAX_IMAGE_SIZE, f"data.image_size={d.image_size} is too large; use at most {MAX_IMAGE_SIZE}")
     _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be between 0 and 1 (e.g. 0.1)")
     _check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
+    _check(0 < d.on_device_max_fraction <= 1,
+           f"data.on_device_max_fraction={d.on_device_max_fraction} must be in (0, 1] (a share of device memory)")
+    _check(d.on_device != "true" or d.pipeline == "fast",
+           "data.on_device=true needs data.pipeline=fast (classic decodes files per sample)")
+    _check(t.compile_mode == "default" or t.compile_backend == "inductor",
+           f"train.compile_mode={t.compile_mode} is an inductor mode; use train.compile_backend=inductor")
     _check(d.limit >= 0, f"data.limit={d.limit} must be >= 0 (0 = all images)")
     _check(d.synthetic_train >= 14 and d.synthetic_test >= 7, "data.synthetic_train/test too small; use at least 14/7")
     _check(d.source != "folder" or bool(d.root), "data.source=folder needs data.root=PATH to an ImageFolder tree")
@@ -300,6 +320,15 @@ def validate(cfg: Config) -> None:
     _check(0 <= d.synthetic_seed < 2**63, f"data.synthetic_seed={d.synthetic_seed} must be between 0 and 2**63-1")
     _check(0 < cfg.dist.timeout_s <= MAX_TIMEOUT_S,
            f"dist.timeout_s={cfg.dist.timeout_s:g} must be > 0 and at most {MAX_TIMEOUT_S} (a week)")
+    _check(cfg.dist.bucket_cap_mb > 0, f"dist.bucket_cap_mb={cfg.dist.bucket_cap_mb} must be > 0 (torch's default: 25)")
+    ddp_knobs = [f"dist.{k}={v}" for k, v in (("bucket_cap_mb", cfg.dist.bucket_cap_mb), ("static_graph", cfg.dist.static_graph),
+                                             ("grad_compression", cfg.dist.grad_compression))
+                 if v != getattr(DistConfig, k)]
+    _check(cfg.dist.strategy != "fsdp" or not ddp_knobs,
+           f"{', '.join(ddp_knobs)} tune DistributedDataParallel; use dist.strategy=ddp or zero, or leave them at their defaults")
+    _check(not (cfg.dist.static_graph and t.grad_accum > 1),
+           "dist.static_graph=true cannot skip the gradient sync of accumulated micro-batches; use train.grad_accum=1 "
+           "or dist.static_graph=false")
     _check(cfg.ckpt.every_steps >= 0, f"ckpt.every_steps={cfg.ckpt.every_steps} must be >= 0 (0 = epoch ends only)")
     _check(cfg.ckpt.keep >= 1, f"ckpt.keep={cfg.ckpt.keep} must be >= 1")
     _check(cfg.log.every_steps >= 1, f"log.every_steps={cfg.log.every_steps} must be >= 1")
