@@ -161,8 +161,10 @@ def run_bench(args) -> int:
                           "for the comparison")
     env = D.init_distributed(cfg, info)
     ok = False
+    as_json = args.json or args.json_out == "-"
     try:
-        summary = _bench(cfg, env, args, workdir)
+        with stdout_to_stderr() if as_json else contextlib.nullcontext():
+            summary = _bench(cfg, env, args, workdir)
         if env.is_main:
             print_report(summary, sys.stderr if args.json or args.json_out == "-" else sys.stdout)
             if args.json or args.json_out == "-":
@@ -175,6 +177,21 @@ def run_bench(args) -> int:
         D.close_distributed(clean=ok)
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """With --json, stdout holds the JSON alone: whatever else writes to it meanwhile (ultralytics'
+    logger, DataLoader workers, C code) goes to stderr, at the file-descriptor level."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _bench(cfg, env, args, workdir: Path) -> dict:
@@ -389,8 +406,8 @@ def print_report(summary: dict, file=None) -> None:
     if summary["compiled"]:
         c.print(f"  compiled graphs: {summary['compiled']['graphs']}, recompiles: {summary['compiled']['recompiles']}")
     c.print(f"  train step: {summary['train_step_gflops_per_image']:.3f} GFLOP/image; MFU against "
-            f"{summary['peak_tflops']:.1f} TFLOP/s ({summary['peak_source']}); measured matmul "
-            f"{summary['matmul_tflops']:.1f} TFLOP/s; data {d['root']} ({d['train_images']} train images"
+            f"{summary['peak_tflops']:.3g} TFLOP/s ({summary['peak_source']}); measured matmul "
+            f"{summary['matmul_tflops']:.3g} TFLOP/s; data {d['root']} ({d['train_images']} train images"
             f"{', resident on the device' if d['on_device'] else ''})")
 
 
