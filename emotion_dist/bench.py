@@ -297,7 +297,7 @@ def _bench(cfg, env, args, workdir: Path) -> dict:
     compiled = {"graphs": counters["stats"]["unique_graphs"], "recompiles": sum(counters["recompiles"].values())}
 
     # measured before ultralytics, which lowers torch's thread count for the rest of the process
-    dtype = torch.bfloat16 if dev.type == "cuda" or cfg.train.precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # a CPU's fast path is fp32
     measured = matmul_flops(dev, dtype)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     peak, peak_source = known_peak(name) or (measured, f"a {str(dtype).removeprefix('torch.')} matmul measured in "
