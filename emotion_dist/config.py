@@ -321,11 +321,11 @@ def validate(cfg: Config) -> None:
     _check(0 < cfg.dist.timeout_s <= MAX_TIMEOUT_S,
            f"dist.timeout_s={cfg.dist.timeout_s:g} must be > 0 and at most {MAX_TIMEOUT_S} (a week)")
     _check(cfg.dist.bucket_cap_mb > 0, f"dist.bucket_cap_mb={cfg.dist.bucket_cap_mb} must be > 0 (torch's default: 25)")
-    ddp_knobs = [f"dist.{k}={v}" for k, v in (("bucket_cap_mb", cfg.dist.bucket_cap_mb), ("static_graph", cfg.dist.static_graph),
-                                             ("grad_compression", cfg.dist.grad_compression))
-                 if v != getattr(DistConfig, k)]
+    ddp_knobs = [f"dist.{k}={getattr(cfg.dist, k)}" for k in ("bucket_cap_mb", "static_graph", "grad_compression")
+                 if getattr(cfg.dist, k) != getattr(DistConfig, k)]
     _check(cfg.dist.strategy != "fsdp" or not ddp_knobs,
-           f"{', '.join(ddp_knobs)} tune DistributedDataParallel; use dist.strategy=ddp or zero, or leave them at their defaults")
+           f"{', '.join(ddp_knobs)} tune DistributedDataParallel; use dist.strategy=ddp or zero, or leave them at "
+           f"their defaults")
     _check(not (cfg.dist.static_graph and t.grad_accum > 1),
            "dist.static_graph=true cannot skip the gradient sync of accumulated micro-batches; use train.grad_accum=1 "
            "or dist.static_graph=false")
