@@ -321,6 +321,7 @@ def _bench(cfg, env, args, workdir: Path) -> dict:
         "data": {"root": ds.root, "train_images": len(ds.train), "image_size": cfg.data.image_size,
                  "on_device": trainer.resident is not None},
         "batch": t.batch_size, "grad_accum": t.grad_accum, "precision": t.precision, "strategy": cfg.dist.strategy,
+        "adamw_fused": bool(trainer.optimizer.defaults.get("fused")),  # fused on CUDA (Strategy._adamw_impl)
         "compile": t.compile, "compile_mode": t.compile_mode if t.compile else None,
         "compile_backend": t.compile_backend if t.compile else None, "compiled": compiled if t.compile else None,
         "steps": timed_n, "warmup_steps": warmup, "first_step_s": first_step_s, "warmup_s": warmup_s,

@@ -24,6 +24,7 @@ def test_bench_takes_train_config_and_reports_every_row(tmp_path):
     # the config reached the bench: 120 synthetic images (minus the validation share), 32 px, batch 8
     assert summary["data"]["image_size"] == 32 and summary["batch"] == 8 and 100 < summary["data"]["train_images"] < 120
     assert summary["timing"] == "perf_counter" and summary["steps"] == 2 and summary["warmup_steps"] == 2
+    assert summary["adamw_fused"] is False  # foreach on the CPU; fused on CUDA
     assert len(summary["rows"]) == 7 and all(r["img_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in summary["rows"])
     assert set(summary["ratios"]) == {"fast_loader_vs_model_step (b/c)", "end_to_end_fast_vs_model_step (e/c)",
                                       "end_to_end_fast_vs_classic (e/d)"}
