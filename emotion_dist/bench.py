@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import resource
 import shutil
@@ -28,7 +27,6 @@ import time
 from pathlib import Path
 
 ROWS = "abcde"
-REPORT_MARKER = "emotion_dist"  # top-level key of every JSON report emotion-dist writes
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s; first match wins
 DENSE_BF16_PEAK = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
                    ("A100", 312e12))
@@ -147,51 +145,32 @@ def plan_steps(sampler, n: int) -> list:
 def run_bench(args) -> int:
     from . import distributed as D
     from .errors import ConfigError
-    from .fsutil import atomic_write_json, guard_output, json_written_by_us
+    from .output import check_json_out, emit, human, stdout_to_stderr
+    from .strategy import check_world_size
 
-    if args.json_out and args.json_out != "-":
-        guard_output(Path(args.json_out), what="the bench report", suffixes=(".json",),
-                     ours=lambda p: json_written_by_us(p, REPORT_MARKER), option="--json-out")
+    check_json_out(args)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="emotion-bench-"))
     cfg = bench_config(args, workdir)
     info = D.detect_launch()
     D.check_launch(cfg, info)
+    check_world_size(cfg.dist.strategy, info.world_size)
     if args.ultralytics and info.world_size > 1:
         raise ConfigError("--ultralytics runs ultralytics' own trainer in one process; run bench without torchrun "
                           "for the comparison")
     env = D.init_distributed(cfg, info)
     ok = False
-    as_json = args.json or args.json_out == "-"
     try:
-        with stdout_to_stderr() if as_json else contextlib.nullcontext():
+        with stdout_to_stderr(args.json):  # ultralytics' logger and C code too: stdout holds the JSON alone
             summary = _bench(cfg, env, args, workdir)
         if env.is_main:
-            print_report(summary, sys.stderr if args.json or args.json_out == "-" else sys.stdout)
-            if args.json or args.json_out == "-":
-                print(json.dumps(summary, indent=1), flush=True)
-            if args.json_out and args.json_out != "-":
-                atomic_write_json(Path(args.json_out), summary)
+            print_report(summary, human(args))
+            emit(args, summary)
         ok = True
         return 0
     finally:
         D.close_distributed(clean=ok)
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """With --json, stdout holds the JSON alone: whatever else writes to it meanwhile (ultralytics'
-    logger, DataLoader workers, C code) goes to stderr, at the file-descriptor level."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _bench(cfg, env, args, workdir: Path) -> dict:
@@ -201,6 +180,7 @@ def _bench(cfg, env, args, workdir: Path) -> dict:
     from .build import build_trainer, prepare_data
     from .loader import train_batches
     from .loggers import setup_logging
+    from .output import MARKER
 
     setup_logging(1)  # warnings only: the bench prints its own table
     ds = prepare_data(cfg, env)
@@ -316,7 +296,7 @@ def _bench(cfg, env, args, workdir: Path) -> dict:
             ratios[label] = by[num]["img_per_s"] / by[den]["img_per_s"]
     t = cfg.train
     summary = {
-        REPORT_MARKER: "bench", "device": name, "torch": torch.__version__, "world_size": world,
+        MARKER: "bench", "device": name, "torch": torch.__version__, "world_size": world,
         "timing": "cuda events" if dev.type == "cuda" else "perf_counter",
         "data": {"root": ds.root, "train_images": len(ds.train), "image_size": cfg.data.image_size,
                  "on_device": trainer.resident is not None},

@@ -12,7 +12,7 @@ import torch
 from . import distributed as D
 from .augment import BatchTransform
 from .checkpoint import CheckpointFiles, Checkpointer, CheckpointMeta, inference_weights, load_checkpoint
-from .config import Config
+from .config import Config, ConfigError
 from .data import Datasets, class_weights, dataset_root, load_datasets, normalization
 from .ema import ModelEMA
 from .engine import Trainer, check_resumable
@@ -21,7 +21,7 @@ from .loader import place_on_device
 from .loggers import build_logger
 from .losses import Criterion
 from .model import build_model
-from .sampler import ResumableSampler
+from .sampler import BalancedSampler, ResumableSampler
 from .schedule import ProgressLR
 from .strategy import make_strategy
 from .train_state import EMAState, Keyed, RngStates, TrainProgress, WeightsAndOptimizer
@@ -29,18 +29,24 @@ from .train_state import EMAState, Keyed, RngStates, TrainProgress, WeightsAndOp
 log = logging.getLogger("emotion_dist")
 
 
-def prepare_data(cfg: Config, env: D.DistEnv) -> Datasets:
+def prepare_data(cfg: Config, env: D.DistEnv, check_classes: bool = True) -> Datasets:
     """The data set, prepared (generated, downloaded, decoded into the cache) by one rank while the
     others wait, then read by every rank from what it wrote."""
     ensure_writable_dir(Path(cfg.run.cache_dir), "run.cache_dir")
     root = D.rank_zero_first(env, lambda: dataset_root(cfg))
-    return D.rank_zero_first(env, lambda: load_datasets(cfg, root))
+    return D.rank_zero_first(env, lambda: load_datasets(cfg, root, check_classes))
 
 
-def init_from(model: torch.nn.Module, path: str) -> None:
-    """Fine-tuning: load the weights that fit (strict=False, a new head allowed) and say what did not."""
-    sd = inference_weights(load_checkpoint(path))
+def init_from(model: torch.nn.Module, path: str, classes: list[str]) -> None:
+    """Fine-tuning: load the weights that fit (strict=False, a new head allowed) and say what did not.
+    A head trained on other class names or order (FER's 7 -> FER+'s 8) has its rows mapped by emotion."""
+    from .labels import remap_head
+
+    state = load_checkpoint(path)
+    sd = inference_weights(state)
     own = model.state_dict()
+    if state.get("class_names") and state["class_names"] != classes:
+        sd = remap_head(sd, own, state["class_names"], classes)
     fitting = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     missing, unexpected = model.load_state_dict(fitting, strict=False)
     shape_mismatch = sorted(k for k in sd if k in own and own[k].shape != sd[k].shape)
@@ -48,19 +54,23 @@ def init_from(model: torch.nn.Module, path: str) -> None:
              path, len(fitting), missing or "none", unexpected or "none", shape_mismatch or "none")
 
 
-def build_trainer(cfg: Config, env: D.DistEnv, ds: Datasets | None = None) -> Trainer:
+def build_trainer(cfg: Config, env: D.DistEnv, ds: Datasets | None = None, notes: list[str] = ()) -> Trainer:
+    """`notes`: where the launcher's or W&B's environment set or lost a value (env_settings), for the start line."""
     t = cfg.train
     run_dir = Path(cfg.run.dir)
     if env.is_main:
         ensure_writable_dir(run_dir, "run.dir")
     ds = ds or prepare_data(cfg, env)
+    if cfg.data.pipeline == "classic" and ds.train.files and not Path(ds.train.files[0]).is_file():
+        raise ConfigError("data.pipeline=classic decodes image files and this data set has none (CSV pixels); "
+                          "use data.pipeline=fast")
     strategy = make_strategy(cfg.dist, env)
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank and world size
     model = build_model(cfg.model.in_channels, len(ds.classes), cfg.data.image_size)
     torch.manual_seed(t.seed + env.rank)  # then per rank
     if cfg.model.init_from:
-        init_from(model, cfg.model.init_from)
+        init_from(model, cfg.model.init_from, ds.classes)
     if t.compile:  # in place: parameter names (and so checkpoints) stay the same. Once per run: every step
         # and eval batch has one shape (sampler.plan_steps, validation.evaluate), so dynamic=False never recompiles
         mode = {"mode": t.compile_mode} if t.compile_backend == "inductor" else {}
@@ -74,7 +84,9 @@ def build_trainer(cfg: Config, env: D.DistEnv, ds: Datasets | None = None) -> Tr
     optimizer = strategy.build_optimizer(model, lr, t.weight_decay)
     scheduler = ProgressLR(optimizer, t.warmup_epochs, t.epochs)
     scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
-    sampler = ResumableSampler(len(ds.train), t.batch_size, env.world_size, env.rank, t.seed, t.grad_accum)
+    sampler = (BalancedSampler(ds.train.targets(), t.batch_size, env.world_size, env.rank, t.seed, t.grad_accum)
+               if t.sampler == "balanced" else
+               ResumableSampler(len(ds.train), t.batch_size, env.world_size, env.rank, t.seed, t.grad_accum))
     weights = class_weights(ds).to(env.device) if t.class_weights == "balanced" else None
 
     files = CheckpointFiles(run_dir, cfg.ckpt.keep) if env.is_main else None
@@ -102,10 +114,10 @@ def build_trainer(cfg: Config, env: D.DistEnv, ds: Datasets | None = None) -> Tr
         save_config(cfg, run_dir / "config.yaml")
         log.info(
             "launcher %s | world size %d | backend %s | device %s | precision %s | strategy %s | batch %d per "
-            "process x %d processes x %d accumulation = %d global | data %s (%d train / %d val / %d test, %d classes)",
+            "process x %d processes x %d accumulation = %d global | data %s (%d train / %d val / %d test, %d classes)%s",
             env.launcher, env.world_size, env.backend, env.device, t.precision, cfg.dist.strategy, t.batch_size,
             env.world_size, t.grad_accum, global_batch, ds.root, len(ds.train), len(ds.val),
-            len(ds.test) if ds.test else 0, len(ds.classes),
+            len(ds.test) if ds.test else 0, len(ds.classes), "".join(f" | {n}" for n in notes),
         )
     logger = build_logger(run_dir, env.is_main, cfg)
     return Trainer(cfg, env, ds, model, strategy, optimizer, scheduler, scaler, ema, sampler,

@@ -316,6 +316,11 @@ def plan_start(files: CheckpointFiles, resume: str) -> StartPlan:
         return StartPlan(files.begin())
     path = Path(resume)
     state = load_checkpoint(path)
+    read_meta(state, path)  # a weights-only file cannot be resumed: one line saying so
+    missing = [k for k in ("optimizer_state_dict", "sampler", "epoch", "global_step") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} has no training state to resume ({', '.join(missing)} missing); start a "
+                              f"new run from its weights with model.init_from={path}")
     theirs = state.get("run_id")
     if files.record is not None and files.owned() and theirs != files.run_id:
         raise ConfigError(

@@ -1,13 +1,26 @@
 """`emotion-dist` command line. Heavy modules (torch, ultralytics) are imported inside the
-commands so `--help` and config errors answer at once."""
+commands so `--help` and config errors answer at once.
+
+Every command that takes a config takes dotted `key=value` overrides anywhere on its line (before
+or after --config, between flags); every command that reports takes --json / --json-out (output.py)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
+from . import __version__
+from .output import add_output_args
+
 EXIT_USAGE = 2
+EXIT_CODES = """exit codes:
+  0  done, or stopped by a signal (SIGTERM/SIGINT/SIGUSR1) after saving: a scheduler may requeue
+  1  training failed or was aborted (non-finite steps, a failed checkpoint write, a lost peer)
+  2  bad input: config, data, checkpoint, launch environment or output path (one line on stderr)"""
+# a dotted config key with a value: train.epochs=3, log.wandb_tags=a,b
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
 
 
 def _fail(msg: str, code: int = EXIT_USAGE) -> int:
@@ -22,32 +35,72 @@ def _positive_int(text: str) -> int:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults = configs/default.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
+    """--config and key=value overrides (which main() also collects from anywhere on the line)."""
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="YAML config (default: the built-in defaults, the same as configs/default.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides anywhere on the line, e.g. train.epochs=3 (all keys: emotion-dist config keys)")
+
+
+def _sub(sub, name: str, help: str, description: str | None = None, epilog: str | None = None, **kw):
+    return sub.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".",
+                          epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+
+TRAIN_EPILOG = f"""config keys (the sections data, model, train, dist, run, ckpt, log):
+  emotion-dist config keys            every key with its type, default and meaning
+  emotion-dist config keys train.     only the keys starting with train.
+  emotion-dist train --config X ... --print-config     the resolved config as YAML, nothing started
+
+precedence: key=value on the command line > the launcher's settings (accelerate --mixed_precision,
+--use_fsdp, --dynamo_backend, --cpu) and WANDB_* variables > the --config file > the defaults; the
+start line says when one overruled another.
+
+{EXIT_CODES}"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="emotion-dist", description="Distributed training harness for EmotionNet (facial expressions).")
-    sub = p.add_subparsers(dest="command", required=True)
-    _config_args(sub.add_parser("train", help="train (same as launch/train.py; works under torchrun/accelerate/srun)"))
+    p = argparse.ArgumentParser(prog="emotion-dist", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Distributed training harness for EmotionNet (facial expressions).")
+    p.add_argument("--version", action="version", version=f"emotion-dist {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = _sub(sub, "train", "train (same as launch/train.py; works under torchrun/accelerate/srun)", epilog=TRAIN_EPILOG,
+             description="Train EmotionNet. Rank 0 prints one start line (launcher, world size, device, precision,\n"
+                         "strategy, batch, and where the environment set a value) and writes into run.dir.")
+    _config_args(t)
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (file, environment, overrides) as YAML and exit; nothing is written")
+    add_output_args(t, "the final result (steps, best validation macro-F1, test figures)")
 
-    d = sub.add_parser("data", help="dataset tools")
-    dsub = d.add_subparsers(dest="data_command", required=True)
-    s = dsub.add_parser("synthetic", help="write the synthetic face dataset in the Kaggle layout")
-    s.add_argument("--out", required=True)
-    s.add_argument("--train", type=int, default=4000)
-    s.add_argument("--test", type=int, default=700)
-    s.add_argument("--seed", type=int, default=0)
+    c = _sub(sub, "config", "config tools")
+    csub = c.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    k = _sub(csub, "keys", "list every config key with its type, default and meaning")
+    k.add_argument("prefix", nargs="?", default="", help="only keys starting with this, e.g. train. or log.wandb")
+    k.add_argument("--markdown", action="store_true", help="as the Markdown table in README.md")
+    add_output_args(k, "the keys")
+
+    d = _sub(sub, "data", "dataset tools")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    s = _sub(dsub, "synthetic", "write the synthetic face dataset in the Kaggle layout")
+    s.add_argument("--out", required=True, help="the folder to write (train/train/<class>, test/test/<class>)")
+    s.add_argument("--train", type=int, default=4000, help="training images (default 4000)")
+    s.add_argument("--test", type=int, default=700, help="test images (default 700)")
+    s.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    add_output_args(s, "where the data set went and its sizes")
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint (test split by default)")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--split", choices=["test", "val"], default="test")
+    e.add_argument("--checkpoint", required=True, action="append",
+                   help="a .pt checkpoint; give it several times to evaluate an ensemble (probabilities averaged)")
+    e.add_argument("--split", choices=["test", "val"], default="test", help="which split (default test)")
     e.add_argument("--json", action="store_true", help="print the report as one JSON document on stdout (the table goes to stderr)")
     e.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON report to FILE")
-    e.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    e.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "tencrop"],
+                   help="test-time augmentation: flip (the image and its mirror; the default of a bare --tta) or "
+                        "tencrop (4 corner + centre crops, 40 of 48 px, and their mirrors); probabilities averaged")
     e.add_argument("--out", default=None, help="folder for the confusion-matrix PNG (default: next to the JSON report, "
                                                 "else RUN_DIR/eval)")
-    e.add_argument("overrides", nargs="*", metavar="key=value")
+    e.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="change the checkpoint's config, e.g. data.root=PATH to evaluate on another folder")
 
     pr = sub.add_parser(
         "predict", help="detect faces in photos, a video or a camera and classify their expression",
@@ -79,17 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="each image (or frame) is one face crop (FER-style inputs)")
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX (verified with onnxruntime) or safetensors")
-    x.add_argument("--checkpoint", required=True)
-    x.add_argument("--format", choices=["onnx", "safetensors"], required=True)
+    x.add_argument("--checkpoint", required=True, help="a .pt checkpoint")
+    x.add_argument("--format", choices=["onnx", "safetensors"], required=True, help="the file format")
     x.add_argument("--out", default=None, help="output file (default: next to the checkpoint)")
 
     from .bench import rows_arg  # torch-free at import
 
-    b = sub.add_parser(
-        "bench", help="throughput of loaders, model step and end-to-end training (see docs/benchmarks.md)",
-        description="Times training's own parts on your data and settings: --config and key=value are train's "
-                    "(data.root, data.image_size, train.batch_size, train.precision, dist.strategy, train.compile, "
-                    "data.on_device, ...); under torchrun every rank takes part. The flags below are bench's own.")
+    b = _sub(sub, "bench", help="throughput of loaders, model step and end-to-end training (see docs/benchmarks.md)",
+             description="Times training's own parts on your data and settings: --config and key=value are "
+                         "train's (data.root, data.image_size, train.batch_size, train.precision, dist.strategy, "
+                         "train.compile, data.on_device, ...); under torchrun every rank takes part. The flags "
+                         "are bench's own.", epilog=EXIT_CODES)
     _config_args(b)
     b.add_argument("--steps", type=_positive_int, default=20, help="timed steps per row (default 20)")
     b.add_argument("--warmup", type=_positive_int, default=2,
@@ -103,20 +156,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also rows f and g: ultralytics' own trainer and our fit() on the same images")
     b.add_argument("--epochs", type=_positive_int, default=2, help="epochs of the --ultralytics comparison (default 2)")
     b.add_argument("--workdir", default=None, help="keep the bench's run folders here (default: a temporary folder)")
-    b.add_argument("--json", action="store_true", help="print the report as one JSON document on stdout (the table "
-                                                       "goes to stderr)")
-    b.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON report to FILE")
+    add_output_args(b, "the bench report")
 
     sm = sub.add_parser("summarize", help="mean ± std of test accuracy and macro-F1 over runs (seeds)")
     sm.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or evaluate --json reports")
-    sm.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_output_args(sm, "the summary")
 
-    c = sub.add_parser("ckpt", help="checkpoint tools")
-    csub = c.add_subparsers(dest="ckpt_command", required=True)
-    i = csub.add_parser("inspect", help="print a checkpoint's metadata")
-    i.add_argument("path")
+    ck = _sub(sub, "ckpt", "checkpoint tools")
+    cksub = ck.add_subparsers(dest="ckpt_command", required=True, metavar="SUBCOMMAND")
+    i = _sub(cksub, "inspect", "print a checkpoint's metadata and how a config differs from its own")
+    i.add_argument("path", help="a .pt checkpoint")
     _config_args(i)
+    add_output_args(i, "the metadata and the config diff")
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, plus key=value overrides anywhere on the line for the commands that take them
+    (argparse gives a positional list only one contiguous run)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    found = [a for a in argv[:end] if OVERRIDE.match(a)]
+    args = parser.parse_args([a for a in argv[:end] if not OVERRIDE.match(a)] + argv[end:])
+    if not hasattr(args, "overrides"):  # a command without a config: its own arguments, as written
+        return parser.parse_args(argv) if found else args
+    args.overrides = [*found, *args.overrides]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return _run(args)
     except UserError as e:
@@ -142,24 +208,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    from .output import MARKER, check_json_out, emit, human
+
     if args.command == "train":
         from .train import run_training
 
-        return run_training(args.config, args.overrides)
+        return run_training(args.config, args.overrides, args)
+    if args.command == "config":
+        return _config_keys(args)
     if args.command == "data":
         from . import interrupts
         from .synthetic import generate
 
+        check_json_out(args)
         interrupts.install()  # a stop signal mid-generation removes the temp folder and exits 0
         out = generate(args.out, args.train, args.test, args.seed)
-        print(f"synthetic dataset ready: {out}")
+        print(f"synthetic dataset ready: {out}", file=human(args))
+        emit(args, {MARKER: "data synthetic", "root": str(out), "train": args.train, "test": args.test,
+                    "seed": args.seed})
         return 0
     if args.command == "evaluate":
         from .evaluate import run_evaluate
 
         return run_evaluate(args)
     if args.command == "predict":
-        from .predict import run_predict
+        from .video import run_predict
 
         return run_predict(args)
     if args.command == "export":
@@ -179,7 +252,28 @@ def _run(args) -> int:
     if args.command == "ckpt":
         from .inspect_ckpt import inspect
 
-        return inspect(args.path, args.config, args.overrides)
+        return inspect(args)
+    return 0
+
+
+def _config_keys(args) -> int:
+    from .config import describe_keys, format_default, keys_markdown
+    from .output import MARKER, emit, human
+
+    rows = [k for k in describe_keys() if k.key.startswith(args.prefix)]
+    if not rows:
+        return _fail(f"no config key starts with {args.prefix!r}; the sections are data, model, train, dist, run, "
+                     f"ckpt, log")
+    out = human(args)
+    if args.markdown:
+        out.write(keys_markdown())
+    else:
+        width = max(len(k.key) for k in rows)
+        for k in rows:
+            print(f"{k.key:<{width}}  {k.type}  (default {format_default(k.default)})\n{'':<{width}}  {k.help}",
+                  file=out)
+    emit(args, {MARKER: "config keys", "keys": [{"key": k.key, "type": k.type, "default": k.default, "help": k.help}
+                                               for k in rows]})
     return 0
 
 

@@ -39,99 +39,138 @@ MAX_IMAGE_SIZE = 1024  # larger inputs do not fit EmotionNet's purpose (and over
 MAX_TIMEOUT_S = 7 * 24 * 3600  # collectives take a bounded timeout; a week is beyond any step
 
 
+def setting(default, help: str):
+    """A config key: its default and one line of help (`emotion-dist config keys`, README's table)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DataConfig:
-    source: Literal["auto", "synthetic", "folder", "kaggle", "fer2013_csv"] = "auto"
-    root: Optional[str] = None  # auto: read what is there (none -> synthetic); synthetic: where to write it; fer2013_csv: the CSV
-    kaggle_handle: str = "aadityasinghal/facial-expression-dataset/versions/1"
-    image_size: int = 64
-    val_fraction: float = 0.1
-    num_workers: int = 0
-    pipeline: Literal["fast", "classic"] = "fast"
-    limit: int = 0  # use at most this many training images (0 = all); a debug knob
-    synthetic_train: int = 4000
-    synthetic_test: int = 700
-    synthetic_seed: int = 0
-    ferplus: Optional[str] = None  # fer2013new.csv: FER+ vote labels (8 classes), joined row by row to data.root's CSV
-    label_mode: Literal["majority", "probability", "crossentropy"] = "majority"  # FER+ (Barsoum et al. 2016)
-    dedupe: Literal["off", "warn", "drop"] = "warn"  # duplicates across splits: drop removes them from train
-    # the training split's decoded uint8 images resident on the training device, batches gathered there
-    # (no host-to-device copy per step); auto: on CUDA when they fit in on_device_max_fraction of its memory
-    on_device: Literal["auto", "true", "false"] = "auto"
-    on_device_max_fraction: float = 0.25
+    source: Literal["auto", "synthetic", "folder", "kaggle", "fer2013_csv"] = setting(
+        "auto", "`auto` (whatever data.root holds; no root: synthetic) | `synthetic` | `folder` (ImageFolder tree) | "
+                "`kaggle` (kagglehub) | `fer2013_csv` (fer2013.csv / icml_face_data.csv)")
+    root: Optional[str] = setting(
+        None, "folder: the tree (`train/train/<class>` + `test/test/<class>`, or `train/` + `test/` or `val/`); "
+              "fer2013_csv: the CSV; synthetic: where to write it")
+    kaggle_handle: str = setting("aadityasinghal/facial-expression-dataset/versions/1",
+                                 "kagglehub handle (honours `KAGGLEHUB_CACHE`)")
+    image_size: int = setting(64, "model input in pixels; a multiple of 32 (64, 96, 128, 224)")
+    val_fraction: float = setting(0.1, "stratified, seeded validation split held out from train")
+    num_workers: int = setting(0, "DataLoader workers (classic pipeline)")
+    pipeline: Literal["fast", "classic"] = setting(
+        "fast", "`fast`: decoded-uint8 cache + batched augmentation on the device; `classic`: per-sample PIL + "
+                "torchvision.transforms.v2")
+    limit: int = setting(0, "train on at most N images (0 = all); a debug knob")
+    synthetic_train: int = setting(4000, "synthetic data set: training images")
+    synthetic_test: int = setting(700, "synthetic data set: test images")
+    synthetic_seed: int = setting(0, "synthetic data set: seed")
+    ferplus: Optional[str] = setting(
+        None, "fer2013new.csv: FER+ vote labels (8 classes), joined row by row to data.root's CSV")
+    label_mode: Literal["majority", "probability", "crossentropy"] = setting(
+        "majority", "FER+ labels from the votes (Barsoum et al. 2016): majority vote, vote distribution, or "
+                    "cross-entropy on it")
+    dedupe: Literal["off", "warn", "drop"] = setting(
+        "warn", "images duplicated across splits: `warn`, `drop` (removed from train) or `off`")
+    on_device: Literal["auto", "true", "false"] = setting(
+        "auto", "keep the decoded training images on the training device and gather batches there (no "
+                "host-to-device copy per step); `auto`: on CUDA when they fit in data.on_device_max_fraction "
+                "of its memory")
+    on_device_max_fraction: float = setting(0.25, "the share of the device's memory data.on_device may take")
 
 
 @dataclass
 class ModelConfig:
-    in_channels: int = 1
-    num_classes: int = 7
-    init_from: Optional[str] = None  # weights only, strict=False (fine-tuning)
+    in_channels: int = setting(1, "1 = grayscale, 3 = RGB")
+    num_classes: int = setting(7, "must equal the number of classes in the data")
+    init_from: Optional[str] = setting(
+        None, "fine-tune: load weights only (`strict=False`, a new head allowed); lists missing/unexpected keys")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 64  # per process
-    lr: float = 0.002
-    lr_scale: Literal["none", "linear"] = "none"  # linear: lr *= global_batch / 64
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    class_weights: Literal["none", "balanced"] = "none"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    grad_accum: int = 1
-    clip_grad_norm: float = 0.0  # 0 = off
-    patience: int = 0  # early stop after this many epochs without a better val macro-F1 (0 = off)
-    ema_decay: float = 0.0  # 0 = off; e.g. 0.999: validate, keep best and export an EMA of the weights
-    seed: int = 0
-    max_steps: int = 0  # stop after this many optimizer steps (0 = no limit); a debug knob
-    max_bad_steps: int = 20  # consecutive non-finite steps before training stops
-    channels_last: bool = True
-    compile: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # inductor's modes
-    # inductor: the real compiler; aot_eager / eager: dynamo's debugging backends (accelerate's --dynamo_backend)
-    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    eval_test: bool = True  # evaluate best.pt on the test split after training
-    sampler: Literal["uniform", "balanced"] = "uniform"  # balanced: classes drawn equally often, with replacement
+    epochs: int = setting(10, "training epochs")
+    batch_size: int = setting(64, "per process; global = batch_size x processes x grad_accum")
+    lr: float = setting(0.002, "AdamW learning rate")
+    lr_scale: Literal["none", "linear"] = setting("none", "`linear`: lr x global batch / 64")
+    weight_decay: float = setting(0.05, "AdamW weight decay; not applied to norms and biases")
+    warmup_epochs: float = setting(1.0, "linear warmup, then cosine decay")
+    label_smoothing: float = setting(0.1, "cross-entropy label smoothing")
+    class_weights: Literal["none", "balanced"] = setting("none", "`balanced`: n / (k * count_c)")
+    precision: Literal["fp32", "bf16", "fp16"] = setting(
+        "fp32", "`fp32` | `bf16` | `fp16` (GradScaler); `accelerate launch --mixed_precision` fills it in")
+    grad_accum: int = setting(1, "micro-batches per optimizer step (DDP `no_sync` on all but the last)")
+    clip_grad_norm: float = setting(0.0, "gradient-norm clipping (0 = off)")
+    patience: int = setting(
+        0, "early stop after N epochs without a better validation macro-F1 (0 = off); all ranks stop together")
+    ema_decay: float = setting(
+        0.0, "0 = off; e.g. 0.999: an EMA of the weights is validated, picks best.pt, and is what "
+             "evaluate/predict/export use")
+    seed: int = setting(0, "model init, split, epoch order, augmentation")
+    max_steps: int = setting(0, "stop after N optimizer steps, saving a checkpoint (0 = no limit); a debug knob")
+    max_bad_steps: int = setting(20, "consecutive non-finite steps before training stops")
+    channels_last: bool = setting(True, "channels-last memory format")
+    compile: bool = setting(False, "torch.compile the model, once per run (static shapes: no recompiles); "
+                                   "`accelerate launch --dynamo_backend inductor` sets it")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = setting(
+        "default", "inductor's mode; `reduce-overhead` captures CUDA graphs")
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = setting(
+        "inductor", "`inductor` compiles; `aot_eager` and `eager` are dynamo's debugging backends")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "`auto` (CUDA when visible) | `cpu` | `cuda`")
+    eval_test: bool = setting(True, "evaluate best.pt on the test split after training")
+    sampler: Literal["uniform", "balanced"] = setting(
+        "uniform", "`balanced`: classes drawn equally often, with replacement")
 
 
 @dataclass
 class DistConfig:
-    strategy: Literal["ddp", "zero", "fsdp"] = "ddp"
-    sync_bn: bool = False
-    timeout_s: float = 300.0
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    # DistributedDataParallel's knobs (ddp and zero): smaller buckets start all-reduces during the backward pass
-    bucket_cap_mb: float = 25.0
-    gradient_as_bucket_view: bool = True  # gradients are views into the all-reduce buckets: no copy
-    static_graph: bool = False  # the same parameters are used every step (true for EmotionNet)
-    grad_compression: Literal["none", "bf16"] = "none"  # bf16: all-reduce gradients in bfloat16
+    strategy: Literal["ddp", "zero", "fsdp"] = setting(
+        "ddp", "`ddp` | `zero` (ZeroRedundancyOptimizer) | `fsdp` (FSDP2 `fully_shard`); "
+               "`accelerate launch --use_fsdp` sets fsdp")
+    sync_bn: bool = setting(False, "SyncBatchNorm (per-GPU batches can be small)")
+    timeout_s: float = setting(300.0, "process-group timeout: a stuck rank ends the job instead of hanging it")
+    backend: Literal["auto", "nccl", "gloo"] = setting("auto", "`auto`: nccl on CUDA, gloo on CPU")
+    bucket_cap_mb: float = setting(
+        25.0, "DDP's gradient bucket size (EmotionNet's 7 MB of gradients fit one 25 MB bucket; smaller buckets "
+              "start all-reduces during the backward pass); ddp and zero")
+    gradient_as_bucket_view: bool = setting(True, "DDP: gradients are views into the all-reduce buckets (no copy)")
+    static_graph: bool = setting(
+        False, "DDP static_graph: every parameter used every step (true for EmotionNet); not with "
+               "train.grad_accum > 1")
+    grad_compression: Literal["none", "bf16"] = setting("none", "DDP: `bf16` all-reduces the gradients in bfloat16")
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
-    resume: str = "auto"  # auto | never | PATH
-    lease_heartbeat_s: float = 10.0  # the run-directory lease's heartbeat (one job per run.dir)
-    lease_stale_s: float = 60.0  # a lease not refreshed for this long belongs to a dead job: taken over
-    cache_dir: str = ".cache/emotion-dist"
+    dir: str = setting("runs/default", "run directory (checkpoints, metrics.jsonl, plots, config.yaml)")
+    resume: str = setting(
+        "auto", "`auto` (newest loadable checkpoint in run.dir) | `never` | a checkpoint path")
+    lease_heartbeat_s: float = setting(10.0, "the run-directory lease's heartbeat (one job per run.dir)")
+    lease_stale_s: float = setting(60.0, "a lease not refreshed for this long belongs to a dead job: taken over")
+    cache_dir: str = setting(".cache/emotion-dist", "synthetic data and the decoded-image cache")
 
 
 @dataclass
 class CkptConfig:
-    every_steps: int = 0  # 0 = epoch ends only
-    keep: int = 2
-    on_error: Literal["stop", "warn"] = "stop"
+    every_steps: int = setting(0, "also checkpoint every N steps (0 = at epoch ends only)")
+    keep: int = setting(2, "step checkpoints kept besides last.pt and best.pt")
+    on_error: Literal["stop", "warn"] = setting("stop", "a failed checkpoint write: `stop`, or `warn` and continue")
 
 
 @dataclass
 class LogConfig:
-    wandb: Literal["off", "offline", "online"] = "off"
-    wandb_project: str = "emotion-dist"
-    wandb_artifact: bool = False  # at the end, log best.pt as a wandb "model" artifact (aliases best, epoch-N)
-    every_steps: int = 10
-    sample_ids: bool = False  # audit: each rank appends the sample ids of every step to sample_ids.rankN.jsonl
+    wandb: Literal["off", "offline", "online"] = setting(
+        "off", "Weights & Biases: `off` | `offline` | `online` (WANDB_MODE switches a run between them, "
+               "`disabled` turns it off)")
+    wandb_project: str = setting("emotion-dist", "W&B project (default: WANDB_PROJECT, else emotion-dist)")
+    wandb_entity: Optional[str] = setting(None, "W&B entity, a user or team (default: WANDB_ENTITY)")
+    wandb_group: Optional[str] = setting(None, "W&B run group, e.g. one per sweep (default: WANDB_RUN_GROUP)")
+    wandb_tags: str = setting("", "W&B tags, comma-separated (default: WANDB_TAGS)")
+    wandb_artifact: bool = setting(
+        False, "at the end, log best.pt as a W&B `model` artifact (aliases best, epoch-N)")
+    tensorboard: bool = setting(False, "TensorBoard event files in run.dir/tensorboard (needs the tensorboard extra)")
+    every_steps: int = setting(10, "progress/log interval in steps (the loss is read from the device only then)")
+    sample_ids: bool = setting(
+        False, "audit: each rank appends the sample ids of every step to sample_ids.rankN.jsonl")
 
 
 @dataclass
@@ -347,8 +386,63 @@ def validate(cfg: Config) -> None:
     )
 
 
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: Path) -> None:
-    atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    atomic_write_bytes(path, to_yaml(cfg).encode())
+
+
+@dataclass
+class KeyInfo:
+    key: str
+    type: str
+    default: Any
+    help: str
+
+
+def _type_name(typ: Any) -> str:
+    if get_origin(typ) is Literal:
+        return " | ".join(map(str, get_args(typ)))
+    if get_origin(typ) is Union:
+        (inner,) = [a for a in get_args(typ) if a is not type(None)]
+        return f"{_type_name(inner)} or null"
+    return typ.__name__
+
+
+def format_default(value: Any) -> str:
+    """A default as YAML spells it: null, true, "" ..."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def describe_keys() -> list[KeyInfo]:
+    """Every config key with its type, default and help, read from the dataclasses themselves."""
+    rows = []
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory  # the section's dataclass
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            rows.append(KeyInfo(f"{section.name}.{f.name}", _type_name(hints[f.name]), f.default,
+                                f.metadata.get("help", "")))
+    return rows
+
+
+def keys_markdown() -> str:
+    """README's Configuration table, generated (`emotion-dist config keys --markdown`)."""
+    def cell(text) -> str:
+        return str(text).replace("|", "\\|")
+
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for k in describe_keys():
+        lines.append(f"| `{k.key}` | {cell(k.type)} | {cell(format_default(k.default))} | {cell(k.help)} |")
+    return "\n".join(lines) + "\n"
+
+
+def config_diff(old: Config, new: Config, ignore=("run.resume", "model.init_from")) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every key that differs."""
+    a, b = old.flat(), new.flat()
+    return [(k, a[k], b[k]) for k in a if a[k] != b[k] and k not in ignore]
 
 
 def config_from_dict(tree: dict) -> Config:

@@ -152,6 +152,8 @@ class Datasets:
     root: str
     skipped: list[tuple[str, str]]
     label_mode: str = "majority"
+    excluded: dict = field(default_factory=dict)  # images the labelling rules left out (FER+): reason -> count
+    duplicates: Optional[dict] = None  # the leak audit's report (data.dedupe=warn|drop)
 
 
 def _decoded(split: RawSplit, channels: int, cache: Path) -> tuple[np.ndarray, np.ndarray, list[str], list, Optional[np.ndarray]]:
@@ -167,11 +169,13 @@ def _decoded(split: RawSplit, channels: int, cache: Path) -> tuple[np.ndarray, n
     return dec.images, dec.labels, dec.files, list(dec.skipped), targets
 
 
-def load_datasets(cfg: Config, root: Path) -> Datasets:
+def load_datasets(cfg: Config, root: Path, check_classes: bool = True) -> Datasets:
+    """The splits of the data set at `root` (check_classes: its class count must be model.num_classes;
+    evaluate checks against its checkpoints instead)."""
     d = cfg.data
     channels = cfg.model.in_channels
     raw = get_reader(cfg).read(cfg, Path(root))
-    if len(raw.classes) != cfg.model.num_classes:
+    if check_classes and len(raw.classes) != cfg.model.num_classes:
         raise ConfigError(
             f"the data has {len(raw.classes)} classes ({', '.join(raw.classes)}) but model.num_classes="
             f"{cfg.model.num_classes}; set model.num_classes={len(raw.classes)}"
@@ -187,17 +191,51 @@ def load_datasets(cfg: Config, root: Path) -> Datasets:
         v_images, v_labels, v_files, v_skipped, v_targets = _decoded(raw.val, channels, cache)
         skipped += v_skipped
         val = Split(v_images, v_labels, np.arange(len(v_labels)), v_files, v_targets)
-    if d.limit:
-        tr_idx = np.sort(tr_idx[np.random.default_rng(cfg.train.seed).permutation(len(tr_idx))[: d.limit]])
     test = None
     if raw.test is not None:
         t_images, t_labels, t_files, t_skipped, t_targets = _decoded(raw.test, channels, cache)
         skipped += t_skipped
         test = Split(t_images, t_labels, np.arange(len(t_labels)), t_files, t_targets)
+    train = Split(images, labels, tr_idx, files, targets)
+    duplicates = None
+    if d.dedupe != "off":
+        duplicates, keep = audit_splits(train, val, test, d.dedupe, Path(cfg.run.cache_dir) / "audit")
+        train.index = train.index[keep]
+    if d.limit:
+        train.index = np.sort(train.index[np.random.default_rng(cfg.train.seed).permutation(len(train))[: d.limit]])
     for f, why in skipped:
         log.warning("skipped unreadable image %s (%s)", f, why)
-    return Datasets(classes=raw.classes, train=Split(images, labels, tr_idx, files, targets), val=val, test=test,
-                    channels=channels, root=str(root), skipped=skipped, label_mode=raw.label_mode)
+    return Datasets(classes=raw.classes, train=train, val=val, test=test, channels=channels, root=str(root),
+                    skipped=skipped, label_mode=raw.label_mode, excluded=raw.excluded, duplicates=duplicates)
+
+
+def audit_splits(train: Split, val: Split, test: Optional[Split], mode: str, cache: Path) -> tuple[dict, np.ndarray]:
+    """The leak audit (audit.py) across the splits, and the train positions to keep (`drop` leaves out
+    what also appears in val or test). Its result is cached beside the decoded images, keyed on
+    what the splits hold, so every rank and every later run reads it instead of hashing again."""
+    from .audit import audit, dedupe
+
+    splits = {"train": train, "val": val, **({"test": test} if test is not None else {})}
+    h = hashlib.sha256(f"audit v1 {mode}".encode())
+    for name, sp in splits.items():
+        h.update(name.encode() + np.asarray(sp.index).tobytes() + str(sp.images.shape).encode())
+        h.update("\0".join(map(str, sp.files[:1] + sp.files[-1:])).encode("utf-8", "surrogateescape"))
+    path = cache / f"{h.hexdigest()[:20]}.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            return saved["report"], np.asarray(saved["keep"], dtype=np.int64)
+        except (OSError, ValueError, KeyError):
+            pass  # damaged: audit again
+    result = audit({name: sp.images[np.sort(sp.index)] for name, sp in splits.items()},
+                   {name: [sp.files[i] for i in np.sort(sp.index)] for name, sp in splits.items()})
+    keep = dedupe(result, len(train), mode)
+    log.info("%s", result.summary_line())
+    try:
+        atomic_write_bytes(path, json.dumps({"report": result.report, "keep": keep.tolist()}).encode())
+    except OSError as e:
+        log.warning("the audit result was not cached (%s); the next start audits again", e.strerror or e)
+    return result.report, keep
 
 
 def write_data_report(ds: Datasets, path: Path) -> None:
@@ -211,6 +249,8 @@ def write_data_report(ds: Datasets, path: Path) -> None:
         "train_class_counts": dict(zip(ds.classes, counts)),
         "skipped_count": len(ds.skipped),
         "skipped": [{"file": f, "reason": r} for f, r in ds.skipped],
+        "excluded": ds.excluded,
+        "duplicates": ds.duplicates,
     }
     atomic_write_bytes(path, json.dumps(report, indent=1).encode())
 

@@ -31,6 +31,11 @@ class LaunchInfo:
     local_rank: int
     master_addr: str
     master_port: int
+    rendezvous: bool = True  # False for one process started without a rendezvous (python, accelerate's one-process launcher)
+
+
+# what accelerate's one-process launcher (`prepare_simple_launcher_cmd_env`) always sets; it sets no RANK/WORLD_SIZE
+ACCELERATE_SIMPLE_LAUNCHER_VARS = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND")
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -74,10 +79,11 @@ def detect_launch(env: dict | None = None) -> LaunchInfo:
             _int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + job % 20000,
         )
     else:
-        info = LaunchInfo("python", 0, 1, 0, "127.0.0.1", 0)
+        one = "accelerate" if any(k in env for k in ACCELERATE_SIMPLE_LAUNCHER_VARS) else "python"
+        info = LaunchInfo(one, 0, 1, 0, "127.0.0.1", 0, rendezvous=False)
     if not (0 <= info.rank < info.world_size):
         raise LaunchError(f"rank {info.rank} is outside world size {info.world_size}; fix the launcher's environment")
-    if info.launcher != "python" and not 0 < info.master_port < 65536:
+    if info.rendezvous and not 0 < info.master_port < 65536:
         raise LaunchError(f"MASTER_PORT={info.master_port} is not a TCP port; use one between 1024 and 65535")
     return info
 
@@ -112,13 +118,8 @@ def select_device(cfg: Config, local_rank: int) -> torch.device:
 
 
 def check_launch(cfg: Config, info: LaunchInfo) -> None:
-    """Launch-dependent config checks, before the process group starts."""
-    from .strategy import STRATEGIES
-
-    need = STRATEGIES[cfg.dist.strategy].min_world_size
-    if info.world_size < need:
-        raise ConfigError(f"dist.strategy={cfg.dist.strategy} needs at least {need} processes; launch with torchrun "
-                          f"or use dist.strategy=ddp")
+    """Launch-dependent config checks, before the process group starts (the strategy's own:
+    strategy.check_world_size)."""
     if cfg.dist.backend == "nccl" and (cfg.train.device == "cpu" or not torch.cuda.is_available()):
         raise ConfigError("dist.backend=nccl needs CUDA GPUs and none is in use here; use dist.backend=auto (gloo on CPU)")
 
@@ -145,7 +146,7 @@ def init_distributed(cfg: Config, info: LaunchInfo) -> DistEnv:
     backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     timeout = timedelta(seconds=cfg.dist.timeout_s)
     if not dist.is_initialized():
-        if info.launcher == "python":
+        if not info.rendezvous:
             store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout)
             dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
         else:

@@ -21,7 +21,7 @@ from .amp import autocast
 from .augment import BatchTransform, DeviceSplit
 from .checkpoint import Checkpointer, CheckpointError, CheckpointMeta, data_change_error, describe_data_change
 from .checkpoint import inference_weights, load_checkpoint
-from .config import Config
+from .config import Config, config_diff, config_from_dict
 from .data import Datasets, write_data_report
 from .diagnostics import SampleIdLog, inject_fault
 from .ema import ModelEMA
@@ -99,6 +99,7 @@ class Trainer:
     def _fit(self) -> dict:
         self.resume()
         p, t = self.progress, self.cfg.train
+        self.logger.start(p.global_step)  # sinks that keep a stream (TensorBoard) drop what came after it
         if self.env.is_main:
             self.logger.best_effort(write_data_report, self.ds, Path(self.cfg.run.dir) / "data_report.json")
         while p.epoch < t.epochs and not p.out_of_patience(t.patience):
@@ -136,7 +137,7 @@ class Trainer:
         window_t, window_n = time.perf_counter(), 0
         batches = train_batches(self.ds.train, steps, p.epoch, self.transform, self.cfg.data.pipeline,
                                 self.ds.channels, self.cfg.data.image_size, self.cfg.train.seed,
-                                self.cfg.data.num_workers, self.resident)
+                                self.cfg.data.num_workers, self.ds.label_mode, self.resident)
         for i, (step, micro) in enumerate(batches, start=total - len(steps) + 1):
             self.phase = "the training step (forward/backward, gradient all-reduce)"
             self.scheduler.update(p.epoch + self.sampler.consumed / self.sampler.n)
@@ -185,7 +186,8 @@ class Trainer:
                     loss = loss * float("nan")
                 self.scaler.scale(loss * scale).backward()
             loss_sum += loss.detach()
-            correct += ((logits.detach().argmax(1) == y) & mask).sum()
+            hard = y.argmax(1) if y.is_floating_point() else y  # soft targets: scored against their top class
+            correct += ((logits.detach().argmax(1) == hard) & mask).sum()
         if t.precision == "fp16":  # GradScaler skips non-finite steps itself and adapts its scale
             self.scaler.unscale_(self.optimizer)
             if t.clip_grad_norm:
@@ -248,7 +250,7 @@ class Trainer:
                                  self.transform, self.env, self.ds.classes, self.cfg.train.batch_size,
                                  self.cfg.train.precision)
             result["test_accuracy"], result["test_macro_f1"] = test["accuracy"], test["macro_f1"]
-            self.logger.log({"type": "test", "checkpoint": "best.pt",
+            self.logger.log({"type": "test", "step": p.global_step, "checkpoint": "best.pt",
                              **{k: test[k] for k in ("loss", "accuracy", "macro_f1", "count")}})
             self.logger.line(f"test (best.pt, epoch {p.best_epoch}): accuracy {test['accuracy']:.4f}  "
                              f"macro-F1 {test['macro_f1']:.4f}")
@@ -261,6 +263,7 @@ class Trainer:
             meta = {**result, "classes": self.ds.classes, "image_size": self.cfg.data.image_size,
                     "ema": self.ema is not None}
             self.logger.artifact(best, ["best", f"epoch-{p.best_epoch}"], meta)
+        self.logger.finish(result)
         return result
 
     # ------------------------------------------------------------------ state
@@ -289,6 +292,10 @@ class Trainer:
             f"{self.sampler.consumed}/{self.sampler.n} samples of the epoch done "
             f"(saved on world size {state['world_size']} with {state['strategy']})"
         )
+        changed = config_diff(config_from_dict(state.get("config", {})), self.cfg)
+        if changed:
+            self.logger.line("config changed since that checkpoint: " + ", ".join(f"{k} {a!r} -> {b!r}"
+                                                                                   for k, a, b in changed))
 
     def close(self) -> None:
         self.logger.close()

@@ -143,7 +143,7 @@ def guard_output(path: Path, *, what: str, suffixes: Iterable[str], inputs: Iter
                  ours: Optional[Callable[[Path], bool]] = None, option: str = "--out") -> Path:
     """Check an output path before any work. Refused with one line: a folder, one of the inputs,
     a name with another suffix than `suffixes` (a file of another kind), or an existing file that
-    `ours` does not recognise as emotion-dist's own output. The parent folder must be creatable."""
+    `ours` does not recognise as emotion-dist's own output. The parent folder must exist."""
     path = Path(path)
     suffixes = tuple(suffixes)
     if path.is_dir():
@@ -157,12 +157,8 @@ def guard_output(path: Path, *, what: str, suffixes: Iterable[str], inputs: Iter
     if path.exists() and not (ours and ours(path)):
         raise ConfigError(f"{option} {path} exists and was not written by emotion-dist; choose a new name or remove it")
     parent = path.parent
-    if parent.exists() and not parent.is_dir():
-        raise ConfigError(f"{option} {path}: {parent} is a file, not a folder")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{option} {path}: cannot create {parent} ({e.strerror or e})") from None
+    if not parent.is_dir():  # like a shell redirection: the folder must be there (a typo is not created)
+        raise ConfigError(f"{option} {path}: the folder {parent} does not exist; create it or choose another path")
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"{option} {path}: {parent} is not writable")
     return path

@@ -74,6 +74,16 @@ def target_loss(logits: torch.Tensor, target: torch.Tensor, weight: Optional[tor
                            weight=weight, label_smoothing=label_smoothing, reduction=reduction)
 
 
+def training_targets(split, labels: torch.Tensor, idx: torch.Tensor, keys: torch.Tensor, label_mode: str,
+                     seed: int, epoch: int) -> torch.Tensor:
+    """What a training batch is scored against: the class indices, or with FER+ votes (split.soft)
+    a label drawn from each image's distribution (probability) or the distribution (crossentropy)."""
+    if split.soft is None or label_mode == "majority":
+        return labels
+    soft = torch.from_numpy(split.soft[idx.numpy()])
+    return draw_labels(soft, keys, seed, epoch) if label_mode == "probability" else soft
+
+
 def draw_labels(targets: torch.Tensor, keys: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
     """One class per row of `targets` (N x K distributions), drawn with their probabilities: FER+
     probability mode. A pure function of (seed, epoch, key) (key: the sample's draw key, see

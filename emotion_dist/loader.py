@@ -19,6 +19,7 @@ from .augment import BatchTransform, ClassicDataset, DeviceSplit, gather_uint8
 from .config import DataConfig
 from .data import Split
 from .errors import DataError
+from .labels import training_targets
 from .sampler import Step
 
 log = logging.getLogger("emotion_dist")
@@ -55,20 +56,29 @@ def place_on_device(split: Split, data: DataConfig, device: torch.device) -> Opt
 
 def train_batches(split: Split, steps: Iterable[Step], epoch: int, transform: BatchTransform, pipeline: str = "fast",
                   channels: int = 1, image_size: int = 64, seed: int = 0, num_workers: int = 0,
-                  resident: Optional[DeviceSplit] = None) -> Iterator[tuple[Step, list[Batch]]]:
-    """`resident` (from place_on_device): gather the fast pipeline's batches on the device."""
+                  label_mode: str = "majority", resident: Optional[DeviceSplit] = None) -> Iterator[tuple[Step, list[Batch]]]:
+    """Labels are class indices, or for FER+'s soft label modes a per-draw label (probability) or the
+    vote distribution itself (crossentropy). Augmentation and label draws are keyed per draw.
+    `resident` (from place_on_device): the fast pipeline gathers its batches on the device."""
     steps = list(steps)
     device = transform.device
+
+    def targets(y, idx, keys):
+        if split.soft is None or label_mode == "majority":  # class indices, wherever they are
+            return y.to(device, non_blocking=True)
+        # FER+'s soft modes read the votes on the host (labels.training_targets)
+        return training_targets(split, y.cpu(), idx.cpu(), keys.cpu(), label_mode, seed, epoch).to(device)
+
     if pipeline == "fast" and resident is not None:
-        yield from _resident_batches(resident, steps, epoch, transform)
+        yield from _resident_batches(resident, steps, epoch, transform, targets)
         return
     if pipeline == "fast":
         for step in steps:
             out = []
             for j, (pos, mask) in enumerate(zip(step.micro_batches, step.masks())):
                 x_u8, y, idx = gather_uint8(split, pos)
-                key = idx if step.keys is None else step.keys[j]
-                out.append((transform.train(x_u8, key, epoch), y.to(device, non_blocking=True), mask.to(device)))
+                keys = step.keys[j] if step.keys is not None else idx
+                out.append((transform.train(x_u8, keys, epoch), targets(y, idx, keys), mask.to(device)))
             yield step, out
         return
     dataset = ClassicDataset(split, channels, image_size, True, seed)
@@ -80,13 +90,13 @@ def train_batches(split: Split, steps: Iterable[Step], epoch: int, transform: Ba
     for step in steps:
         out = []
         for mask in step.masks():
-            x, y, _ = next(it)
-            out.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True), mask.to(device)))
+            x, y, idx = next(it)
+            out.append((x.to(device, non_blocking=True), targets(y, idx, idx), mask.to(device)))
         yield step, out
 
 
-def _resident_batches(resident: DeviceSplit, steps: list[Step], epoch: int,
-                      transform: BatchTransform) -> Iterator[tuple[Step, list[Batch]]]:
+def _resident_batches(resident: DeviceSplit, steps: list[Step], epoch: int, transform: BatchTransform,
+                      targets) -> Iterator[tuple[Step, list[Batch]]]:
     if not steps:
         return
     dev = resident.device
@@ -101,5 +111,6 @@ def _resident_batches(resident: DeviceSplit, steps: list[Step], epoch: int,
             span = slice(start, start + len(m))
             start += len(m)
             x_u8, y, idx = resident.gather(positions[span])
-            out.append((transform.train(x_u8, idx if keys is None else keys[span], epoch), y, masks[span]))
+            key = idx if keys is None else keys[span]
+            out.append((transform.train(x_u8, key, epoch), targets(y, idx, key), masks[span]))
         yield step, out

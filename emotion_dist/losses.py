@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 
 class Criterion:
+    """Targets are class indices (N), or distributions (N x K: FER+ crossentropy mode), for which
+    torch's cross_entropy computes sum_c w_c t'_c (-log softmax)_c with the same smoothing."""
+
     def __init__(self, label_smoothing: float = 0.0, class_weights: Optional[torch.Tensor] = None):
         self.label_smoothing, self.class_weights = label_smoothing, class_weights
 

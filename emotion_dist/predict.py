@@ -217,6 +217,7 @@ def plan_annotations(files: list[Path], out_dir: str) -> list[Path]:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {printable(out)} is a file; for images --out is a folder for the annotated copies "
                           f"(a .mp4 file only for a video or camera)")
+    out.mkdir(parents=True, exist_ok=True)  # the folder the user named for the copies
     inputs = {f.resolve() for f in files}
     targets, used = [], set()
     for f in files:
@@ -339,13 +340,3 @@ def run_images(args) -> int:
     if json_out:
         atomic_write_json(json_out, document)
     return 0 if faces or not messages or interrupts.requested() else 1
-
-
-def run_predict(args) -> int:
-    from . import video
-
-    modelfile.require(args.checkpoint)  # a missing model, a folder or a JPEG: one line before anything else
-    source = video.source_of(args)
-    if source is None:
-        return run_images(args)
-    return video.run_video(args, source)

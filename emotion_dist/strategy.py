@@ -272,12 +272,17 @@ class FSDPStrategy(Strategy):
 STRATEGIES = {s.name: s for s in (DDPStrategy, ZeroStrategy, FSDPStrategy)}
 
 
+def check_world_size(name: str, world_size: int) -> None:
+    """Before the process group starts: a strategy that cannot run on this many processes."""
+    need = STRATEGIES[name].min_world_size
+    if world_size < need:
+        raise ConfigError(f"dist.strategy={name} needs at least {need} processes; launch with torchrun or use "
+                          f"dist.strategy=ddp")
+
+
 def make_strategy(cfg: DistConfig, env: DistEnv) -> Strategy:
-    cls = STRATEGIES[cfg.strategy]
-    if env.world_size < cls.min_world_size:
-        raise ConfigError(f"dist.strategy={cfg.strategy} needs at least {cls.min_world_size} processes; launch with "
-                          f"torchrun or use dist.strategy=ddp")
-    return cls(env, cfg)
+    check_world_size(cfg.strategy, env.world_size)
+    return STRATEGIES[cfg.strategy](env, cfg)
 
 
 def broadcast_buffers(model: nn.Module) -> None:

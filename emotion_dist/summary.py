@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import ConfigError
+from .output import MARKER, check_json_out, emit, human
 
 METRICS = ("accuracy", "macro_f1")
 
@@ -54,7 +55,7 @@ def load_result(path: str | Path) -> dict:
             record = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ConfigError(f"{p} is not JSON; pass a run directory or an emotion-dist evaluate --json report") from None
-        if not isinstance(record, dict) or not all(k in record for k in METRICS):
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), (int, float)) for k in METRICS):
             raise ConfigError(f"{p} has no accuracy and macro_f1; pass an emotion-dist evaluate --json report")
         source, seed = "evaluate report", record.get("seed")
     else:
@@ -86,7 +87,7 @@ def _pm(m: dict) -> str:
     return f"{100 * m['mean']:.2f} ± {std}"
 
 
-def print_summary(s: dict) -> None:
+def print_summary(s: dict, file=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -97,13 +98,12 @@ def print_summary(s: dict) -> None:
         t.add_row(r["run"], "-" if r["seed"] is None else str(r["seed"]),
                   f"{100 * r['accuracy']:.2f}", f"{100 * r['macro_f1']:.2f}")
     t.add_row("mean ± std", "", _pm(s["accuracy"]), _pm(s["macro_f1"]), style="bold")
-    Console(file=sys.stdout, width=120).print(t)
+    Console(file=file or sys.stdout, width=120).print(t)
 
 
 def run_summarize(args) -> int:
+    check_json_out(args, inputs=[Path(r) for r in args.runs])
     s = summarize_runs(args.runs)
-    if args.json:
-        print(json.dumps(s, indent=1))
-    else:
-        print_summary(s)
+    print_summary(s, human(args))
+    emit(args, {MARKER: "summarize", **s})
     return 0

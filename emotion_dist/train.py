@@ -3,26 +3,24 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
-import os
 import sys
 
 from . import interrupts
-from .config import load_config
-from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError, Interrupted, TrainingAborted, UserError
+from .config import load_config, to_yaml
+from .env_settings import apply_environment
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Interrupted, TrainingAborted, UserError
+from .output import MARKER, check_json_out, emit, stdout_to_stderr
 
 log = logging.getLogger("emotion_dist")
-ACCELERATE_PRECISION = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
-def resolve_config(config_path, overrides):
+def resolve_config(config_path, overrides, environ=None):
+    """The config a run uses (command line > environment > config file > defaults, see env_settings)
+    and the notes saying where the launcher's or W&B's environment decided or was overruled."""
     cfg, given = load_config(config_path, overrides)
-    amp = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if "train.precision" not in given and amp:
-        if amp not in ACCELERATE_PRECISION:
-            raise ConfigError(f"ACCELERATE_MIXED_PRECISION={amp} is not supported; use no, fp16 or bf16")
-        cfg.train.precision = ACCELERATE_PRECISION[amp]
-    return cfg, given
+    return cfg, apply_environment(cfg, given, overrides, environ)
 
 
 def hold_run_dir(cfg):
@@ -40,47 +38,75 @@ def _error(rank: int, e: BaseException) -> None:
     print(f"error: [rank {rank}] {e}", file=sys.stderr, flush=True)
 
 
-def run_training(config_path, overrides) -> int:
-    interrupts.install()  # from the first moment: a signal during data preparation stops cleanly too
+def run_training(config_path, overrides, out: argparse.Namespace | None = None) -> int:
+    """`out`: the output flags (json, json_out, print_config); with --json, stdout holds only the
+    final JSON document and every log line goes to stderr."""
+    out = out or argparse.Namespace(json=False, json_out=None, print_config=False)
+    cfg = None
     try:
-        cfg, _ = resolve_config(config_path, overrides)
+        cfg, notes = resolve_config(config_path, overrides)
+        if getattr(out, "print_config", False):  # the resolved YAML; nothing started, nothing written
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
+            sys.stdout.write(to_yaml(cfg))
+            return EXIT_OK
+        interrupts.install()  # from here on: a signal during data preparation stops cleanly too
+        check_json_out(out)
+        from .loggers import check_trackers
+
+        check_trackers(cfg)
         from . import distributed as D
+
+        from .strategy import check_world_size
 
         info = D.detect_launch()
         D.check_launch(cfg, info)
+        check_world_size(cfg.dist.strategy, info.world_size)
         env = D.init_distributed(cfg, info)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except Interrupted as e:
         print(f"stopped by {e.signame} before training started; nothing to save", file=sys.stderr, flush=True)
+        if cfg is not None:
+            emit(out, {MARKER: "train", "run_dir": cfg.run.dir, "stopped": True, "global_step": None})
         return EXIT_OK
+    with stdout_to_stderr(out.json):
+        code, result = _train(cfg, notes, env)
+    if result is not None and env.is_main:
+        emit(out, {MARKER: "train", "run_dir": cfg.run.dir, "launcher": env.launcher,
+                   "world_size": env.world_size, **result})
+    return code
 
+
+def _train(cfg, notes: list[str], env) -> tuple[int, dict | None]:
+    """(exit code, the result for the JSON document, or None after an error)."""
+    from . import distributed as D
     from .build import build_trainer
     from .loggers import setup_logging
 
-    setup_logging(env.rank)
+    setup_logging(env.rank, sys.stdout)  # sys.stdout is stderr here under --json
     trainer, lease, ok = None, None, False
     try:
         lease = D.rank0_decides(lambda: hold_run_dir(cfg), share_result=False)
-        trainer = build_trainer(cfg, env)
+        trainer = build_trainer(cfg, env, notes=notes)
         trainer.lease = lease
         result = trainer.fit()
         if env.is_main:
             log.info("done: %s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
         ok = True
-        return EXIT_OK
+        return EXIT_OK, result
     except UserError as e:
         _error(env.rank, e)
-        return EXIT_USAGE
+        return EXIT_USAGE, None
     except TrainingAborted as e:
         _error(env.rank, e)
-        return EXIT_FAILURE
+        return EXIT_FAILURE, None
     except Interrupted as e:  # during data preparation: temp files are gone; the next start carries on
         if env.is_main:
             log.info("stopped by %s while preparing data; temp files removed, the next start carries on", e.signame)
         ok = env.world_size == 1
-        return EXIT_OK
+        return EXIT_OK, {"stopped": True, "global_step": None}
     finally:
         if trainer is not None:
             trainer.close()

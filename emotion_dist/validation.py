@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import distributed as D
+from . import tta
 from .amp import autocast
 from .augment import BatchTransform, gather_uint8
 from .data import Split
+from .labels import remap_probabilities
 from .metrics import confusion_matrix, plot_confusion, plot_curves, summarize
 from .sampler import eval_shard
 from .strategy import broadcast_buffers
@@ -21,13 +23,19 @@ from .strategy import broadcast_buffers
 
 @torch.no_grad()
 def evaluate(model, split: Split, transform: BatchTransform, env: D.DistEnv, num_classes: int,
-             batch_size: int, precision: str = "fp32", tta: bool = False, strategy=None) -> tuple[dict, torch.Tensor]:
+             batch_size: int, precision: str = "fp32", tta: str = "none", strategy=None,
+             extra_models: Sequence = (), class_maps: Optional[Sequence] = None) -> tuple[dict, torch.Tensor]:
     """Exact distributed evaluation: unpadded contiguous shards, summed confusion matrix, with rank
     0's BatchNorm statistics (those a checkpoint holds). Every rank runs the same number of forwards
     of the same shape (FSDP all-gathers inside forward; a compiled model sees one shape): batches
-    are padded with masked-out copies of a real image."""
-    model.eval()
-    broadcast_buffers(model)
+    are padded with masked-out copies of a real image.
+
+    tta ("none" | "flip" | "tencrop", see tta.py) and extra_models (an ensemble) average class
+    probabilities; class_maps[i] maps model i's classes onto the split's (labels.class_mapping)."""
+    models = [model, *extra_models]
+    for m in models:
+        m.eval()
+        broadcast_buffers(m)
     shard = eval_shard(len(split), env.world_size, env.rank)
     n_batches = max(1, math.ceil(math.ceil(len(split) / env.world_size) / batch_size))
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=env.device)
@@ -37,15 +45,12 @@ def evaluate(model, split: Split, transform: BatchTransform, env: D.DistEnv, num
         real = len(chunk)
         padded = torch.cat([chunk, torch.zeros(batch_size - real, dtype=torch.int64)])
         x_u8, y, _ = gather_uint8(split, padded)
-        x = transform.eval(x_u8)
         with autocast(env.device, precision):
-            logits = model(x).float()
-            if tta:
-                logits = (logits.softmax(1) + model(torch.flip(x, dims=[3])).float().softmax(1)).log()
+            scores = _scores(models, x_u8, transform, tta, class_maps)
         if real:
-            logits, y = logits[:real], y[:real].to(env.device)
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-            cm += confusion_matrix(logits.argmax(1), y, num_classes)
+            scores, y = scores[:real], y[:real].to(env.device)
+            loss_sum += F.cross_entropy(scores, y, reduction="sum").double()
+            cm += confusion_matrix(scores.argmax(1), y, num_classes)
     if strategy is not None:
         strategy.after_eval(model)
     D.all_reduce_sum(cm)
@@ -54,10 +59,22 @@ def evaluate(model, split: Split, transform: BatchTransform, env: D.DistEnv, num
     return {"loss": float(loss_sum) / max(n, 1), "count": n}, cm
 
 
+def _scores(models, x_u8: torch.Tensor, transform: BatchTransform, mode: str, class_maps) -> torch.Tensor:
+    """Logits (one model, one view), or the log of class probabilities averaged over views and models."""
+    if mode == "none" and len(models) == 1 and not class_maps:
+        return models[0](transform.eval(x_u8)).float()
+    probs = [tta.probabilities(m, x_u8, transform.eval, mode) for m in models]
+    if class_maps:
+        probs = [remap_probabilities(p, cmap) if cmap is not None else p for p, cmap in zip(probs, class_maps)]
+    return tta.log_probabilities(tta.average(probs))
+
+
 def evaluate_split(model, split: Split, transform: BatchTransform, env: D.DistEnv, classes: list[str], batch_size: int,
-                   precision: str = "fp32", strategy=None, tta: bool = False) -> tuple[dict, torch.Tensor]:
+                   precision: str = "fp32", strategy=None, tta: str = "none", extra_models: Sequence = (),
+                   class_maps: Optional[Sequence] = None) -> tuple[dict, torch.Tensor]:
     """evaluate() plus accuracy, macro-F1 and per-class figures."""
-    res, cm = evaluate(model, split, transform, env, len(classes), batch_size, precision, tta, strategy)
+    res, cm = evaluate(model, split, transform, env, len(classes), batch_size, precision, tta, strategy,
+                       extra_models, class_maps)
     res.update(summarize(cm.cpu(), classes))
     return res, cm
 

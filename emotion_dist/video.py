@@ -26,7 +26,7 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
-from . import interrupts
+from . import interrupts, modelfile
 from .errors import ConfigError, DataError
 from .fsutil import guard_output, remove_stale_temps, temp_path
 from .images import printable
@@ -382,3 +382,12 @@ def run_video(args, source: Source) -> int:
         print(f"{src.name}: {NO_FACE}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def run_predict(args) -> int:
+    """`emotion-dist predict`: still images (predict.run_images), or a video file, stream or camera."""
+    from .predict import run_images
+
+    modelfile.require(args.checkpoint)  # a missing model, a folder or a JPEG: one line before anything else
+    source = source_of(args)
+    return run_images(args) if source is None else run_video(args, source)

@@ -116,3 +116,38 @@ def tiny_model(tmp_path_factory, tiny_data):
     run([sys.executable, "-m", "emotion_dist.cli", "export", "--checkpoint", str(pt), "--format", "onnx",
          "--out", str(d / "model.onnx")])
     return SimpleNamespace(pt=pt, onnx=d / "model.onnx")
+
+
+def epoch_sample_ids(run_dir: Path, epoch: int) -> list[int]:
+    """The ids of the samples trained on in `epoch`, over every rank (`log.sample_ids=true`)."""
+    import json
+
+    out = []
+    for f in sorted(run_dir.glob("sample_ids.rank*.jsonl")):
+        out += [i for r in map(json.loads, f.read_text().splitlines()) if r["epoch"] == epoch for i in r["ids"]]
+    return out
+
+
+@pytest.fixture(scope="session")
+def slurm_session(tmp_path_factory):
+    """A real two-node Slurm cluster on this machine (tests/slurm_cluster.py), started once per session.
+    Where it cannot start, CI fails and elsewhere the tests skip, saying why."""
+    from slurm_cluster import Cluster, available
+
+    reason = available()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the Slurm tests: {reason}")
+        print(f"skipping Slurm tests: {reason}")
+        pytest.skip(reason)
+    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def cluster(slurm_session):
+    """The session's Slurm cluster, every node up and idle and no job left from an earlier test."""
+    slurm_session.heal()
+    return slurm_session

@@ -1,4 +1,16 @@
-"""A real single-node Slurm cluster in a temporary folder (Debian's slurmctld/slurmd + munge)."""
+"""A real N-node Slurm cluster on this one machine (Debian's slurmctld/slurmd + munge).
+
+Debian's slurmd is built with multiple-slurmd support: every node is one slurmd (`slurmd -N n1`)
+with its own port, spool, pid and log file (`%n` in slurm.conf). Each slurmd starts as one node of
+nodes.py: its own mount namespace with a node-local tmpfs at `Cluster.scratch` (the same path on
+every node) and its own host name. Job steps inherit them, so a job sees what a real multi-node job
+sees: `hostname` says n1 or n2, and what n1 writes to scratch, n2 does not find.
+
+How node names resolve: inside every node, a private /etc/hosts maps n1..nN to 127.0.0.1 (see
+nodes.py). The sbatch scripts then run exactly as written for a real cluster, where node names
+resolve (`scontrol show hostnames` gives the rendezvous host); they are not taught this machine's
+NodeAddr. slurmctld itself reaches the slurmds by NodeAddr=127.0.0.1 and needs no names.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +18,25 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-CONF = """ClusterName=ci
+from conftest import ROOT
+from nodes import hosts_file, kill_namespace, node_argv, node_path
+
+# Ports of this cluster alone: no other test (or the old single-node cluster, 6917/6918) uses them.
+CTLD_PORT = 6931
+SLURMD_PORT = 6932  # n1; n2 = 6933, ...
+# Job ids from here: the scripts' default MASTER_PORT is 20000 + job id % 20000, so this cluster's
+# jobs use ports 31000+ where another test cluster's jobs (ids from 1) use 20001+.
+FIRST_JOB_ID = 11000
+CPUS = 2  # per node; the machine has 2 cores in all, so nodes overcommit them (fine for tiny CPU jobs)
+
+CONF = """ClusterName=edtest
 SlurmctldHost=localhost
 SlurmctldPort={ctld_port}
-SlurmdPort={d_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -28,36 +52,53 @@ JobCompType=jobcomp/none
 SwitchType=switch/none
 MailProg=/bin/true
 ReturnToService=2
+FirstJobId={first_job}
 KillWait=10
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
+SlurmdSpoolDir={d}/spool/%n
 SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.pid
+SlurmdPidFile={d}/slurmd.%n.pid
 SlurmctldLogFile={d}/log/slurmctld.log
-SlurmdLogFile={d}/log/slurmd.log
-NodeName=localhost CPUs={cpus} Sockets=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+SlurmdLogFile={d}/log/slurmd.%n.log
+NodeName=n[1-{n}] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[{d_port}-{d_port_last}] CPUs={cpus} Sockets=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes=n[1-{n}] Default=YES MaxTime=INFINITE State=UP
 """
+
+@dataclass
+class Job:
+    id: int
+    out: Path  # the job's output file
+    run_dir: Path
+
+    def log(self) -> str:
+        return self.out.read_text(errors="replace") if self.out.is_file() else ""
+
+
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
 def available() -> str | None:
     """None when a cluster can be started here, else the reason it cannot."""
-    missing = [t for t in ("slurmctld", "slurmd", "sbatch", "munged") if not shutil.which(t)]
+    missing = [t for t in ("slurmctld", "slurmd", "sbatch", "munged", "unshare") if not shutil.which(t)]
     if missing:
-        return f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd slurm-client munge"
+        return (f"Slurm is not installed ({', '.join(missing)} missing): "
+                "apt-get install slurmctld slurmd slurm-client munge")
     if os.geteuid() != 0:
-        return "the local Slurm cluster needs root (SlurmUser=root)"
+        return "the local Slurm cluster needs root (SlurmUser=root, mount namespaces)"
     return None
 
 
 class Cluster:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, nodes: int = 2):
         self.dir = folder
-        for sub in ("state", "spool", "log"):
+        self.nodes = [f"n{i}" for i in range(1, nodes + 1)]
+        for sub in ("state", "spool", "log", "scratch"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
-        cpus = 2
+        self.scratch = folder / "scratch"  # each node mounts its own tmpfs here
+        self.hosts = hosts_file(folder / "hosts", self.nodes)
         self.conf = folder / "slurm.conf"
-        self.conf.write_text(CONF.format(d=folder, cpus=cpus, ctld_port=6917, d_port=6918))
+        self.conf.write_text(CONF.format(d=folder, n=nodes, cpus=CPUS, first_job=FIRST_JOB_ID, ctld_port=CTLD_PORT,
+                                         d_port=SLURMD_PORT, d_port_last=SLURMD_PORT + nodes - 1))
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def _munge_ok(self) -> bool:
@@ -69,32 +110,104 @@ class Cluster:
             if not Path("/etc/munge/munge.key").exists():
                 subprocess.run(["mungekey", "--create"], check=False)
             subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
-            self.started_munge = True
         subprocess.run(["slurmctld", "-i"], env=self.env, check=True)
-        subprocess.run(["slurmd", "-N", "localhost"], env=self.env, check=True)
-        deadline = time.monotonic() + 60
+        for node in self.nodes:
+            self.start_node(node)
+        self.wait_nodes("idle")
+
+    def start_node(self, node: str) -> None:
+        """slurmd for `node` in a fresh node namespace (a restarted node: empty scratch)."""
+        subprocess.run(node_argv(node, self.scratch, self.hosts, ["slurmd", "-N", node]), env=self.env, check=True)
+
+    def slurmd_pid(self, node: str) -> int:
+        return int((self.dir / f"slurmd.{node}.pid").read_text().strip())
+
+    def node_alive(self, node: str) -> bool:
+        try:
+            stat = Path(f"/proc/{self.slurmd_pid(node)}/stat").read_text()
+        except (OSError, ValueError):
+            return False
+        name, state = stat.split("(", 1)[1].rsplit(")", 1)
+        return name == "slurmd" and state.split()[0] != "Z"
+
+    def node_path(self, node: str, path: Path) -> Path:
+        """`path` as `node` sees it (its scratch tmpfs included)."""
+        return node_path(self.slurmd_pid(node), path)
+
+    def node_states(self) -> dict[str, str]:
+        out = self.run("sinfo", "-h", "-N", "-o", "%N %T").stdout.split()
+        return dict(zip(out[::2], out[1::2]))
+
+    def wait_nodes(self, state: str, nodes=None, timeout: float = 60) -> None:
+        nodes = nodes or self.nodes
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True)
-            if out.stdout.strip() == "idle":
+            states = self.node_states()
+            if all(states.get(n) == state for n in nodes):
                 return
-            time.sleep(0.5)
-        raise RuntimeError("slurm did not become idle:\n" + (self.dir / "log/slurmctld.log").read_text()[-2000:])
+            time.sleep(0.3)
+        raise RuntimeError(f"nodes {nodes} not {state} after {timeout}s: {self.node_states()}\n"
+                           + (self.dir / "log/slurmctld.log").read_text()[-2000:])
+
+    def kill_node(self, node: str) -> list[int]:
+        """The node dies whole: its slurmd and every job step process on it (SIGKILL). A node whose
+        slurmd is gone was killed whole already (its pid may belong to another process by now)."""
+        if not self.node_alive(node):
+            return []
+        return kill_namespace(self.slurmd_pid(node))
+
+    def set_state(self, node: str, state: str, reason: str = "test") -> None:
+        args = ["scontrol", "update", f"NodeName={node}", f"State={state}"]
+        out = self.run(*args, *([f"Reason={reason}"] if state in ("DOWN", "DRAIN") else []))
+        assert out.returncode == 0, out.stderr
+
+    def revive_node(self, node: str) -> None:
+        """Restart a killed node (fresh scratch, as after a reboot) and return it to service."""
+        self.kill_node(node)  # whatever is left of it
+        self.start_node(node)
+        # ReturnToService=2 may bring it back by itself when slurmd registers; RESUME is then refused
+        self.run("scontrol", "update", f"NodeName={node}", "State=RESUME")
+        self.wait_nodes("idle", [node])
+
+    def heal(self) -> None:
+        """Between tests: no job left, and every node up and idle (a test may have killed or downed one)."""
+        jobs = self.run("squeue", "-h", "-o", "%i").stdout.split()
+        if jobs:
+            self.run("scancel", *jobs)
+        for node, state in self.node_states().items():
+            if not self.node_alive(node) or state.startswith(("down", "drain", "fail")):
+                self.revive_node(node)
+        self.wait_nodes("idle", timeout=120)
 
     def stop(self) -> None:
-        for name in ("slurmd", "slurmctld"):
-            pid_file = self.dir / f"{name}.pid"
-            if pid_file.is_file():
-                try:
-                    os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
-                except (ProcessLookupError, ValueError):
-                    pass
+        for node in self.nodes:
+            self.kill_node(node)
+        pid_file = self.dir / "slurmctld.pid"
+        if pid_file.is_file():
+            try:
+                os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
         time.sleep(0.5)
 
     # ---- job helpers
     def sbatch(self, *args: str, env: dict | None = None, cwd=None) -> int:
         out = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})}, cwd=cwd,
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True)
+        assert out.returncode == 0, f"sbatch {' '.join(args)} failed: {out.stderr}"
         return int(out.stdout.strip().split(";")[0])
+
+    def submit(self, script: str, folder: Path, name: str, *overrides: str, options: tuple = (),
+               env: dict | None = None, cwd: Path = ROOT) -> Job:
+        """sbatch one of the project's scripts on CPU: configs/default.yaml, run dir folder/name,
+        output folder/name.out (unless `options` names its own)."""
+        out, run_dir = folder / f"{name}.out", folder / name
+        env = {"CONFIG": "configs/default.yaml", "PYTHON": sys.executable, "RUN_DIR": str(run_dir),
+               "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
+        output = [] if any(o.startswith("--output") for o in options) else [f"--output={out}"]
+        jid = self.sbatch(f"--job-name={name}", "--gpus-per-node=0", *output, *options, script, *overrides,
+                          env=env, cwd=cwd)
+        return Job(jid, out, run_dir)
 
     def job(self, jid: int) -> dict:
         out = subprocess.run(["scontrol", "show", "job", "-o", str(jid)], env=self.env, capture_output=True, text=True)
@@ -105,15 +218,33 @@ class Cluster:
                 fields[k] = v
         return fields
 
-    def wait(self, jid: int, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), timeout=300,
-             until=None) -> dict:
+    def wait(self, jid: int, states=TERMINAL, timeout=300, until=None) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self.job(jid)
             if info.get("JobState") in states or (until and until(info)):
                 return info
-            time.sleep(0.5)
-        raise TimeoutError(f"job {jid} still {self.job(jid).get('JobState')} after {timeout}s")
+            time.sleep(0.3)
+        info = self.job(jid)
+        self.run("scancel", str(jid))
+        raise TimeoutError(f"job {jid} still {info.get('JobState')} ({info.get('Reason')}) after {timeout}s")
+
+    def requeued(self, jid: int, restarts: int = 1, timeout: float = 120) -> dict:
+        """Wait until the job is back in the queue after its `restarts`-th requeue."""
+        return self.wait(jid, until=lambda j: j.get("Restarts") == str(restarts) and j.get("JobState") == "PENDING",
+                         timeout=timeout)
+
+    def release(self, jid: int) -> None:
+        """Start a requeued job now instead of after Slurm's ~2 min hold (Reason=BeginTime), but not
+        within the second its old credential was revoked: slurmd compares whole seconds and would
+        refuse the relaunch ("Job credential revoked"), failing the job. So wait until no node is
+        still completing the old run, then 2 s more."""
+        deadline = time.monotonic() + 60
+        while any("comp" in s for s in self.node_states().values()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)
+        out = self.run("scontrol", "update", f"JobId={jid}", "StartTime=now")
+        assert out.returncode == 0, out.stderr
 
     def run(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(list(args), env=self.env, capture_output=True, text=True)

@@ -20,30 +20,10 @@ from emotion_dist.errors import DataError
 from emotion_dist.fer import FER_CLASSES, FERPLUS_CLASSES, FERPLUS_HEADER, ferplus_label, read_fer_csv
 from emotion_dist.labels import class_mapping, draw_labels, remap_head, remap_probabilities, target_loss
 from emotion_dist.sampler import BalancedSampler, ResumableSampler
-
-FER_HEADER = "emotion,pixels,Usage"
-ICML_HEADER = "emotion, Usage, pixels"
-
+from fer_files import FER_HEADER, ICML_HEADER, pixels, write_fer
 
 def face(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (48, 48), dtype=np.uint8)
-
-
-def pixels(img: np.ndarray) -> str:
-    return " ".join(map(str, img.reshape(-1).tolist()))
-
-
-def write_fer(path, rows, header=FER_HEADER):
-    """rows: (emotion, pixel string, Usage), written in the header's column order, or a raw line."""
-    lines = [header]
-    for row in rows:
-        if isinstance(row, str):
-            lines.append(row)
-            continue
-        emotion, px, usage = row
-        lines.append(f"{emotion},{px},{usage}" if header == FER_HEADER else f"{emotion},{usage},{px}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def fives(n: int) -> str:

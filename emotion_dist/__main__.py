@@ -1,0 +1,7 @@
+"""`python -m emotion_dist ...` is `emotion-dist ...`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
