@@ -53,12 +53,14 @@ def test_on_device_takes_yaml_booleans_and_defaults():
 
 # ---------------------------------------------------------------- data.on_device
 def _split(n: int = 37, extra: int = 6, size: int = 16) -> Split:
-    """A split that is a subset of its arrays (as a training split carved from train+val is)."""
+    """A split that is a subset of its arrays (as a training split carved from train+val is), with
+    FER+-style vote distributions beside the labels."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n + extra, 1, size, size), dtype=np.uint8)
     labels = rng.integers(0, 7, n + extra).astype(np.int64)
     index = np.sort(rng.choice(n + extra, n, replace=False))
-    return Split(images, labels, index, [f"#{i}" for i in range(n + extra)])
+    soft = rng.dirichlet(np.ones(7), n + extra).astype(np.float32)
+    return Split(images, labels, index, [f"#{i}" for i in range(n + extra)], soft)
 
 
 def test_place_on_device_decides_and_gathers_the_same_bytes():
@@ -80,21 +82,23 @@ def test_place_on_device_decides_and_gathers_the_same_bytes():
     assert place_on_device(split, data, CPU) is None
 
 
-@pytest.mark.parametrize("grad_accum, keyed_by_draw", [(1, False), (2, True)])
-def test_resident_batches_equal_host_batches(grad_accum, keyed_by_draw):
-    """Same images, labels, masks and augmentation, fillers and draw keys included."""
+@pytest.mark.parametrize("grad_accum, keyed_by_draw, label_mode", [(1, False, "majority"), (2, True, "probability"),
+                                                                   (1, True, "crossentropy")])
+def test_resident_batches_equal_host_batches(grad_accum, keyed_by_draw, label_mode):
+    """Same images, targets, masks and augmentation: fillers, draw keys and FER+'s soft labels included."""
     split = _split()
     transform = BatchTransform(1, 32, CPU, seed=5)
     resident = DeviceSplit(split, CPU)
     steps = plan_steps(torch.randperm(len(split)), 3, 8, 1, 0, grad_accum, keyed_by_draw)
     assert steps[-1].real[-1] < 8  # the ragged end is padded
-    host = list(train_batches(split, steps, 2, transform))
-    dev = list(train_batches(split, steps, 2, transform, resident=resident))
+    host = list(train_batches(split, steps, 2, transform, label_mode=label_mode))
+    dev = list(train_batches(split, steps, 2, transform, label_mode=label_mode, resident=resident))
     assert len(host) == len(dev) == len(steps)
     for (s1, b1), (s2, b2) in zip(host, dev):
         assert s1 is s2 and len(b1) == len(b2) == len(s1.micro_batches)
         for t1, t2 in zip(b1, b2):
             assert all(torch.equal(a, b) for a, b in zip(t1, t2))
+    assert host[0][1][0][1].is_floating_point() == (label_mode == "crossentropy")  # the label mode took effect
 
 
 @pytest.mark.slow
