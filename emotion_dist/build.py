@@ -17,6 +17,7 @@ from .data import Datasets, class_weights, dataset_root, load_datasets, normaliz
 from .ema import ModelEMA
 from .engine import Trainer, check_resumable
 from .fsutil import ensure_writable_dir
+from .loader import place_on_device
 from .loggers import build_logger
 from .losses import Criterion
 from .model import build_model
@@ -67,15 +68,17 @@ def build_trainer(cfg: Config, env: D.DistEnv, ds: Datasets | None = None, notes
     if cfg.data.pipeline == "classic" and ds.train.files and not Path(ds.train.files[0]).is_file():
         raise ConfigError("data.pipeline=classic decodes image files and this data set has none (CSV pixels); "
                           "use data.pipeline=fast")
-    strategy = make_strategy(cfg.dist.strategy, env, cfg.dist.sync_bn)
+    strategy = make_strategy(cfg.dist, env)
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank and world size
     model = build_model(cfg.model.in_channels, len(ds.classes), cfg.data.image_size)
     torch.manual_seed(t.seed + env.rank)  # then per rank
     if cfg.model.init_from:
         init_from(model, cfg.model.init_from, ds.classes)
-    if t.compile:
-        model.compile()  # in place: parameter names (and so checkpoints) stay the same
+    if t.compile:  # in place: parameter names (and so checkpoints) stay the same. Once per run: every step
+        # and eval batch has one shape (sampler.plan_steps, validation.evaluate), so dynamic=False never recompiles
+        mode = {"mode": t.compile_mode} if t.compile_backend == "inductor" else {}
+        model.compile(backend=t.compile_backend, dynamic=False, **mode)
     model = strategy.wrap(model, channels_last=t.channels_last)
     strategy.sync_initial_weights(model)
     ema = ModelEMA(model, t.ema_decay) if t.ema_decay > 0 else None
@@ -125,4 +128,5 @@ def build_trainer(cfg: Config, env: D.DistEnv, ds: Datasets | None = None, notes
     logger = build_logger(run_dir, env.is_main, cfg)
     return Trainer(cfg, env, ds, model, strategy, optimizer, scheduler, scaler, ema, sampler,
                    BatchTransform(ds.channels, cfg.data.image_size, env.device, t.seed),
-                   Criterion(t.label_smoothing, weights), checkpointer, logger, meta, progress)
+                   Criterion(t.label_smoothing, weights), checkpointer, logger, meta, progress,
+                   resident=place_on_device(ds.train, cfg.data, env.device))

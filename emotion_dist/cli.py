@@ -139,20 +139,27 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["onnx", "safetensors"], required=True, help="the file format")
     x.add_argument("--out", default=None, help="output file (default: next to the checkpoint)")
 
-    b = sub.add_parser("bench", help="throughput of loaders, model step and end-to-end training (see docs/benchmarks.md)")
-    b.add_argument("--images", type=int, default=2000, help="synthetic training images")
-    b.add_argument("--image-size", type=int, default=96)
-    b.add_argument("--batch", type=int, default=64)
-    b.add_argument("--steps", type=int, default=20, help="timed steps per row (after 2 warm-up steps)")
-    b.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    b.add_argument("--workers", type=int, default=2, help="DataLoader workers for the classic pipeline")
-    b.add_argument("--epochs", type=int, default=2, help="epochs for the ultralytics comparison")
-    b.add_argument("--compile", action="store_true", help="torch.compile the model")
-    b.add_argument("--ultralytics", action="store_true", help="also run ultralytics' trainer on the same images")
-    b.add_argument("--cache-dir", default=".cache/emotion-dist")
-    b.add_argument("--workdir", default=None, help="keep the bench's run folders here")
-    b.add_argument("--json", default=None, help="write the results as JSON to this file")
+    from .bench import rows_arg  # torch-free at import
+
+    b = _sub(sub, "bench", help="throughput of loaders, model step and end-to-end training (see docs/benchmarks.md)",
+             description="Times training's own parts on your data and settings: --config and key=value are "
+                         "train's (data.root, data.image_size, train.batch_size, train.precision, dist.strategy, "
+                         "train.compile, data.on_device, ...); under torchrun every rank takes part. The flags "
+                         "are bench's own.", epilog=EXIT_CODES)
+    _config_args(b)
+    b.add_argument("--steps", type=_positive_int, default=20, help="timed steps per row (default 20)")
+    b.add_argument("--warmup", type=_positive_int, default=2,
+                   help="warm-up steps per row, after the model step's first call (default 2)")
+    b.add_argument("--rows", type=rows_arg, default="abcde",
+                   help="which rows, as letters (default abcde): a classic loader, b fast loader, c model step, "
+                        "d end-to-end classic, e end-to-end fast")
+    b.add_argument("--compile", action="store_true",
+                   help="train.compile=true; with --ultralytics, ultralytics trains with compile=train.compile_mode too")
+    b.add_argument("--ultralytics", action="store_true",
+                   help="also rows f and g: ultralytics' own trainer and our fit() on the same images")
+    b.add_argument("--epochs", type=_positive_int, default=2, help="epochs of the --ultralytics comparison (default 2)")
+    b.add_argument("--workdir", default=None, help="keep the bench's run folders here (default: a temporary folder)")
+    add_output_args(b, "the bench report")
 
     sm = sub.add_parser("summarize", help="mean ± std of test accuracy and macro-F1 over runs (seeds)")
     sm.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or evaluate --json reports")

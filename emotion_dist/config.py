@@ -79,6 +79,11 @@ class DataConfig:
         "auto", "prepare data once per node (node-local run.cache_dir) or once per job (shared); `auto` detects")
     prepare_timeout_s: float = setting(
         21600.0, "how long ranks wait for data preparation (separate from dist.timeout_s)")
+    on_device: Literal["auto", "true", "false"] = setting(
+        "auto", "keep the decoded training images on the training device and gather batches there (no "
+                "host-to-device copy per step); `auto`: on CUDA when they fit in data.on_device_max_fraction "
+                "of its memory")
+    on_device_max_fraction: float = setting(0.25, "the share of the device's memory data.on_device may take")
 
 
 @dataclass
@@ -112,7 +117,12 @@ class TrainConfig:
     max_steps: int = setting(0, "stop after N optimizer steps, saving a checkpoint (0 = no limit); a debug knob")
     max_bad_steps: int = setting(20, "consecutive non-finite steps before training stops")
     channels_last: bool = setting(True, "channels-last memory format")
-    compile: bool = setting(False, "torch.compile the model; `accelerate launch --dynamo_backend inductor` sets it")
+    compile: bool = setting(False, "torch.compile the model, once per run (static shapes: no recompiles); "
+                                   "`accelerate launch --dynamo_backend inductor` sets it")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = setting(
+        "default", "inductor's mode; `reduce-overhead` captures CUDA graphs")
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = setting(
+        "inductor", "`inductor` compiles; `aot_eager` and `eager` are dynamo's debugging backends")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "`auto` (CUDA when visible) | `cpu` | `cuda`")
     eval_test: bool = setting(True, "evaluate best.pt on the test split after training")
     sampler: Literal["uniform", "balanced"] = setting(
@@ -127,6 +137,14 @@ class DistConfig:
     sync_bn: bool = setting(False, "SyncBatchNorm (per-GPU batches can be small)")
     timeout_s: float = setting(300.0, "process-group timeout: a stuck rank ends the job instead of hanging it")
     backend: Literal["auto", "nccl", "gloo"] = setting("auto", "`auto`: nccl on CUDA, gloo on CPU")
+    bucket_cap_mb: float = setting(
+        25.0, "DDP's gradient bucket size (EmotionNet's 7 MB of gradients fit one 25 MB bucket; smaller buckets "
+              "start all-reduces during the backward pass); ddp and zero")
+    gradient_as_bucket_view: bool = setting(True, "DDP: gradients are views into the all-reduce buckets (no copy)")
+    static_graph: bool = setting(
+        False, "DDP static_graph: every parameter used every step (true for EmotionNet); not with "
+               "train.grad_accum > 1")
+    grad_compression: Literal["none", "bf16"] = setting("none", "DDP: `bf16` all-reduces the gradients in bfloat16")
 
 
 @dataclass
@@ -195,6 +213,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         allowed = get_args(typ)
         if isinstance(value, bool) and "off" in allowed:  # YAML 1.1 reads a bare off/on as a bool
             value = "on" if value else "off"
+        if isinstance(value, bool) and "true" in allowed:  # auto|true|false keys
+            value = "true" if value else "false"
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is invalid; allowed: {', '.join(map(str, allowed))}")
         return value
@@ -314,6 +334,12 @@ def validate(cfg: Config) -> None:
     _check(d.image_size <= MAX_IMAGE_SIZE, f"data.image_size={d.image_size} is too large; use at most {MAX_IMAGE_SIZE}")
     _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be between 0 and 1 (e.g. 0.1)")
     _check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
+    _check(0 < d.on_device_max_fraction <= 1,
+           f"data.on_device_max_fraction={d.on_device_max_fraction} must be in (0, 1] (a share of device memory)")
+    _check(d.on_device != "true" or d.pipeline == "fast",
+           "data.on_device=true needs data.pipeline=fast (classic decodes files per sample)")
+    _check(t.compile_mode == "default" or t.compile_backend == "inductor",
+           f"train.compile_mode={t.compile_mode} is an inductor mode; use train.compile_backend=inductor")
     _check(d.limit >= 0, f"data.limit={d.limit} must be >= 0 (0 = all images)")
     _check(d.synthetic_train >= 14 and d.synthetic_test >= 7, "data.synthetic_train/test too small; use at least 14/7")
     _check(d.cache_size == "auto" or (d.cache_size.isdigit() and 8 <= int(d.cache_size) <= 4096),
@@ -345,6 +371,15 @@ def validate(cfg: Config) -> None:
     _check(0 <= d.synthetic_seed < 2**63, f"data.synthetic_seed={d.synthetic_seed} must be between 0 and 2**63-1")
     _check(0 < cfg.dist.timeout_s <= MAX_TIMEOUT_S,
            f"dist.timeout_s={cfg.dist.timeout_s:g} must be > 0 and at most {MAX_TIMEOUT_S} (a week)")
+    _check(cfg.dist.bucket_cap_mb > 0, f"dist.bucket_cap_mb={cfg.dist.bucket_cap_mb} must be > 0 (torch's default: 25)")
+    ddp_knobs = [f"dist.{k}={getattr(cfg.dist, k)}" for k in ("bucket_cap_mb", "static_graph", "grad_compression")
+                 if getattr(cfg.dist, k) != getattr(DistConfig, k)]
+    _check(cfg.dist.strategy != "fsdp" or not ddp_knobs,
+           f"{', '.join(ddp_knobs)} tune DistributedDataParallel; use dist.strategy=ddp or zero, or leave them at "
+           f"their defaults")
+    _check(not (cfg.dist.static_graph and t.grad_accum > 1),
+           "dist.static_graph=true cannot skip the gradient sync of accumulated micro-batches; use train.grad_accum=1 "
+           "or dist.static_graph=false")
     _check(cfg.ckpt.every_steps >= 0, f"ckpt.every_steps={cfg.ckpt.every_steps} must be >= 0 (0 = epoch ends only)")
     _check(cfg.ckpt.keep >= 1, f"ckpt.keep={cfg.ckpt.keep} must be >= 1")
     _check(cfg.log.every_steps >= 1, f"log.every_steps={cfg.log.every_steps} must be >= 1")

@@ -18,7 +18,7 @@ from torch import nn
 from . import distributed as D
 from . import interrupts
 from .amp import autocast
-from .augment import BatchTransform
+from .augment import BatchTransform, DeviceSplit
 from .checkpoint import Checkpointer, CheckpointError, CheckpointMeta, data_change_error, describe_data_change
 from .checkpoint import inference_weights, load_checkpoint
 from .config import Config, config_diff, config_from_dict
@@ -81,6 +81,7 @@ class Trainer:
     progress: TrainProgress = field(default_factory=TrainProgress)
     lease: Optional[RunDirLease] = None  # rank 0's hold on run.dir; losing it stops every rank
     phase: str = "start-up"  # what the ranks were doing together, for the message when a peer is lost
+    resident: Optional[DeviceSplit] = None  # data.on_device: the training images on the device
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -138,7 +139,7 @@ class Trainer:
         window_t, window_n = time.perf_counter(), 0
         batches = train_batches(self.ds.train, steps, p.epoch, self.transform, self.cfg.data.pipeline,
                                 self.ds.channels, self.cfg.data.image_size, self.cfg.train.seed,
-                                self.cfg.data.num_workers, self.ds.label_mode)
+                                self.cfg.data.num_workers, self.ds.label_mode, self.resident)
         for i, (step, micro) in enumerate(batches, start=total - len(steps) + 1):
             self.phase = "the training step (forward/backward, gradient all-reduce)"
             self.scheduler.update(p.epoch + self.sampler.consumed / self.sampler.n)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
+from .config import DistConfig
 from .distributed import DistEnv
 from .errors import ConfigError
 
@@ -87,8 +88,9 @@ class Strategy:
     name = ""
     min_world_size = 1
 
-    def __init__(self, env: DistEnv, sync_bn: bool = False):
-        self.env, self.sync_bn = env, sync_bn
+    def __init__(self, env: DistEnv, cfg: DistConfig | None = None):
+        self.env, self.cfg = env, cfg or DistConfig()
+        self.sync_bn = self.cfg.sync_bn
 
     # ---------------------------------------------------------------- building
     def wrap(self, model: nn.Module, channels_last: bool) -> nn.Module:
@@ -158,6 +160,12 @@ class Strategy:
 
 
 class DDPStrategy(Strategy):
+    """DistributedDataParallel, tuned by dist.* for a small model: EmotionNet's 7 MB of fp32 gradients
+    fit torch's default 25 MB bucket whole, so no all-reduce starts before the backward pass ends;
+    a smaller `bucket_cap_mb` overlaps them. Gradients are views into the buckets (no copy), the graph
+    can be declared static, and the all-reduce can run in bfloat16 (half the bytes, ~3 significant
+    digits per gradient element)."""
+
     name = "ddp"
 
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -165,8 +173,15 @@ class DDPStrategy(Strategy):
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        c = self.cfg
         ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        ddp = DDP(model, device_ids=ids, bucket_cap_mb=c.bucket_cap_mb,
+                  gradient_as_bucket_view=c.gradient_as_bucket_view, static_graph=c.static_graph)
+        if c.grad_compression == "bf16":
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+            ddp.register_comm_hook(None, bf16_compress_hook)  # None: the default process group
+        return ddp
 
     def no_sync(self, model: nn.Module, last_micro_batch: bool):
         if self.env.world_size == 1 or last_micro_batch:
@@ -265,9 +280,9 @@ def check_world_size(name: str, world_size: int) -> None:
                           f"dist.strategy=ddp")
 
 
-def make_strategy(name: str, env: DistEnv, sync_bn: bool = False) -> Strategy:
-    check_world_size(name, env.world_size)
-    return STRATEGIES[name](env, sync_bn)
+def make_strategy(cfg: DistConfig, env: DistEnv) -> Strategy:
+    check_world_size(cfg.strategy, env.world_size)
+    return STRATEGIES[cfg.strategy](env, cfg)
 
 
 def broadcast_buffers(model: nn.Module) -> None:
