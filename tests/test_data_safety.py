@@ -165,3 +165,17 @@ def test_a_last_batch_of_one_trains(tmp_path, fast_overrides):
                   "train.epochs=1"))
     state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
     assert state["sampler"]["n"] == 177 and state["epoch"] == 1 and state["global_step"] == 23
+
+
+def test_any_file_name_the_os_allows_trains(tmp_path, fast_overrides, tiny_data):
+    """A class folder holding a file whose name is not valid UTF-8 (before: UnicodeEncodeError while
+    hashing the cache key) and one with spaces and a newline: training reads them all."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    happy = data / "train/train/happy"
+    src = sorted(happy.glob("*.jpg"))
+    os.rename(src[0], os.path.join(os.fsencode(happy), b"caf\xe9 \xff.jpg"))
+    os.rename(src[1], happy / "two words\nand a line.jpg")
+    out = run(train_cmd(*without(fast_overrides, "data.root"), f"data.root={data}", "train.max_steps=2"))
+    state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    assert state["global_step"] == 2 and "skipped unreadable" not in out.stdout
