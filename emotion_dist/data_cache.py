@@ -13,6 +13,34 @@ from pathlib import Path
 from .cache import _Chunks, human_bytes
 
 
+def proc_field(path: str, name: str) -> int:
+    """A `Name:  N kB` field of a /proc status file, in bytes (0 when unreadable)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(name):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (its children, theirs, ...), from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+                out += kids
+                todo += kids
+        except OSError:
+            continue
+    return out
+
+
 class _MemoryPeaks:
     """Samples the anonymous memory of this process (RssAnon) and, while a pool of decode workers
     runs, the memory those workers add (Private_Dirty: a forked worker shares our pages until it
@@ -23,38 +51,12 @@ class _MemoryPeaks:
         self.every_s, self.stop = every_s, threading.Event()
         self.thread = threading.Thread(target=self._run, name="memory-peaks", daemon=True)
 
-    @staticmethod
-    def _field(path: str, name: str) -> int:
-        try:
-            with open(path) as f:
-                for line in f:
-                    if line.startswith(name):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
-
-    @staticmethod
-    def _descendants(pid: int) -> list[int]:
-        out, todo = [], [pid]
-        while todo:
-            p = todo.pop()
-            try:
-                for task in os.listdir(f"/proc/{p}/task"):
-                    with open(f"/proc/{p}/task/{task}/children") as f:
-                        kids = [int(k) for k in f.read().split()]
-                    out += kids
-                    todo += kids
-            except OSError:
-                continue
-        return out
-
     def _run(self) -> None:
         while not self.stop.wait(self.every_s):
-            self.own = max(self.own, self._field("/proc/self/status", "RssAnon:"))
+            self.own = max(self.own, proc_field("/proc/self/status", "RssAnon:"))
             if _Chunks.pools_alive:  # other children (ldconfig's vfork at import) share our memory outright
-                kids = self._descendants(os.getpid())
-                self.workers = max(self.workers, sum(self._field(f"/proc/{k}/smaps_rollup", "Private_Dirty:")
+                kids = descendants(os.getpid())
+                self.workers = max(self.workers, sum(proc_field(f"/proc/{k}/smaps_rollup", "Private_Dirty:")
                                                      for k in kids))
 
     def __enter__(self):
@@ -88,7 +90,7 @@ def run_data_cache(config_path, overrides) -> int:
             print(f"data ready in {time.time() - started:.1f} s (scan, sizes, decoding, checks)", flush=True)
             splits = [("train+val", ds.train.images)] + ([("test", ds.test.images)] if ds.test is not None else [])
             splits = [(name, images) for name, images in splits if getattr(images, "filename", None)]  # memory-mapped
-            hwm = _MemoryPeaks._field("/proc/self/status", "VmHWM:")
+            hwm = proc_field("/proc/self/status", "VmHWM:")
             for name, images in splits:
                 print(_describe(name, Path(images.filename), started), flush=True)
             print(f"peak memory: {hwm / 1e9:.2f} GB resident in this process ({peaks.own / 1e9:.2f} GB anonymous); "

@@ -68,14 +68,19 @@ def atomic_write_json(path: Path, obj, indent: Optional[int] = 1) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether `pid` is a live process in this PID namespace; a zombie (killed, not yet reaped) is not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def is_stale_temp(path: Path, max_age_s: float = 24 * 3600) -> bool:
@@ -85,7 +90,7 @@ def is_stale_temp(path: Path, max_age_s: float = 24 * 3600) -> bool:
     if not m:
         return False
     pid = m.group("pid") or m.group("oldpid")
-    if m.group("host") == HOST and not _pid_alive(int(pid)):
+    if m.group("host") == HOST and not process_alive(int(pid)):
         return True
     try:
         return time.time() - path.stat().st_mtime > max_age_s

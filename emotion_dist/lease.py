@@ -46,7 +46,7 @@ from typing import Mapping, Optional
 
 from . import interrupts
 from .errors import ConfigError, TrainingAborted
-from .fsutil import disk_error, ensure_writable_dir, temp_path
+from .fsutil import disk_error, ensure_writable_dir, process_alive, temp_path
 
 log = logging.getLogger("emotion_dist")
 
@@ -67,21 +67,6 @@ def _pid_namespace() -> Optional[str]:
         return os.readlink("/proc/self/ns/pid")
     except OSError:
         return None
-
-
-def process_alive(pid: int) -> bool:
-    """Whether `pid` is a live process in this PID namespace; a zombie (killed, not yet reaped) is not."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _env_int(env: Mapping[str, str], key: str) -> int:

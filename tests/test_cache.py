@@ -19,6 +19,7 @@ from PIL import Image
 from conftest import ROOT, env_for_child, run
 from emotion_dist.cache import FileDecoder, build, cache_key, content_key
 from emotion_dist.data import decode_all
+from emotion_dist.data_cache import descendants, proc_field
 
 CLI = [sys.executable, "-m", "emotion_dist.cli"]
 
@@ -172,32 +173,6 @@ def test_damaged_caches_are_detected_warned_about_and_rebuilt(tmp_path, caplog):
 
 
 # ---------------------------------------------------------------- memory
-def _field(path: str, name: str) -> int:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(name):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-                out += kids
-                todo += kids
-        except OSError:
-            continue
-    return out
-
-
 def _state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -212,9 +187,9 @@ def _run_sampled(cmd: list[str], folder: Path) -> tuple[subprocess.CompletedProc
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for_child(), cwd=ROOT)
     own = workers = 0
     while p.poll() is None:
-        own = max(own, _field(f"/proc/{p.pid}/status", "RssAnon:"))
+        own = max(own, proc_field(f"/proc/{p.pid}/status", "RssAnon:"))
         if _temps(folder):
-            workers = max(workers, sum(_field(f"/proc/{k}/smaps_rollup", "Private_Dirty:") for k in _descendants(p.pid)))
+            workers = max(workers, sum(proc_field(f"/proc/{k}/smaps_rollup", "Private_Dirty:") for k in descendants(p.pid)))
         time.sleep(0.005)
     out, err = p.communicate()
     assert p.returncode == 0, err[-3000:]
@@ -253,7 +228,7 @@ def test_a_killed_or_signalled_build_is_never_used_and_the_next_run_finishes_it(
     folder = tmp_path / "cache" / "decoded"
     cmd = _cache_cmd(big_rgb, tmp_path / "cache", "data.cache_size=128")
     killed = _start_and_wait_for_temp(cmd, folder)
-    while not (workers := _descendants(killed.pid)):
+    while not (workers := descendants(killed.pid)):
         assert killed.poll() is None, killed.communicate()
         time.sleep(0.002)
     killed.send_signal(signal.SIGKILL)
