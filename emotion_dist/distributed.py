@@ -168,14 +168,19 @@ def init_distributed(cfg: Config, info: LaunchInfo) -> DistEnv:
                 dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout, **kw)
             except (RuntimeError, ValueError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
                 raise _init_error(e, info, cfg.dist.timeout_s) from None
+    from . import liveness
     from .topology import detect
 
+    liveness.start(info.rank, info.world_size)
     return DistEnv(info.launcher, info.rank, info.world_size, info.local_rank, device, backend, detect(info.local_rank))
 
 
 def close_distributed(clean: bool = True) -> None:
     """Ranks leave together: a rank that tears its group down while a peer still talks to it
     can abort in gloo's threads ("terminate called without an active exception")."""
+    from . import liveness
+
+    liveness.stop()
     if dist.is_initialized():
         if clean and dist.get_world_size() > 1:
             dist.barrier()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from . import interrupts
+from . import interrupts, liveness
 from .amp import autocast
 from .augment import BatchTransform, DeviceSplit
 from .checkpoint import Checkpointer, CheckpointError, CheckpointMeta, data_change_error, describe_data_change
@@ -91,7 +91,7 @@ class Trainer:
             if not is_collective_failure(e):
                 raise
             topo = self.env.topology
-            lost = topo.lost_peer(str(e)) if topo is not None else None
+            lost = topo.lost(str(e), liveness.silent_ranks()) if topo is not None else None
             who = f"lost {lost}: it died or its node went down" if lost else "a peer rank is stuck or died"
             raise TrainingAborted(
                 f"rank {self.env.rank}: collective failed during {self.phase} at step {self.progress.global_step + 1} "

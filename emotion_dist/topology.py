@@ -49,9 +49,25 @@ class Topology:
     def node_of(self, rank: int) -> int:
         return next(n for n, ranks in enumerate(self.node_ranks) if rank in ranks)
 
-    def lost_peer(self, error: str) -> str | None:
-        """Which node (and ranks) a collective error names: gloo says `Read error [ADDRESS]:PORT ...`
-        for the peer it lost. None when the address is not one of another node's."""
+    def lost(self, error: str, silent: Optional[list[int]]) -> str | None:
+        """Who a failed collective lost: the ranks that stopped beating (liveness.py; None there
+        means the store is gone, and with it node 0), else the peer address gloo's error names."""
+        if silent is None:
+            return self._nodes_lost([0]) if self.node != 0 else None
+        whole = [n for n, ranks in enumerate(self.node_ranks) if set(ranks) <= set(silent)]
+        some = [r for r in silent if self.node_of(r) not in whole]
+        named = [self._nodes_lost(whole)] if whole else []
+        named += [f"rank {r} on node {self.node_names[self.node_of(r)]}" for r in some]
+        return "; ".join(named) or self._peer_at(error)
+
+    def _nodes_lost(self, nodes: list[int]) -> str:
+        lost = [r for n in nodes for r in self.node_ranks[n]]
+        return f"node {', '.join(self.node_names[n] for n in nodes)} (rank{'s' if len(lost) > 1 else ''} " \
+               f"{', '.join(map(str, lost))})"
+
+    def _peer_at(self, error: str) -> str | None:
+        """gloo says `Read error [ADDRESS]:PORT ...` for the peer it lost. None when the address is
+        not one of another node's (all namespaced nodes of one machine read 127.0.0.1)."""
         import re
 
         found = re.search(r"\[([0-9A-Fa-f:.]+)\]:\d+", error)
@@ -59,11 +75,7 @@ class Topology:
             return None
         ranks = [r for r, a in enumerate(self.addresses) if a == found.group(1)]
         nodes = sorted({self.node_of(r) for r in ranks} - {self.node})
-        if not nodes:
-            return None
-        lost = [r for n in nodes for r in self.node_ranks[n]]
-        return f"node {', '.join(self.node_names[n] for n in nodes)} (rank{'s' if len(lost) > 1 else ''} " \
-               f"{', '.join(map(str, lost))}) at {found.group(1)}"
+        return f"{self._nodes_lost(nodes)} at {found.group(1)}" if nodes else None
 
     def describe(self) -> str:
         """`2 nodes (n1, n2) x 2 processes`, `1 node (vm) x 1 process`; uneven nodes list their counts."""

@@ -326,8 +326,8 @@ def test_odd_world_sizes_resume_4_3_2_and_evaluate_exactly(tiny_data, reference,
 
     common = ["evaluate", "--checkpoint", str(run_dir / "checkpoints/last.pt"), "--split", "val",
               "--out", str(tmp_path), f"run.cache_dir={cache}"]
-    run([sys.executable, "-m", "emotion_dist.cli", *common, "--json", str(tmp_path / "one.json")])
-    run(torchrun_cmd(3, *common, "--json", str(tmp_path / "three.json"), extra=("-m",), script="emotion_dist.cli"))
+    run([sys.executable, "-m", "emotion_dist.cli", *common, "--json-out", str(tmp_path / "one.json")])
+    run(torchrun_cmd(3, *common, "--json-out", str(tmp_path / "three.json"), extra=("-m",), script="emotion_dist.cli"))
     one, three = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "three.json"))
     assert three["world_size"] == 3 and one["count"] == three["count"] == 43
     assert one["confusion_matrix"] == three["confusion_matrix"]

@@ -63,7 +63,7 @@ def test_classic_pipeline_trains(tmp_path, fast_overrides):
 def test_init_from_loads_weights_for_a_new_head_and_inspect_reports(tmp_path, fast_overrides, tiny_data):
     run(train_cmd(*fast_overrides, "train.epochs=1"))
     ckpt = tmp_path / "run/checkpoints/last.pt"
-    # a 2-class dataset: the backbone loads, the 7-way head does not fit and is listed
+    # a 2-class dataset: the backbone loads and the 7-way head's happy and sad rows become the new head
     two = tmp_path / "two"
     for cls in ("happy", "sad"):
         (two / "train" / cls).mkdir(parents=True)
@@ -72,7 +72,7 @@ def test_init_from_loads_weights_for_a_new_head_and_inspect_reports(tmp_path, fa
     base = without(fast_overrides, "data.root", "run.dir")
     out = run(train_cmd(*base, f"data.root={two}", "model.num_classes=2", f"model.init_from={ckpt}",
                         "train.epochs=1", f"run.dir={tmp_path / 'ft'}"))
-    assert "init_from" in out.stdout and "shape mismatch ['classify.linear.bias', 'classify.linear.weight']" in out.stdout
+    assert "init_from" in out.stdout and "shape mismatch none" in out.stdout
     assert load_checkpoint(tmp_path / "ft/checkpoints/last.pt")["class_names"] == ["happy", "sad"]
 
     info = run([sys.executable, "-m", "emotion_dist.cli", "ckpt", "inspect", str(ckpt), *fast_overrides, "train.epochs=5"])

@@ -133,8 +133,15 @@ def test_topology_names_the_node_a_collective_error_lost():
     t = from_identities(1, 1, ids, addrs)
     assert t.describe() == "2 nodes (n1, n2) x 2 processes" and t.num_nodes == 2 and t.node == 0
     gloo = "[../gloo/transport/tcp/pair.cc:537] Read error [127.0.1.2]:21378: Connection reset by peer"
-    assert t.lost_peer(gloo) == "node n2 (ranks 2, 3) at 127.0.1.2"
-    assert t.lost_peer(gloo.replace("127.0.1.2", "127.0.1.1")) is None  # its own node: no one to name
-    assert t.lost_peer("Timed out waiting 2000ms for recv operation") is None
+    # no rank stopped beating (liveness.py): the address gloo names decides
+    assert t.lost(gloo, []) == "node n2 (ranks 2, 3) at 127.0.1.2"
+    assert t.lost(gloo.replace("127.0.1.2", "127.0.1.1"), []) is None  # its own node: no one to name
+    assert t.lost("Timed out waiting 2000ms for recv operation", []) is None
     one = from_identities(0, 0, ids[:2], addrs[:2])
-    assert one.lost_peer(gloo.replace("127.0.1.2", "127.0.1.1")) is None  # one node: the address names no rank
+    assert one.lost(gloo.replace("127.0.1.2", "127.0.1.1"), []) is None  # one node: the address names no rank
+    # namespaced nodes all read 127.0.0.1: the silent ranks name the node
+    local = "Read error [127.0.0.1]:1234: Connection reset by peer"
+    assert t.lost(local, [2, 3]) == "node n2 (ranks 2, 3)"
+    assert t.lost(local, [3]) == "rank 3 on node n2"
+    assert t.lost(local, None) is None  # the store is gone, but this rank is on its node (node 0)
+    assert from_identities(2, 0, ids, addrs).lost(local, None) == "node n1 (ranks 0, 1)"
