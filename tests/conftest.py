@@ -74,6 +74,22 @@ def assert_same_training_state(run_a, run_b):
     return a, b
 
 
+CLUSTER_TESTS = ("tests/test_slurm.py", "tests/test_multinode.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """With pytest-xdist (`-n 2`): every test is a unit of its own, except the Slurm and multinode
+    tests, which run on one worker so that one Slurm cluster serves the session (two clusters on one
+    host share munge and the node names). xdist's own `xdist_group` marks did not group under pytest 9."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ClusterTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "cluster" if nodeid.startswith(CLUSTER_TESTS) else nodeid
+
+    return ClusterTestsTogether(config, log)
+
+
 def cli_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "emotion_dist.cli", *args]
 

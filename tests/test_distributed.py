@@ -86,13 +86,13 @@ def test_early_stop_is_taken_by_every_rank_at_the_same_epoch(tmp_path, fast_over
     """The seed stopped on rank 0 only and hung the others: here every rank decides from the same
     all-reduced validation figures, so both processes leave the loop together and exit 0."""
     args = without(fast_overrides, "train.epochs")
-    args += ["train.epochs=40", "train.patience=2", "train.warmup_epochs=0"]
+    args += ["train.epochs=40", "train.patience=1", "train.warmup_epochs=0"]
     proc = run(torchrun_cmd(2, *args), timeout=400)
     rows = _records(tmp_path / "run", "epoch")
     f1 = [r["val_macro_f1"] for r in rows]
     best = max(range(len(f1)), key=lambda i: (f1[i], -i)) + 1  # first epoch with the best score
-    assert len(rows) == best + 2 < 40, f1  # stopped exactly `patience` epochs after the last improvement
-    assert f"early stop after epoch {best + 2}" in proc.stdout
+    assert len(rows) == best + 1 < 40, f1  # stopped exactly `patience` epochs after the last improvement
+    assert f"early stop after epoch {best + 1}" in proc.stdout
     again = run(torchrun_cmd(2, *args))  # resumed: nothing left to do
     assert len(_records(tmp_path / "run", "epoch")) == len(rows) and "early stop" in again.stdout
 

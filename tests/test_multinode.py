@@ -32,7 +32,7 @@ import nodes
 from nodes import TorchrunNode, free_port, hosts_file, torchrun_args
 from test_train import assert_same_training_state
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cluster")]  # one Slurm cluster per session: its tests share one worker
+pytestmark = pytest.mark.slow
 N_TRAIN = 160  # data.limit
 AUDIT_SITE = ROOT / "tests" / "helpers" / "fileaudit"
 STEP_FILE = re.compile(r"step-(\d+)\.pt$")

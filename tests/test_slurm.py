@@ -12,7 +12,7 @@ import pytest
 from emotion_dist.checkpoint import load_checkpoint
 from conftest import ROOT, epoch_sample_ids
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.xdist_group("cluster")]  # see test_multinode.py
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 ONE_NODE = ("--nodes=1",)
 
 
