@@ -72,7 +72,8 @@ def start(rank: int, world_size: int) -> None:
         store = dist.distributed_c10d._get_default_store()
     except Exception:
         return
-    _active = Heartbeat(store, rank, world_size).start()
+    # twice a second up to 500 ranks, then slower: the store serves every rank's beats
+    _active = Heartbeat(store, rank, world_size, beat_s=max(BEAT_S, world_size / 1000)).start()
 
 
 def stop() -> None:
