@@ -68,17 +68,22 @@ def read_metrics(run_dir: Path) -> dict:
             "epoch_s_median": times[len(times) // 2]}
 
 
+def evaluate(run_dir: Path, name: str, tta: bool, env: dict, *extra: str) -> dict:
+    """`emotion-dist evaluate` on best.pt (flip TTA or not); its JSON report."""
+    report = run_dir / f"{name}{'_tta' if tta else ''}.json"
+    cmd = ["nice", "-n", "10", sys.executable, "-m", "emotion_dist.cli", "evaluate", "--checkpoint",
+           str(run_dir / "checkpoints" / "best.pt"), "--json-out", str(report), "--out", str(run_dir),
+           *(["--tta", "flip"] if tta else []), *extra]
+    subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return json.loads(report.read_text())
+
+
 def evaluate_best(run_dir: Path, env: dict) -> dict:
     """best.pt on the test split again through `emotion-dist evaluate`, without and with flip TTA:
     per-class F1 (the rare class) and what TTA would add, from the same checkpoint."""
     out = {}
     for tta in (False, True):
-        report = run_dir / f"test{'_tta' if tta else ''}.json"
-        cmd = ["nice", "-n", "10", sys.executable, "-m", "emotion_dist.cli", "evaluate", "--checkpoint",
-               str(run_dir / "checkpoints" / "best.pt"), "--json-out", str(report), "--out", str(run_dir),
-               *(["--tta", "flip"] if tta else [])]
-        subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-        r = json.loads(report.read_text())
+        r = evaluate(run_dir, "test", tta, env)
         key = "tta_" if tta else ""
         out[f"{key}eval_accuracy"], out[f"{key}eval_macro_f1"] = r["accuracy"], r["macro_f1"]
         out[f"{key}per_class_f1"] = {c: round(m["f1"], 4) for c, m in r["per_class"].items()}
@@ -110,12 +115,7 @@ def probe_best(run_dir: Path, args, env: dict) -> dict:
     prior = [c / sum(FER_COUNTS) for c in FER_COUNTS]
     out = {}
     for tta in (False, True):
-        report = run_dir / f"probe{'_tta' if tta else ''}.json"
-        cmd = ["nice", "-n", "10", sys.executable, "-m", "emotion_dist.cli", "evaluate", "--checkpoint",
-               str(run_dir / "checkpoints" / "best.pt"), "--json-out", str(report), "--out", str(run_dir),
-               *(["--tta", "flip"] if tta else []), f"data.root={data}", f"run.cache_dir={Path(args.work) / 'probe-cache'}"]
-        subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-        r = json.loads(report.read_text())
+        r = evaluate(run_dir, "probe", tta, env, f"data.root={data}", f"run.cache_dir={Path(args.work) / 'probe-cache'}")
         assert list(r["per_class"]) == CLASSES
         w = reweighted(r["confusion_matrix"], prior)
         key = "probe_tta_" if tta else "probe_"
@@ -150,9 +150,10 @@ def run_one(label: str, set_name: str, args, overrides: list[str]) -> dict:
            "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "load1_start": before_load, "load1_end": after_load,
            "threads": args.threads or "unset", "overrides": overrides, "commit": git_commit(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
            "command": shlex.join(cmd)}
-    row.update(evaluate_best(run_dir, env))
-    if BY_NAME[set_name].role == "dev":
-        row.update(probe_best(run_dir, args, env))
+    if not args.no_extras:
+        row.update(evaluate_best(run_dir, env))
+        if BY_NAME[set_name].role == "dev":
+            row.update(probe_best(run_dir, args, env))
     if not args.keep:
         shutil.rmtree(run_dir / "cache", ignore_errors=True)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -199,6 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/recipe/runs")
     p.add_argument("--results", default=str(ROOT / "docs" / "recipe_runs.jsonl"))
     p.add_argument("--keep", action="store_true", help="keep checkpoints and the decode cache")
+    p.add_argument("--no-extras", action="store_true", help="skip the evaluate passes after training (flip TTA, probe set)")
     p.add_argument("--table", action="store_true", help="print the results as a markdown table and exit")
     p.add_argument("--probe", metavar="CHECKPOINT", help="print the probe figures of a kept best.pt and exit")
     args, overrides = p.parse_known_args(argv)
