@@ -90,6 +90,12 @@ def pytest_xdist_make_scheduler(config, log):
     return ClusterTestsTogether(config, log)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The Slurm and multinode tests first (a stable sort): under xdist they are one long unit on
+    one worker, which should start at once while the other worker takes everything else."""
+    items.sort(key=lambda item: not item.nodeid.startswith(CLUSTER_TESTS))
+
+
 def cli_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "emotion_dist.cli", *args]
 
