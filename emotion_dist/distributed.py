@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -175,16 +176,43 @@ def init_distributed(cfg: Config, info: LaunchInfo) -> DistEnv:
     return DistEnv(info.launcher, info.rank, info.world_size, info.local_rank, device, backend, detect(info.local_rank))
 
 
-def close_distributed(clean: bool = True) -> None:
+CLOSED_KEY = "emotion_dist/closed"
+
+
+def close_distributed(clean: bool = True, wait_s: float = 60.0) -> None:
     """Ranks leave together: a rank that tears its group down while a peer still talks to it
-    can abort in gloo's threads ("terminate called without an active exception")."""
+    can abort in gloo's threads ("terminate called without an active exception").
+
+    Rank 0 leaves last. Without torchrun it hosts the TCPStore that every rank's teardown still
+    talks to; when it exited first, a two-node srun job was once left with one node's ranks
+    hanging after "done" until Slurm cancelled it. So the others tear down, then count themselves
+    in the store, and rank 0 waits for that count (bounded: a peer that died must not hold it)."""
     from . import liveness
 
     liveness.stop()
-    if dist.is_initialized():
-        if clean and dist.get_world_size() > 1:
-            dist.barrier()
+    if not dist.is_initialized():
+        return
+    if not (clean and dist.get_world_size() > 1):
         dist.destroy_process_group()
+        return
+    dist.barrier()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:  # private, as in liveness.py: the store init_process_group built
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:
+        store = None
+    dist.destroy_process_group()
+    if store is None:
+        return
+    try:
+        if rank != 0:
+            store.add(CLOSED_KEY, 1)
+            return
+        deadline = time.monotonic() + wait_s
+        while store.add(CLOSED_KEY, 0) < world - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception:  # the store's host is gone already: nothing left to wait for
+        pass
 
 
 def agree_any(flags: list, device: torch.device) -> list[bool]:

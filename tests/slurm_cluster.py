@@ -54,6 +54,8 @@ MailProg=/bin/true
 ReturnToService=2
 FirstJobId={first_job}
 KillWait=10
+# keep finished jobs' records for the session (default 300 s): a test reads a job that ended long ago
+MinJobAge=3600
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool/%n
 SlurmctldPidFile={d}/slurmctld.pid
@@ -211,6 +213,8 @@ class Cluster:
 
     def job(self, jid: int) -> dict:
         out = subprocess.run(["scontrol", "show", "job", "-o", str(jid)], env=self.env, capture_output=True, text=True)
+        if "Invalid job id" in out.stderr:  # slurmctld no longer knows it: waiting for it cannot help
+            raise RuntimeError(f"job {jid} is unknown to slurmctld (its record was purged?): {out.stderr.strip()}")
         fields = {}
         for tok in out.stdout.split():
             if "=" in tok:
