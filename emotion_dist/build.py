@@ -91,7 +91,7 @@ def build_trainer(cfg: Config, env: D.DistEnv, ds: Datasets | None = None, notes
     sampler = (BalancedSampler(ds.train.targets(), t.batch_size, env.world_size, env.rank, t.seed, t.grad_accum)
                if t.sampler == "balanced" else
                ResumableSampler(len(ds.train), t.batch_size, env.world_size, env.rank, t.seed, t.grad_accum))
-    weights = class_weights(ds).to(env.device) if t.class_weights == "balanced" else None
+    weights = class_weights(ds, t.class_weights).to(env.device) if t.class_weights != "none" else None
 
     files = CheckpointFiles(run_dir, cfg.ckpt.keep) if env.is_main else None
     checkpointer = Checkpointer(files, env, cfg.ckpt.every_steps, cfg.ckpt.on_error)

@@ -103,7 +103,8 @@ class TrainConfig:
     weight_decay: float = setting(0.05, "AdamW weight decay; not applied to norms and biases")
     warmup_epochs: float = setting(1.0, "linear warmup, then cosine decay")
     label_smoothing: float = setting(0.1, "cross-entropy label smoothing")
-    class_weights: Literal["none", "balanced"] = setting("none", "`balanced`: n / (k * count_c)")
+    class_weights: Literal["none", "balanced", "sqrt"] = setting(
+        "none", "each sample's loss x its class's weight; `balanced`: n / (k * count_c), `sqrt`: its square root")
     precision: Literal["fp32", "bf16", "fp16"] = setting(
         "fp32", "`fp32` | `bf16` | `fp16` (GradScaler); `accelerate launch --mixed_precision` fills it in")
     grad_accum: int = setting(1, "micro-batches per optimizer step (DDP `no_sync` on all but the last)")
@@ -125,6 +126,8 @@ class TrainConfig:
         "inductor", "`inductor` compiles; `aot_eager` and `eager` are dynamo's debugging backends")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "`auto` (CUDA when visible) | `cpu` | `cuda`")
     eval_test: bool = setting(True, "evaluate best.pt on the test split after training")
+    test_tta: Literal["none", "flip", "tencrop"] = setting(
+        "none", "test-time augmentation of that test pass, as `evaluate --tta`")
     sampler: Literal["uniform", "balanced"] = setting(
         "uniform", "`balanced`: classes drawn equally often, with replacement")
 

@@ -214,8 +214,9 @@ def write_data_report(ds: Datasets, path: Path) -> None:
     atomic_write_bytes(path, json.dumps(report, indent=1).encode())
 
 
-def class_weights(ds: Datasets) -> torch.Tensor:
-    """'balanced' weights as in scikit-learn: n / (k * count_c)."""
+def class_weights(ds: Datasets, mode: str = "balanced") -> torch.Tensor:
+    """'balanced' weights as in scikit-learn: n / (k * count_c); 'sqrt': their square roots,
+    a softer push towards the rare classes."""
     counts = np.bincount(ds.train.targets(), minlength=len(ds.classes)).astype(np.float64)
     w = counts.sum() / (len(counts) * np.maximum(counts, 1))
-    return torch.tensor(w, dtype=torch.float32)
+    return torch.tensor(np.sqrt(w) if mode == "sqrt" else w, dtype=torch.float32)

@@ -250,11 +250,13 @@ class Trainer:
             self.phase = "the test pass on best.pt"
             test, cm = test_pass(self.model, self.strategy, inference_weights(load_checkpoint(best)), self.ds.test,
                                  self.transform, self.env, self.ds.classes, self.cfg.train.batch_size,
-                                 self.cfg.train.precision)
+                                 self.cfg.train.precision, self.cfg.train.test_tta)
             result["test_accuracy"], result["test_macro_f1"] = test["accuracy"], test["macro_f1"]
             self.logger.log({"type": "test", "step": p.global_step, "checkpoint": "best.pt",
+                             "tta": self.cfg.train.test_tta,
                              **{k: test[k] for k in ("loss", "accuracy", "macro_f1", "count")}})
-            self.logger.line(f"test (best.pt, epoch {p.best_epoch}): accuracy {test['accuracy']:.4f}  "
+            tta = "" if self.cfg.train.test_tta == "none" else f", TTA {self.cfg.train.test_tta}"
+            self.logger.line(f"test (best.pt, epoch {p.best_epoch}{tta}): accuracy {test['accuracy']:.4f}  "
                              f"macro-F1 {test['macro_f1']:.4f}")
             if self.env.is_main:
                 png = f"{self.cfg.run.dir}/confusion_test.png"

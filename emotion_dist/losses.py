@@ -1,6 +1,12 @@
 """The training loss: cross-entropy on logits (the seed took it on softmax outputs), with label
 smoothing and optional class weights, summed over a micro-batch's real samples (zero-weight
-fillers masked out); the step divides by the global sample count."""
+fillers masked out); the step divides by the global sample count.
+
+Class weights scale each sample's loss by its own class's weight (w_y). torch's
+`cross_entropy(weight=...)` is not used for them: with label smoothing it also weights the smoothing
+term's classes, sum_c w_c (eps/K)(-log p_c), so every image, whatever its class, is pulled towards
+the rare classes. With FER's 1.5 % disgust (w = 9.5) that made the model answer "disgust" to
+everything for the first epochs (docs/recipe.md, run R1)."""
 
 from __future__ import annotations
 
@@ -18,6 +24,9 @@ class Criterion:
         self.label_smoothing, self.class_weights = label_smoothing, class_weights
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        per_sample = F.cross_entropy(logits, targets, weight=self.class_weights,
-                                     label_smoothing=self.label_smoothing, reduction="none")
+        per_sample = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing, reduction="none")
+        if self.class_weights is not None:
+            w = self.class_weights.to(per_sample.dtype)
+            # a distribution's weight is its expected class weight
+            per_sample = per_sample * (w[targets] if targets.dim() == 1 else targets.to(w.dtype) @ w)
         return torch.where(mask, per_sample, torch.zeros_like(per_sample)).sum()

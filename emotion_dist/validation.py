@@ -86,7 +86,7 @@ def save_epoch_plots(logger, run_dir: Path, history: list[dict], cm: torch.Tenso
 
 
 def test_pass(model, strategy, weights: dict, split: Optional[Split], transform: BatchTransform, env: D.DistEnv,
-              classes: list[str], batch_size: int, precision: str) -> tuple[dict, torch.Tensor]:
+              classes: list[str], batch_size: int, precision: str, tta: str = "none") -> tuple[dict, torch.Tensor]:
     """Load best.pt's inference weights into the (wrapped) model and evaluate the test split once."""
     strategy.load_model_state_dict(model, weights)
-    return evaluate_split(model, split, transform, env, classes, batch_size, precision, strategy)
+    return evaluate_split(model, split, transform, env, classes, batch_size, precision, strategy, tta)
