@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
              description="Train EmotionNet. Rank 0 prints one start line (launcher, world size, device, precision,\n"
                          "strategy, batch, and where the environment set a value) and writes into run.dir.")
     _config_args(t)
+    # launch/train.py is `emotion-dist train`: its --version must answer too
+    t.add_argument("--version", action="version", version=f"emotion-dist {__version__}")
     t.add_argument("--print-config", action="store_true",
                    help="print the resolved config (file, environment, overrides) as YAML and exit; nothing is written")
     add_output_args(t, "the final result (steps, best validation macro-F1, test figures)")

@@ -252,6 +252,7 @@ def test_version_and_python_m(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"emotion-dist {__version__}"
     proc = run([sys.executable, "-m", "emotion_dist", "--version"])
     assert proc.stdout.strip() == f"emotion-dist {__version__}"
+    assert run(train_cmd("--version")).stdout.strip() == f"emotion-dist {__version__}"
 
 
 def test_config_keys_come_from_the_config_classes_and_readme_lists_them(capsys):
