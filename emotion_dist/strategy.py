@@ -15,8 +15,6 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
 
 from .config import DistConfig
 from .distributed import DistEnv
@@ -78,7 +76,11 @@ def _multi_process() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _full_options(**kw) -> StateDictOptions:
+def _full_options(**kw):
+    # imported here: torch.distributed.checkpoint pulls in DTensor and sympy, a second per process
+    # start, and only FSDP needs it
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
     return StateDictOptions(full_state_dict=True, **kw)
 
 
@@ -138,25 +140,38 @@ class Strategy:
         return model
 
     # ---------------------------------------------------------------- state (collective)
+    # The checkpoint's format is that of torch.distributed.checkpoint's full state dicts (names for
+    # keys, optimizer state and param_groups keyed by parameter name), which FSDPStrategy gets from
+    # DCP itself. Unsharded weights need no DCP: the module's own state dict is already full.
     def full_state_dict(self, model: nn.Module, optimizer) -> tuple[dict, dict]:
         """Every rank calls it; rank 0 gets the full name-keyed model and optimizer state."""
-        return get_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+        sd = optimizer.state_dict()
+        names = self._param_names(model, optimizer)
+        state = {names[i]: {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                 for i, s in sd["state"].items()}
+        groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+        return self.full_model_state_dict(model), {"state": state, "param_groups": groups}
 
     def full_model_state_dict(self, model: nn.Module) -> dict:
         """A copy of the full name-keyed model state (weights and buffers) on rank 0."""
-        sd = get_model_state_dict(model, options=_full_options(cpu_offload=True))
-        return {k: v.clone() for k, v in sd.items()}  # a copy: on CPU the values may alias the live tensors
+        # a copy: on CPU the values would alias the live tensors
+        return {k: v.detach().cpu().clone() for k, v in self.unwrap(model).state_dict().items()}
 
     def load_model_state_dict(self, model: nn.Module, model_sd: dict) -> None:
-        set_model_state_dict(model, model_sd, options=_full_options(strict=True, **self._load_options()))
+        self.unwrap(model).load_state_dict(model_sd, strict=True)
 
     def load_state_dict(self, model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
         """Load a full name-keyed state, from any strategy and world size, on every rank."""
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                       options=_full_options(strict=True, **self._load_options()))
+        self.load_model_state_dict(model, model_sd)
+        index = {n: i for i, n in enumerate(self._param_names(model, optimizer))}
+        state = {index[n]: s for n, s in optim_sd["state"].items()}
+        groups = [{**g, "params": [index[n] for n in g["params"]]} for g in optim_sd["param_groups"]]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
 
-    def _load_options(self) -> dict:
-        return {}
+    def _param_names(self, model: nn.Module, optimizer) -> list[str]:
+        """Parameter names in the optimizer's global order (param_groups, then position)."""
+        names = {id(p): n for n, p in self.unwrap(model).named_parameters()}
+        return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
 class DDPStrategy(Strategy):
@@ -207,30 +222,11 @@ class ZeroStrategy(DDPStrategy):
         zero.add_param_group({"params": no_decay, "weight_decay": 0.0})
         return zero
 
-    @staticmethod
-    def _param_names(model: nn.Module, optimizer) -> list[str]:
-        """Parameter names in the optimizer's global order (param_groups, then position)."""
-        names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
-        return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-
     def full_state_dict(self, model: nn.Module, optimizer) -> tuple[dict, dict]:
-        model_sd = self.full_model_state_dict(model)
         optimizer.consolidate_state_dict(to=0)
         if dist.get_rank() != 0:
             return {}, {}
-        sd = optimizer.state_dict()
-        names = self._param_names(model, optimizer)
-        state = {names[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
-                 for i, s in sd["state"].items()}
-        groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
-        return model_sd, {"state": state, "param_groups": groups}
-
-    def load_state_dict(self, model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
-        self.unwrap(model).load_state_dict(model_sd)
-        index = {n: i for i, n in enumerate(self._param_names(model, optimizer))}
-        state = {index[n]: s for n, s in optim_sd["state"].items()}
-        groups = [{**g, "params": [index[n] for n in g["params"]]} for g in optim_sd["param_groups"]]
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        return super().full_state_dict(model, optimizer)
 
 
 class FSDPStrategy(Strategy):
@@ -265,8 +261,29 @@ class FSDPStrategy(Strategy):
             if isinstance(m, FSDPModule):
                 m.reshard()
 
-    def _load_options(self) -> dict:
-        return {"broadcast_from_rank0": True}  # rank 0's full state is sharded on arrival
+    # DTensor parameters: torch.distributed.checkpoint gathers and shards them
+    def full_state_dict(self, model: nn.Module, optimizer) -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        return get_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+
+    def full_model_state_dict(self, model: nn.Module) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        sd = get_model_state_dict(model, options=_full_options(cpu_offload=True))
+        return {k: v.clone() for k, v in sd.items()}
+
+    def load_model_state_dict(self, model: nn.Module, model_sd: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, model_sd, options=_full_options(strict=True, broadcast_from_rank0=True))
+
+    def load_state_dict(self, model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        # rank 0's full state is sharded on arrival
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=_full_options(strict=True, broadcast_from_rank0=True))
 
 
 STRATEGIES = {s.name: s for s in (DDPStrategy, ZeroStrategy, FSDPStrategy)}
