@@ -86,7 +86,7 @@ def _sampler_ids(run_dir, epoch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", [2])  # world 1 is the same sampler code: test_fer.py resumes it in-process
 def test_balanced_sampler_resumes_mid_epoch_exactly(tmp_path, fer_files, world):
     csv, _ = fer_files
     args = lambda d, *x: _overrides(d, csv, "train.sampler=balanced", "train.epochs=2", "train.eval_test=false", *x)

@@ -14,11 +14,11 @@ from conftest import assert_same_training_state, run, train_cmd, without
 def test_quickstart_config_clears_its_floor_on_a_held_out_seed(tmp_path):
     """The README's Quick start run (configs/default.yaml) on CPU, on synthetic faces drawn with a
     seed nothing else in the project uses (4242): the default recipe's floor (docs/recipe.md) on
-    data it was never tuned on, for best.pt's final test pass. At 32 px instead of 64 and on 3,000
-    training images instead of 4,000 (a fifth of the compute; one core here): it reached accuracy
-    0.780 / macro-F1 0.672 when the floor was set."""
+    data it was never tuned on, for best.pt's final test pass. At 32 px instead of 64 and on 2,000
+    training images instead of 4,000 (an eighth of the compute; one core here): it reached accuracy
+    0.763 / macro-F1 0.645 (0.780 / 0.672 on 3,000 images) when the floor was set."""
     proc = run(train_cmd("--config", "configs/default.yaml", "data.synthetic_seed=4242", "data.image_size=32",
-                         "data.synthetic_train=3000", "data.synthetic_test=400", f"run.dir={tmp_path}/run",
+                         "data.synthetic_train=2000", "data.synthetic_test=400", f"run.dir={tmp_path}/run",
                          f"run.cache_dir={tmp_path}/cache"), timeout=900)
     run_dir = tmp_path / "run"
     for name in ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl", "config.yaml", "curves.png",
@@ -31,32 +31,29 @@ def test_quickstart_config_clears_its_floor_on_a_held_out_seed(tmp_path):
     assert "launcher python | world size 1 | backend gloo | device cpu" in proc.stdout
 
 
-def test_resume_at_epoch_boundary_continues_epoch_lr_and_best(tmp_path, base_overrides):
+def test_resume_at_an_epoch_boundary_and_mid_epoch_equals_the_uninterrupted_run(tmp_path, base_overrides):
+    """One uninterrupted run, and two runs stopped and resumed: at the end of epoch 1 (its LR, best
+    and history carry on) and mid-epoch 2 (the sampler's position carries on): both end bit-exact."""
     base = base_overrides
-    full, split = tmp_path / "full", tmp_path / "split"
+    full, boundary, mid = tmp_path / "full", tmp_path / "boundary", tmp_path / "mid"
     run(train_cmd(*base, f"run.dir={full}"))
     # stop exactly at the end of epoch 1 (21 steps of 8 on 167 training images), then resume
-    first = run(train_cmd(*base, f"run.dir={split}", "train.max_steps=21"))
+    first = run(train_cmd(*base, f"run.dir={boundary}", "train.max_steps=21"))
     assert "epoch 1" in first.stdout and "epoch 2 " not in first.stdout
-    mid = load_checkpoint(split / "checkpoints/last.pt")
-    assert mid["epoch"] == 1 and mid["sampler"]["consumed"] == 0 and mid["best_metric"] >= 0
-    second = run(train_cmd(*base, f"run.dir={split}"))
+    state = load_checkpoint(boundary / "checkpoints/last.pt")
+    assert state["epoch"] == 1 and state["sampler"]["consumed"] == 0 and state["best_metric"] >= 0
+    second = run(train_cmd(*base, f"run.dir={boundary}"))
     assert "resumed from" in second.stdout and "epoch 2" in second.stdout
-    a, b = assert_same_training_state(full, split)
+    a, b = assert_same_training_state(full, boundary)
     assert a["best_metric"] == b["best_metric"] and a["history"][-1]["lr"] == b["history"][-1]["lr"]
     assert [h["epoch"] for h in b["history"]] == [1, 2]
 
-
-def test_resume_mid_epoch_is_bit_exact(tmp_path, base_overrides):
-    base = base_overrides
-    full, split = tmp_path / "full", tmp_path / "split"
-    run(train_cmd(*base, f"run.dir={full}"))
-    run(train_cmd(*base, f"run.dir={split}", "train.max_steps=30"))  # epoch 2, step 9 of 21
-    mid = load_checkpoint(split / "checkpoints/last.pt")
-    assert mid["epoch"] == 1 and mid["sampler"]["consumed"] == 9 * 8
-    out = run(train_cmd(*base, f"run.dir={split}"))
+    run(train_cmd(*base, f"run.dir={mid}", "train.max_steps=30"))  # epoch 2, step 9 of 21
+    state = load_checkpoint(mid / "checkpoints/last.pt")
+    assert state["epoch"] == 1 and state["sampler"]["consumed"] == 9 * 8
+    out = run(train_cmd(*base, f"run.dir={mid}"))
     assert "72/167 samples of the epoch done" in out.stdout
-    assert_same_training_state(full, split)
+    assert_same_training_state(full, mid)
 
 
 def test_classic_pipeline_trains(tmp_path, fast_overrides):
