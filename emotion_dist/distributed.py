@@ -197,10 +197,7 @@ def close_distributed(clean: bool = True, wait_s: float = 60.0) -> None:
         return
     dist.barrier()
     rank, world = dist.get_rank(), dist.get_world_size()
-    try:  # private, as in liveness.py: the store init_process_group built
-        store = dist.distributed_c10d._get_default_store()
-    except Exception:
-        store = None
+    store = liveness.default_store()
     dist.destroy_process_group()
     if store is None:
         return

@@ -63,14 +63,22 @@ class Heartbeat:
 _active: Optional[Heartbeat] = None
 
 
+def default_store():
+    """The store init_process_group built (None without one). Private, but the only handle on the
+    store built from env:// (stable since 1.x)."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
 def start(rank: int, world_size: int) -> None:
     """Beat for this rank in the default process group's store (call after init_process_group)."""
     global _active
     if world_size < 2 or _active is not None:
         return
-    try:  # private, but the only handle on the store init_process_group built from env:// (stable since 1.x)
-        store = dist.distributed_c10d._get_default_store()
-    except Exception:
+    store = default_store()
+    if store is None:
         return
     # twice a second up to 500 ranks, then slower: the store serves every rank's beats
     _active = Heartbeat(store, rank, world_size, beat_s=max(BEAT_S, world_size / 1000)).start()

@@ -145,6 +145,8 @@ class Strategy:
     # DCP itself. Unsharded weights need no DCP: the module's own state dict is already full.
     def full_state_dict(self, model: nn.Module, optimizer) -> tuple[dict, dict]:
         """Every rank calls it; rank 0 gets the full name-keyed model and optimizer state."""
+        if _multi_process() and dist.get_rank() != 0:  # only rank 0 writes it: no copies elsewhere
+            return {}, {}
         sd = optimizer.state_dict()
         names = self._param_names(model, optimizer)
         state = {names[i]: {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in s.items()}
@@ -154,6 +156,8 @@ class Strategy:
 
     def full_model_state_dict(self, model: nn.Module) -> dict:
         """A copy of the full name-keyed model state (weights and buffers) on rank 0."""
+        if _multi_process() and dist.get_rank() != 0:
+            return {}
         # a copy: on CPU the values would alias the live tensors
         return {k: v.detach().cpu().clone() for k, v in self.unwrap(model).state_dict().items()}
 
@@ -223,9 +227,7 @@ class ZeroStrategy(DDPStrategy):
         return zero
 
     def full_state_dict(self, model: nn.Module, optimizer) -> tuple[dict, dict]:
-        optimizer.consolidate_state_dict(to=0)
-        if dist.get_rank() != 0:
-            return {}, {}
+        optimizer.consolidate_state_dict(to=0)  # collective: every rank, before rank 0 reads it
         return super().full_state_dict(model, optimizer)
 
 
