@@ -41,27 +41,39 @@ def sample_uniforms(index: torch.Tensor, seed: int, epoch: int, k: int) -> torch
     return torch.stack(cols, 1).to(torch.float64).div(2**32).to(torch.float32)
 
 
-def augment_params(index: torch.Tensor, seed: int, epoch: int) -> dict[str, torch.Tensor]:
+def augment_strength(epoch: int, warmup_epochs: float) -> float:
+    """Augmentation warm-up (train.augment_warmup_epochs): the magnitude rises linearly from none
+    in epoch 0 to full after `warmup_epochs` epochs. A curriculum, as EfficientNetV2's progressive
+    learning (weak regularization first): on clean images the network finds the faces' features in
+    its first epoch instead of its third (docs/recipe.md). A function of the epoch alone, so the
+    stream stays the same on any world size and after any resume."""
+    return 1.0 if warmup_epochs <= 0 else min(1.0, epoch / warmup_epochs)
+
+
+def augment_params(index: torch.Tensor, seed: int, epoch: int, strength: float = 1.0) -> dict[str, torch.Tensor]:
+    """Per-sample draws; `strength` scales every magnitude (and the flip probability), not the draws."""
     u = sample_uniforms(index, seed, epoch, 7)
+    crop_min = 1 - (1 - CROP_MIN) * strength
     return {
-        "flip": u[:, 0] < 0.5,
-        "angle": (u[:, 1] * 2 - 1) * ROTATION_DEG,
-        "crop": CROP_MIN + u[:, 2] * (1 - CROP_MIN),
+        "flip": u[:, 0] < 0.5 * strength,
+        "angle": (u[:, 1] * 2 - 1) * ROTATION_DEG * strength,
+        "crop": crop_min + u[:, 2] * (1 - crop_min),
         "cx": u[:, 3] * 2 - 1,  # crop centre, in units of the free margin
         "cy": u[:, 4] * 2 - 1,
-        "brightness": 1 + (u[:, 5] * 2 - 1) * JITTER,
-        "contrast": 1 + (u[:, 6] * 2 - 1) * JITTER,
+        "brightness": 1 + (u[:, 5] * 2 - 1) * JITTER * strength,
+        "contrast": 1 + (u[:, 6] * 2 - 1) * JITTER * strength,
     }
 
 
 class BatchTransform:
     """uint8 N x C x S x S (any device) -> normalized float N x C x size x size on `device`."""
 
-    def __init__(self, channels: int, size: int, device: torch.device, seed: int):
+    def __init__(self, channels: int, size: int, device: torch.device, seed: int, augment_warmup_epochs: float = 0.0):
         mean, std = normalization(channels)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.size, self.device, self.seed = size, device, seed
+        self.augment_warmup_epochs = augment_warmup_epochs
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         if x.device == self.device:  # gathered on the device already (data.on_device)
@@ -78,8 +90,11 @@ class BatchTransform:
 
     def train(self, x: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
         """`index`: each sample's augmentation key; on the device, its parameters are drawn there."""
+        strength = augment_strength(epoch, self.augment_warmup_epochs)
+        if strength == 0:
+            return self.eval(x)
         x = self._to_device(x).float().div_(255)
-        p = {k: v.to(self.device) for k, v in augment_params(index, self.seed, epoch).items()}
+        p = {k: v.to(self.device) for k, v in augment_params(index, self.seed, epoch, strength).items()}
         n = x.shape[0]
         a = p["angle"] * (math.pi / 180)
         s = p["crop"]
@@ -135,21 +150,23 @@ class DeviceSplit:
 class ClassicDataset(torch.utils.data.Dataset):
     """Seed-style per-sample pipeline: PIL decode from disk + torchvision.transforms.v2."""
 
-    def __init__(self, split: Split, channels: int, size: int, train: bool, seed: int):
+    def __init__(self, split: Split, channels: int, size: int, train: bool, seed: int, strength: float = 1.0):
+        """`strength`: augment_strength of the epoch this dataset serves (one is built per epoch)."""
         from torchvision.transforms import v2
 
         mean, std = normalization(channels)
         self.split, self.channels, self.seed, self.train = split, channels, seed, train
         self.epoch = 0
         tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-        if train:
+        if train and strength > 0:
+            resized = round(size / (1 - 0.125 * strength))  # full strength: crop 224 of 256, as the seed
             self.transform = v2.Compose(
                 [
-                    v2.Resize((round(size / 0.875), round(size / 0.875)), antialias=True),
+                    v2.Resize((resized, resized), antialias=True),
                     v2.RandomCrop(size),
-                    v2.RandomHorizontalFlip(),
-                    v2.RandomRotation(ROTATION_DEG),
-                    v2.ColorJitter(brightness=JITTER, contrast=JITTER),
+                    v2.RandomHorizontalFlip(0.5 * strength),
+                    v2.RandomRotation(ROTATION_DEG * strength),
+                    v2.ColorJitter(brightness=JITTER * strength, contrast=JITTER * strength),
                     *tail,
                 ]
             )

@@ -13,7 +13,7 @@ from . import distributed as D
 from .augment import BatchTransform
 from .checkpoint import CheckpointFiles, Checkpointer, CheckpointMeta, inference_weights, load_checkpoint
 from .config import Config, ConfigError
-from .data import Datasets, class_weights, dataset_root, load_datasets, normalization
+from .data import Datasets, class_log_prior, class_weights, dataset_root, load_datasets, normalization
 from .ema import ModelEMA
 from .engine import Trainer, check_resumable
 from .fsutil import ensure_writable_dir
@@ -92,6 +92,7 @@ def build_trainer(cfg: Config, env: D.DistEnv, ds: Datasets | None = None, notes
                if t.sampler == "balanced" else
                ResumableSampler(len(ds.train), t.batch_size, env.world_size, env.rank, t.seed, t.grad_accum))
     weights = class_weights(ds, t.class_weights).to(env.device) if t.class_weights != "none" else None
+    offsets = (t.logit_adjust * class_log_prior(ds)).to(env.device) if t.logit_adjust else None
 
     files = CheckpointFiles(run_dir, cfg.ckpt.keep) if env.is_main else None
     checkpointer = Checkpointer(files, env, cfg.ckpt.every_steps, cfg.ckpt.on_error)
@@ -127,6 +128,6 @@ def build_trainer(cfg: Config, env: D.DistEnv, ds: Datasets | None = None, notes
         )
     logger = build_logger(run_dir, env.is_main, cfg)
     return Trainer(cfg, env, ds, model, strategy, optimizer, scheduler, scaler, ema, sampler,
-                   BatchTransform(ds.channels, cfg.data.image_size, env.device, t.seed),
-                   Criterion(t.label_smoothing, weights), checkpointer, logger, meta, progress,
+                   BatchTransform(ds.channels, cfg.data.image_size, env.device, t.seed, t.augment_warmup_epochs),
+                   Criterion(t.label_smoothing, weights, offsets), checkpointer, logger, meta, progress,
                    resident=place_on_device(ds.train, cfg.data, env.device))

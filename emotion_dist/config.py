@@ -103,8 +103,13 @@ class TrainConfig:
     weight_decay: float = setting(0.05, "AdamW weight decay; not applied to norms and biases")
     warmup_epochs: float = setting(1.0, "linear warmup, then cosine decay")
     label_smoothing: float = setting(0.1, "cross-entropy label smoothing")
+    augment_warmup_epochs: float = setting(
+        0.0, "augmentation curriculum: none in epoch 1, rising linearly to full from epoch N+1 (0 = full from the start)")
     class_weights: Literal["none", "balanced", "sqrt"] = setting(
         "none", "each sample's loss x its class's weight; `balanced`: n / (k * count_c), `sqrt`: its square root")
+    logit_adjust: float = setting(
+        0.0, "logit-adjusted loss (Menon et al. 2021): the loss sees logits + tau x log(training class share), "
+        "so rare classes get larger margins; prediction uses the plain logits (0 = off, 1 = the paper's tau)")
     precision: Literal["fp32", "bf16", "fp16"] = setting(
         "fp32", "`fp32` | `bf16` | `fp16` (GradScaler); `accelerate launch --mixed_precision` fills it in")
     grad_accum: int = setting(1, "micro-batches per optimizer step (DDP `no_sync` on all but the last)")
@@ -363,7 +368,10 @@ def validate(cfg: Config) -> None:
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
     _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
     _check(t.warmup_epochs >= 0, f"train.warmup_epochs={t.warmup_epochs} must be >= 0")
+    _check(t.augment_warmup_epochs >= 0, f"train.augment_warmup_epochs={t.augment_warmup_epochs} must be >= 0 (0 = off)")
     _check(0 <= t.label_smoothing < 1, f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+    _check(math.isfinite(t.logit_adjust) and 0 <= t.logit_adjust <= 4,
+           f"train.logit_adjust={t.logit_adjust} must be in [0, 4] (0 = off, 1 = Menon et al.'s tau)")
     _check(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
     _check(t.clip_grad_norm >= 0, f"train.clip_grad_norm={t.clip_grad_norm} must be >= 0 (0 = off)")
     _check(t.patience >= 0, f"train.patience={t.patience} must be >= 0 (0 = no early stop)")

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from emotion_dist.augment import BatchTransform, ClassicDataset, augment_params, gather_uint8, sample_uniforms
+from emotion_dist.augment import (BatchTransform, ClassicDataset, augment_params, augment_strength, gather_uint8,
+                                  sample_uniforms)
 from emotion_dist.config import load_config
 from emotion_dist.data import load_datasets
 from emotion_dist.sampler import ResumableSampler, eval_shard
@@ -29,6 +30,26 @@ def test_fast_flip_rate_and_parameter_ranges():
     p = augment_params(torch.arange(20000), 0, 0)
     assert abs(p["flip"].float().mean().item() - 0.5) < 0.02
     assert p["angle"].abs().max() <= 15 and p["crop"].min() >= 0.8
+
+
+def test_augmentation_warmup_starts_clean_and_reaches_the_full_transform(ds):
+    """train.augment_warmup_epochs=2: epoch 0 sees the evaluation transform, epoch 1 half the
+    magnitudes, epoch 2 on exactly the transform without warm-up (same draws, same bytes)."""
+    assert [augment_strength(e, 2) for e in (0, 1, 2, 5)] == [0.0, 0.5, 1.0, 1.0]
+    assert augment_strength(0, 0) == 1.0
+    x, _, idx = gather_uint8(ds.train, torch.arange(16))
+    cpu = torch.device("cpu")
+    warm, full = BatchTransform(1, 64, cpu, 0, augment_warmup_epochs=2), BatchTransform(1, 64, cpu, 0)
+    assert torch.equal(warm.train(x, idx, 0), full.eval(x))
+    assert torch.equal(warm.train(x, idx, 2), full.train(x, idx, 2))
+    half = warm.train(x, idx, 1)
+    assert not torch.equal(half, full.train(x, idx, 1)) and not torch.equal(half, full.eval(x))
+    p = augment_params(torch.arange(20000), 0, 1, 0.5)
+    assert abs(p["flip"].float().mean().item() - 0.25) < 0.02
+    assert p["angle"].abs().max() <= 7.5 and p["crop"].min() >= 0.9 - 1e-6 and (p["brightness"] - 1).abs().max() <= 0.1 + 1e-6
+    # the classic pipeline warms up alike: strength 0 is its evaluation transform
+    clean, plain = ClassicDataset(ds.train, 1, 64, True, 0, strength=0.0), ClassicDataset(ds.train, 1, 64, False, 0)
+    assert torch.equal(clean[3][0], plain[3][0])
 
 
 def test_same_label_stream_fast_and_classic(ds):

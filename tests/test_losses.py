@@ -42,3 +42,22 @@ def test_sqrt_class_weights_are_the_square_roots_of_balanced():
     ds = SimpleNamespace(train=train, classes=["a", "b"])
     assert torch.allclose(class_weights(ds, "balanced"), torch.tensor([100 / 180, 100 / 20]))
     assert torch.allclose(class_weights(ds, "sqrt"), torch.tensor([100 / 180, 100 / 20]).sqrt())
+
+
+def test_logit_adjustment_shifts_the_loss_by_the_log_prior_and_leaves_prediction_alone():
+    """Menon et al. 2021: cross-entropy on logits + tau log(prior). The rare class must win by a
+    margin of tau log(common/rare) for the same loss, so the plain logits then favour it."""
+    from types import SimpleNamespace
+
+    from emotion_dist.data import class_log_prior
+
+    ds = SimpleNamespace(train=SimpleNamespace(targets=lambda: [0] * 90 + [1] * 10), classes=["a", "b"])
+    prior = class_log_prior(ds)
+    assert torch.allclose(prior, torch.tensor([0.9, 0.1]).log())
+    logits, y, mask = torch.randn(4, 2), torch.tensor([0, 1, 1, 0]), torch.ones(4, dtype=torch.bool)
+    got = Criterion(0.1, None, 2.0 * prior)(logits, y, mask)
+    assert torch.allclose(got, F.cross_entropy(logits + 2.0 * prior, y, label_smoothing=0.1, reduction="sum"))
+    # equal logits: the rare class's image costs more than the common one's (a larger margin is asked)
+    zero = torch.zeros(2, 2)
+    per = [Criterion(0.0, None, prior)(zero[:1], torch.tensor([c]), mask[:1]).item() for c in (0, 1)]
+    assert per[1] > per[0]

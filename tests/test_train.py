@@ -97,11 +97,13 @@ def test_resuming_with_other_classes_is_a_clear_error(tmp_path, fast_overrides, 
 
 
 def test_fp16_gradscaler_accumulation_class_weights_and_clipping(tmp_path, fast_overrides):
-    out = run(train_cmd(*fast_overrides, "train.epochs=1", "train.precision=fp16", "train.grad_accum=2",
-                        "train.class_weights=balanced", "train.clip_grad_norm=1.0"))
+    """... with the recipe's other knobs on (logit adjustment, the augmentation warm-up's half step)."""
+    out = run(train_cmd(*fast_overrides, "train.epochs=2", "train.max_steps=16", "train.precision=fp16",
+                        "train.grad_accum=2", "train.class_weights=balanced", "train.clip_grad_norm=1.0",
+                        "train.logit_adjust=1.0", "train.augment_warmup_epochs=2"))
     assert "precision fp16" in out.stdout and "8 per process x 1 processes x 2 accumulation = 16 global" in out.stdout
     state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
-    assert state["global_step"] == 11  # 167 images / (8 x 2) per optimizer step
+    assert state["global_step"] == 16  # 167 images / (8 x 2) = 11 optimizer steps per epoch
     scaler = state["scaler_state_dict"]
     assert scaler["scale"] > 0 and scaler["_growth_tracker"] >= 0  # GradScaler ran and was saved
     assert all(torch.isfinite(v).all() for v in state["model_state_dict"].values() if v.is_floating_point())
