@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import resource
 import shutil
@@ -192,8 +193,11 @@ def _bench(cfg, env, args, workdir: Path) -> dict:
     n_img = sum(sum(s.real) for s in timed)  # this rank's real images in the timed steps
     results: list[dict] = []
 
+    # an epoch past train.augment_warmup_epochs: the augmentation timed at full strength
+    augmented_epoch = math.ceil(cfg.train.augment_warmup_epochs)
+
     def batches(pipeline: str, steps):
-        return train_batches(ds.train, steps, 0, trainer.transform, pipeline, ds.channels, cfg.data.image_size,
+        return train_batches(ds.train, steps, augmented_epoch, trainer.transform, pipeline, ds.channels, cfg.data.image_size,
                              cfg.train.seed, cfg.data.num_workers, trainer.resident)
 
     def record(key: str, name: str, images: int, seconds: float, **extra) -> None:
