@@ -14,11 +14,13 @@ from conftest import assert_same_training_state, run, train_cmd, without
 def test_quickstart_config_clears_its_floor_on_a_held_out_seed(tmp_path):
     """The README's Quick start run (configs/default.yaml) on CPU, on synthetic faces drawn with a
     seed nothing else in the project uses (4242): the default recipe's floor (docs/recipe.md) on
-    data it was never tuned on, for best.pt's final test pass. At 32 px instead of 64 and on 2,000
-    training images instead of 4,000 (an eighth of the compute; one core here): it reached accuracy
-    0.763 / macro-F1 0.645 (0.780 / 0.672 on 3,000 images) when the floor was set."""
+    data it was never tuned on, for best.pt's final test pass. At 32 px instead of 64 and on 3,000
+    training images instead of 4,000 (a sixth of the compute; one core here): it reached accuracy
+    0.843 / macro-F1 0.726 when the floor was set (the recipe before AW1: 0.780 / 0.672). Not on
+    2,000: 290 steps end in the early phase, where a small change moves the result by 0.2 either
+    way (docs/recipe.md)."""
     proc = run(train_cmd("--config", "configs/default.yaml", "data.synthetic_seed=4242", "data.image_size=32",
-                         "data.synthetic_train=2000", "data.synthetic_test=400", f"run.dir={tmp_path}/run",
+                         "data.synthetic_train=3000", "data.synthetic_test=400", f"run.dir={tmp_path}/run",
                          f"run.cache_dir={tmp_path}/cache"), timeout=900)
     run_dir = tmp_path / "run"
     for name in ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl", "config.yaml", "curves.png",
@@ -27,7 +29,7 @@ def test_quickstart_config_clears_its_floor_on_a_held_out_seed(tmp_path):
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in rows if r["type"] == "epoch"]) == 10
     (test,) = [r for r in rows if r["type"] == "test"]
-    assert test["accuracy"] >= 0.70 and test["macro_f1"] >= 0.55, test
+    assert test["accuracy"] >= 0.75 and test["macro_f1"] >= 0.60, test
     assert "launcher python | world size 1 | backend gloo | device cpu" in proc.stdout
 
 
