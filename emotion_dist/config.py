@@ -104,9 +104,9 @@ class TrainConfig:
     warmup_epochs: float = setting(1.0, "linear warmup, then cosine decay")
     label_smoothing: float = setting(0.1, "cross-entropy label smoothing")
     augment_warmup_epochs: float = setting(
-        0.0, "augmentation curriculum: none in epoch 1, rising linearly to full from epoch N+1 (0 = full from the start)")
+        1.0, "augmentation curriculum: none in epoch 1, rising linearly to full from epoch N+1 (0 = full from the start)")
     class_weights: Literal["none", "balanced", "sqrt"] = setting(
-        "none", "each sample's loss x its class's weight; `balanced`: n / (k * count_c), `sqrt`: its square root")
+        "sqrt", "each sample's loss x its class's weight; `balanced`: n / (k * count_c), `sqrt`: its square root")
     logit_adjust: float = setting(
         0.0, "logit-adjusted loss (Menon et al. 2021): the loss sees logits + tau x log(training class share), "
         "so rare classes get larger margins; prediction uses the plain logits (0 = off, 1 = the paper's tau)")

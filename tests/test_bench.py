@@ -2,6 +2,7 @@
 reports every row, and stdout holds only the JSON report with --json (no speed assertions)."""
 
 import json
+import math
 import sys
 
 import pytest
@@ -31,4 +32,5 @@ def test_bench_takes_train_config_and_reports_every_row(tmp_path):
     model_step = next(r for r in summary["rows"] if r["row"].startswith("(c)"))
     assert 0 < model_step["mfu"] < 1 and model_step["first_step_s"] > 0 and model_step["warmup_s"] > 0
     assert summary["peak_source"].endswith("measured in this run")  # no known peak for a CPU
-    assert -1 < summary["input_share_of_step"] < 1
+    # 1 - e/c: below 1 whenever (e) ran at all; two timed steps under a loaded suite say nothing of its sign
+    assert math.isfinite(summary["input_share_of_step"]) and summary["input_share_of_step"] < 1
