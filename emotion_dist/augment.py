@@ -88,9 +88,12 @@ class BatchTransform:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return (x - self.mean) / self.std
 
+    def strength(self, epoch: int) -> float:
+        return augment_strength(epoch, self.augment_warmup_epochs)
+
     def train(self, x: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
         """`index`: each sample's augmentation key; on the device, its parameters are drawn there."""
-        strength = augment_strength(epoch, self.augment_warmup_epochs)
+        strength = self.strength(epoch)
         if strength == 0:
             return self.eval(x)
         x = self._to_device(x).float().div_(255)
@@ -155,10 +158,11 @@ class ClassicDataset(torch.utils.data.Dataset):
         from torchvision.transforms import v2
 
         mean, std = normalization(channels)
-        self.split, self.channels, self.seed, self.train = split, channels, seed, train
+        self.split, self.channels, self.seed = split, channels, seed
+        self.augment = train and strength > 0  # a clean warm-up epoch is the evaluation transform
         self.epoch = 0
         tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-        if train and strength > 0:
+        if self.augment:
             resized = round(size / (1 - 0.125 * strength))  # full strength: crop 224 of 256, as the seed
             self.transform = v2.Compose(
                 [
@@ -182,7 +186,7 @@ class ClassicDataset(torch.utils.data.Dataset):
         i = int(self.split.index[position])
         with Image.open(self.split.files[i]) as f:  # decoded per sample, as the seed did
             img = f.convert("L" if self.channels == 1 else "RGB")
-        if self.train:
+        if self.augment:
             # v2 draws from torch's global RNG: key it per sample, restoring the caller's stream
             key = int(sample_uniforms(torch.tensor([i]), self.seed, self.epoch, 1)[0, 0] * 2**31)
             with torch.random.fork_rng(devices=[]):

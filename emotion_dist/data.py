@@ -197,8 +197,12 @@ def audit_splits(train: Split, val: Split, test: Optional[Split], mode: str, cac
     return result.report, keep
 
 
+def train_class_counts(ds: Datasets) -> np.ndarray:
+    return np.bincount(ds.train.targets(), minlength=len(ds.classes))
+
+
 def write_data_report(ds: Datasets, path: Path) -> None:
-    counts = np.bincount(ds.train.targets(), minlength=len(ds.classes)).tolist()
+    counts = train_class_counts(ds).tolist()
     report = {
         "root": ds.root,
         "classes": ds.classes,
@@ -214,19 +218,15 @@ def write_data_report(ds: Datasets, path: Path) -> None:
     atomic_write_bytes(path, json.dumps(report, indent=1).encode())
 
 
-def _train_class_counts(ds: Datasets) -> np.ndarray:
-    return np.maximum(np.bincount(ds.train.targets(), minlength=len(ds.classes)), 1).astype(np.float64)
-
-
 def class_weights(ds: Datasets, mode: str = "balanced") -> torch.Tensor:
     """'balanced' weights as in scikit-learn: n / (k * count_c); 'sqrt': their square roots,
     a softer push towards the rare classes."""
-    counts = _train_class_counts(ds)
-    w = counts.sum() / (len(counts) * counts)
+    counts = train_class_counts(ds).astype(np.float64)
+    w = counts.sum() / (len(counts) * np.maximum(counts, 1))
     return torch.tensor(np.sqrt(w) if mode == "sqrt" else w, dtype=torch.float32)
 
 
 def class_log_prior(ds: Datasets) -> torch.Tensor:
     """log of each class's share of the training split (a class with no images counts as one)."""
-    counts = _train_class_counts(ds)
-    return torch.tensor(np.log(counts / counts.sum()), dtype=torch.float32)
+    counts = train_class_counts(ds).astype(np.float64)
+    return torch.tensor(np.log(np.maximum(counts, 1) / counts.sum()), dtype=torch.float32)

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from .augment import BatchTransform, ClassicDataset, DeviceSplit, augment_strength, gather_uint8
+from .augment import BatchTransform, ClassicDataset, DeviceSplit, gather_uint8
 from .config import DataConfig
 from .data import Split
 from .errors import DataError
@@ -81,8 +81,7 @@ def train_batches(split: Split, steps: Iterable[Step], epoch: int, transform: Ba
                 out.append((transform.train(x_u8, keys, epoch), targets(y, idx, keys), mask.to(device)))
             yield step, out
         return
-    dataset = ClassicDataset(split, channels, image_size, True, seed,
-                             augment_strength(epoch, transform.augment_warmup_epochs))
+    dataset = ClassicDataset(split, channels, image_size, True, seed, transform.strength(epoch))
     dataset.epoch = epoch
     micro = [m.tolist() for s in steps for m in s.micro_batches]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=micro, num_workers=num_workers,
