@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -100,12 +101,30 @@ def cli_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "emotion_dist.cli", *args]
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder that one pytest-xdist worker builds and every worker then reads (pytest-xdist's
+    recipe for session fixtures that should run once: a file lock in the base temp the workers
+    share). Without xdist, the session's own base temp. Tests must treat it as read-only."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    d, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            d.mkdir(exist_ok=True)
+            build(d)
+            done.write_text("")
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small synthetic dataset in the Kaggle layout, shared by the whole session."""
     from emotion_dist.synthetic import generate
 
-    return generate(tmp_path_factory.mktemp("data") / "synthetic", 210, 63, seed=3)
+    return built_once(tmp_path_factory, "data", lambda d: generate(d / "synthetic", 210, 63, seed=3)) / "synthetic"
 
 
 @pytest.fixture
@@ -130,14 +149,15 @@ def tiny_model(tmp_path_factory, tiny_data):
     its outputs depend on the picture at all), and its ONNX export: `.pt` and `.onnx` (+ .json)."""
     from types import SimpleNamespace
 
-    d = tmp_path_factory.mktemp("tiny_model")
-    run(train_cmd("data.source=folder", f"data.root={tiny_data}", "data.image_size=32", "train.batch_size=16",
-                  "train.max_steps=4", "train.warmup_epochs=0", "train.lr=0.01", "train.label_smoothing=0",
-                  "train.eval_test=false", "log.wandb=off", f"run.dir={d}/run", f"run.cache_dir={d}/cache"))
-    pt = d / "run/checkpoints/last.pt"
-    run([sys.executable, "-m", "emotion_dist.cli", "export", "--checkpoint", str(pt), "--format", "onnx",
-         "--out", str(d / "model.onnx")])
-    return SimpleNamespace(pt=pt, onnx=d / "model.onnx")
+    def build(d: Path) -> None:
+        run(train_cmd("data.source=folder", f"data.root={tiny_data}", "data.image_size=32", "train.batch_size=16",
+                      "train.max_steps=4", "train.warmup_epochs=0", "train.lr=0.01", "train.label_smoothing=0",
+                      "train.eval_test=false", "log.wandb=off", f"run.dir={d}/run", f"run.cache_dir={d}/cache"))
+        run([sys.executable, "-m", "emotion_dist.cli", "export", "--checkpoint", str(d / "run/checkpoints/last.pt"),
+             "--format", "onnx", "--out", str(d / "model.onnx")])
+
+    d = built_once(tmp_path_factory, "tiny_model", build)
+    return SimpleNamespace(pt=d / "run/checkpoints/last.pt", onnx=d / "model.onnx")
 
 
 def epoch_sample_ids(run_dir: Path, epoch: int) -> list[int]:

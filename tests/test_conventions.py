@@ -8,6 +8,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -16,7 +17,7 @@ from emotion_dist.cli import build_parser, main as cli_main, parse_args
 from emotion_dist.config import Config, describe_keys, keys_markdown, load_config
 from emotion_dist.env_settings import apply_environment
 from emotion_dist.loggers import ConsoleSink, TimeLeft
-from conftest import ROOT, env_for_child, run, train_cmd
+from conftest import ROOT, built_once, env_for_child, run, train_cmd
 
 ANSI = "\x1b"
 
@@ -66,17 +67,22 @@ def trained(tmp_path_factory, tiny_data):
     """One tiny run (4 steps of 8 images, a test pass) with --json/--json-out, TensorBoard and an
     offline W&B run configured from WANDB_* variables; then the same run resumed from its step-1
     checkpoint with a changed config (the steps after it are done again)."""
-    d = tmp_path_factory.mktemp("conv")
-    base = ["data.source=folder", f"data.root={tiny_data}", "data.image_size=32", "data.val_fraction=0.2",
-            "data.limit=16", "train.batch_size=8", "train.epochs=2", "train.channels_last=false",
-            f"run.cache_dir={d / 'cache'}", f"run.dir={d / 'run'}", "ckpt.every_steps=1", "ckpt.keep=5",
-            "log.tensorboard=true"]
-    env = env_for_child(WANDB_PROJECT="env-project", WANDB_NAME="env-name", WANDB_RUN_GROUP="env-group",
-                        WANDB_TAGS="t1,t2")
-    # overrides before and after the flags; log.wandb_project on the command line beats WANDB_PROJECT
-    first = run(train_cmd("log.every_steps=1", "--json", *base, "--json-out", str(d / "result.json"),
-                          "log.wandb=offline", "log.wandb_project=cli-project"), env=env)
-    resumed = run(train_cmd(*base, f"run.resume={d / 'run/checkpoints/step-00000001.pt'}", "log.every_steps=2"))
+    def build(d: Path) -> None:
+        base = ["data.source=folder", f"data.root={tiny_data}", "data.image_size=32", "data.val_fraction=0.2",
+                "data.limit=16", "train.batch_size=8", "train.epochs=2", "train.channels_last=false",
+                f"run.cache_dir={d / 'cache'}", f"run.dir={d / 'run'}", "ckpt.every_steps=1", "ckpt.keep=5",
+                "log.tensorboard=true"]
+        env = env_for_child(WANDB_PROJECT="env-project", WANDB_NAME="env-name", WANDB_RUN_GROUP="env-group",
+                            WANDB_TAGS="t1,t2")
+        # overrides before and after the flags; log.wandb_project on the command line beats WANDB_PROJECT
+        first = run(train_cmd("log.every_steps=1", "--json", *base, "--json-out", str(d / "result.json"),
+                              "log.wandb=offline", "log.wandb_project=cli-project"), env=env)
+        resumed = run(train_cmd(*base, f"run.resume={d / 'run/checkpoints/step-00000001.pt'}", "log.every_steps=2"))
+        for name, proc in (("first", first), ("resumed", resumed)):  # for the workers that did not run them
+            (d / f"{name}.json").write_text(json.dumps({"stdout": proc.stdout, "stderr": proc.stderr}))
+
+    d = built_once(tmp_path_factory, "conventions", build)
+    first, resumed = (SimpleNamespace(**json.loads((d / f"{n}.json").read_text())) for n in ("first", "resumed"))
     return d, first, resumed
 
 
