@@ -132,7 +132,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "`auto` (CUDA when visible) | `cpu` | `cuda`")
     eval_test: bool = setting(True, "evaluate best.pt on the test split after training")
     test_tta: Literal["none", "flip", "tencrop"] = setting(
-        "none", "test-time augmentation of that test pass, as `evaluate --tta`")
+        "flip", "test-time augmentation of that test pass, as `evaluate --tta` (its record says which)")
     sampler: Literal["uniform", "balanced"] = setting(
         "uniform", "`balanced`: classes drawn equally often, with replacement")
 

@@ -203,6 +203,19 @@ def test_wandb_variables_keys_and_test_metrics_in_the_offline_run(trained):
     assert not {"accuracy", "macro_f1"} & {k for row in rows.values() for k in row}
 
 
+def test_the_runs_test_pass_is_best_pt_with_flip_tta_as_evaluate_reports_it(trained, tmp_path):
+    """train.test_tta (default flip): the run's own test pass averages each face and its mirror, says
+    so in its record, and equals `evaluate --tta flip` on the same best.pt."""
+    d, _, resumed = trained
+    test = _records(d / "run", "test")[-1]  # the resumed run's, on the best.pt it left
+    assert test["tta"] == "flip" and "TTA flip" in resumed.stdout
+    run([sys.executable, "-m", "emotion_dist.cli", "evaluate", "--checkpoint", str(d / "run/checkpoints/best.pt"),
+         "--tta", "flip", "--json-out", str(tmp_path / "r.json"), "--out", str(tmp_path), f"run.cache_dir={d / 'cache'}"])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["tta"] == "flip" and report["count"] == test["count"]
+    assert report["accuracy"] == pytest.approx(test["accuracy"]) and report["macro_f1"] == pytest.approx(test["macro_f1"])
+
+
 def test_wandb_environment_precedence(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("log:\n  wandb: online\n  wandb_project: recipe\n")
