@@ -96,7 +96,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = setting(10, "training epochs")
+    epochs: int = setting(12, "training epochs")
     batch_size: int = setting(64, "per process; global = batch_size x processes x grad_accum")
     lr: float = setting(0.002, "AdamW learning rate")
     lr_scale: Literal["none", "linear"] = setting("none", "`linear`: lr x global batch / 64")

@@ -258,7 +258,7 @@ def test_overrides_anywhere_and_print_config(tmp_path, capsys):
     assert cli_main(argv) == 0
     tree = yaml.safe_load(capsys.readouterr().out)
     assert tree["train"]["max_steps"] == 1 and tree["data"]["limit"] == 100 and tree["log"]["wandb_tags"] == "a,b"
-    assert tree["train"]["epochs"] == 10 and not (tmp_path / "run").exists()  # the file's values; nothing written
+    assert tree["train"]["epochs"] == 12 and not (tmp_path / "run").exists()  # the file's values; nothing written
     assert cli_main(["train", "train.epoch=3", "--print-config"]) == 2
     assert "did you mean train.epochs" in capsys.readouterr().err
 
