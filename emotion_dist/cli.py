@@ -11,8 +11,8 @@ import os
 import re
 import sys
 
-from . import __version__
-from .output import add_output_args
+from emotion_dist import __version__
+from emotion_dist.utils.output import add_output_args
 
 EXIT_USAGE = 2
 EXIT_CODES = """exit codes:
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["onnx", "safetensors"], required=True, help="the file format")
     x.add_argument("--out", default=None, help="output file (default: next to the checkpoint)")
 
-    from .bench import rows_arg  # torch-free at import
+    from emotion_dist.commands.bench import rows_arg  # torch-free at import
 
     b = _sub(sub, "bench", help="throughput of loaders, model step and end-to-end training (see docs/benchmarks.md)",
              description="Times training's own parts on your data and settings: --config and key=value are "
@@ -191,7 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import EXIT_FAILURE, EXIT_OK, Interrupted, TrainingAborted, UserError
+    from emotion_dist.errors import EXIT_FAILURE, EXIT_OK, Interrupted, TrainingAborted, UserError
 
     # file names that are not valid UTF-8 print as \xNN instead of raising mid-output
     for stream in (sys.stdout, sys.stderr):
@@ -216,21 +216,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from .output import MARKER, check_json_out, emit, human
+    from emotion_dist.utils.output import MARKER, check_json_out, emit, human
 
     if args.command == "train":
-        from .train import run_training
+        from emotion_dist.commands.train import run_training
 
         return run_training(args.config, args.overrides, args)
     if args.command == "config":
         return _config_keys(args)
     if args.command == "data" and args.data_command == "cache":
-        from .data_cache import run_data_cache
+        from emotion_dist.commands.data import run_data_cache
 
         return run_data_cache(args.config, args.overrides)
     if args.command == "data":
-        from . import interrupts
-        from .synthetic import generate
+        from emotion_dist.distributed import interrupts
+        from emotion_dist.data.readers.synthetic import generate
 
         check_json_out(args)
         interrupts.install()  # a stop signal mid-generation removes the temp folder and exits 0
@@ -240,37 +240,37 @@ def _run(args) -> int:
                     "seed": args.seed})
         return 0
     if args.command == "evaluate":
-        from .evaluate import run_evaluate
+        from emotion_dist.commands.evaluate import run_evaluate
 
         return run_evaluate(args)
     if args.command == "predict":
-        from .video import run_predict
+        from emotion_dist.inference.video import run_predict
 
         return run_predict(args)
     if args.command == "export":
-        from .export import export
+        from emotion_dist.commands.export import export
 
         path = export(args.checkpoint, args.format, args.out)
         print(f"exported {path} (+ {path.with_suffix('.json').name})")
         return 0
     if args.command == "bench":
-        from .bench import run_bench
+        from emotion_dist.commands.bench import run_bench
 
         return run_bench(args)
     if args.command == "summarize":
-        from .summary import run_summarize
+        from emotion_dist.commands.summarize import run_summarize
 
         return run_summarize(args)
     if args.command == "ckpt":
-        from .inspect_ckpt import inspect
+        from emotion_dist.commands.ckpt import inspect
 
         return inspect(args)
     return 0
 
 
 def _config_keys(args) -> int:
-    from .config import describe_keys, format_default, keys_markdown
-    from .output import MARKER, emit, human
+    from emotion_dist.config import describe_keys, format_default, keys_markdown
+    from emotion_dist.utils.output import MARKER, emit, human
 
     rows = [k for k in describe_keys() if k.key.startswith(args.prefix)]
     if not rows:

@@ -14,8 +14,8 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 import yaml
 
 
-from .errors import ConfigError  # noqa: F401  (re-exported: `from .config import ConfigError` still works)
-from .fsutil import atomic_write_bytes
+from emotion_dist.errors import ConfigError  # noqa: F401  (re-exported: `from .config import ConfigError` still works)
+from emotion_dist.utils.fsutil import atomic_write_bytes
 
 class InvalidImageSize(ValueError):
     pass

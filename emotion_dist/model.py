@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import InvalidImageSize, check_image_size  # noqa: F401  (torch-free, used by config)
+from emotion_dist.config import InvalidImageSize, check_image_size  # noqa: F401  (torch-free, used by config)
 
 
 def _logits_head(c1: int, num_classes: int) -> nn.Module:

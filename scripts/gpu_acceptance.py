@@ -153,7 +153,7 @@ def train_figures(check: Check, stdout: str) -> dict:
                "test_accuracy": tests[-1]["accuracy"] if tests else None}
     last = check.run_dir / "checkpoints" / "last.pt"
     if last.is_file():
-        from emotion_dist.checkpoint import load_checkpoint
+        from emotion_dist.training.checkpoint import load_checkpoint
 
         scaler = load_checkpoint(last).get("scaler_state_dict") or {}
         figures["grad_scaler_scale"] = scaler.get("scale")
@@ -240,7 +240,7 @@ def targets(checks: list[Check]) -> list[dict]:
 
 
 def write_outputs(out: Path, report: dict, checks: list[Check], logs: dict) -> None:
-    from emotion_dist.fsutil import atomic_write_json, atomic_write_text
+    from emotion_dist.utils.fsutil import atomic_write_json, atomic_write_text
 
     report["checks"] = [{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(c).items()} for c in checks]
     report["targets"] = targets(checks)

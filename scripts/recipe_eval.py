@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from recipe_sets import BY_NAME, write_set  # noqa: E402  (same folder)
 
-from emotion_dist.fsutil import atomic_write_text  # noqa: E402
+from emotion_dist.utils.fsutil import atomic_write_text  # noqa: E402
 
 
 def load1() -> float:
@@ -109,7 +109,7 @@ def reweighted(cm: list[list[int]], prior: list[float]) -> dict:
 def probe_best(run_dir: Path, args, env: dict) -> dict:
     """best.pt on the probe set (300 test faces per class): the rare class measured on 300 images,
     and accuracy / macro-F1 reweighted to the FER proportions of the 1,000-image test splits."""
-    from emotion_dist.synthetic import CLASSES, FER_COUNTS
+    from emotion_dist.data.readers.synthetic import CLASSES, FER_COUNTS
 
     data = write_set(BY_NAME[PROBE], Path(args.sets_dir))
     prior = [c / sum(FER_COUNTS) for c in FER_COUNTS]

@@ -33,8 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emotion_dist import synthetic  # noqa: E402
-from emotion_dist.fsutil import atomic_write_json  # noqa: E402
+from emotion_dist.data.readers import synthetic  # noqa: E402
+from emotion_dist.utils.fsutil import atomic_write_json  # noqa: E402
 
 N_TRAIN, N_TEST = 6000, 1000
 

@@ -48,9 +48,9 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from emotion_dist.augment import BatchTransform
+    from emotion_dist.data.augment import BatchTransform
     from emotion_dist.model import build_model
-    from emotion_dist.synthetic import draw_face
+    from emotion_dist.data.readers.synthetic import draw_face
 
     torch.manual_seed(0)
     model = build_model(1, 7, args.image_size).to(memory_format=torch.channels_last)

@@ -61,7 +61,7 @@ def states_equal(a: dict, b: dict) -> None:
 
 def assert_same_training_state(run_a, run_b):
     """Two runs' last.pt hold the same weights, optimizer, EMA, schedule and progress."""
-    from emotion_dist.checkpoint import load_checkpoint
+    from emotion_dist.modelio import load_checkpoint
 
     a, b = load_checkpoint(run_a / "checkpoints/last.pt"), load_checkpoint(run_b / "checkpoints/last.pt")
     states_equal(a["model_state_dict"], b["model_state_dict"])
@@ -122,7 +122,7 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small synthetic dataset in the Kaggle layout, shared by the whole session."""
-    from emotion_dist.synthetic import generate
+    from emotion_dist.data.readers.synthetic import generate
 
     return built_once(tmp_path_factory, "data", lambda d: generate(d / "synthetic", 210, 63, seed=3)) / "synthetic"
 

@@ -35,7 +35,7 @@ def synthetic_fer(folder: Path, per_class: dict[str, int], seed: int = 0) -> tup
     """fer2013.csv drawn with the synthetic face generator (per_class: Usage -> images per class) and a
     matching fer2013new.csv: 7 votes for the face's emotion and 3 spread over others; every 9th
     image is dropped by FER+ (empty name), every 11th has an `unknown` majority."""
-    from emotion_dist.synthetic import CLASSES, draw_face
+    from emotion_dist.data.readers.synthetic import CLASSES, draw_face
 
     fer, plus = [], [FERPLUS_HEADER]
     votes_order = FERPLUS_HEADER.split(",")[2:]

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from emotion_dist.augment import (BatchTransform, ClassicDataset, augment_params, augment_strength, gather_uint8,
+from emotion_dist.data.augment import (BatchTransform, ClassicDataset, augment_params, augment_strength, gather_uint8,
                                   sample_uniforms)
 from emotion_dist.config import load_config
-from emotion_dist.data import load_datasets
-from emotion_dist.sampler import ResumableSampler, eval_shard
+from emotion_dist.data.datasets import load_datasets
+from emotion_dist.data.sampler import ResumableSampler, eval_shard
 
 
 @pytest.fixture(scope="module")

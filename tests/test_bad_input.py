@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from emotion_dist import cli, interrupts
+from emotion_dist import cli
+from emotion_dist.distributed import interrupts
 from conftest import ROOT
 
 REL = (ROOT / "docs/reliability.md").read_text()

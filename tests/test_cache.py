@@ -1,4 +1,4 @@
-"""The decoded-image cache (emotion_dist/cache.py): stored size and fit, the key, damage, memory,
+"""The decoded-image cache (emotion_dist/data/cache.py): stored size and fit, the key, damage, memory,
 interruption (a real SIGKILL and a real stop signal) and a full disk (a real tmpfs)."""
 
 import io
@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, env_for_child, run
-from emotion_dist.cache import FileDecoder, build, cache_key, content_key
-from emotion_dist.data import decode_all
-from emotion_dist.data_cache import descendants, proc_field
+from emotion_dist.data.cache import FileDecoder, build, cache_key, content_key
+from emotion_dist.data.datasets import decode_all
+from emotion_dist.commands.data import descendants, proc_field
 
 CLI = [sys.executable, "-m", "emotion_dist.cli"]
 

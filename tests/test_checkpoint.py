@@ -5,7 +5,9 @@ import sys
 import pytest
 import torch
 
-from emotion_dist.checkpoint import CheckpointError, CheckpointFiles, load_checkpoint
+from emotion_dist.errors import CheckpointError
+from emotion_dist.modelio import load_checkpoint
+from emotion_dist.training.checkpoint import CheckpointFiles
 from conftest import ROOT
 
 
@@ -58,7 +60,7 @@ def test_crash_between_temp_write_and_rename_keeps_previous(tmp_path):
     code = (
         "import os, signal, sys\n"
         "sys.path.insert(0, %r)\n"
-        "import emotion_dist.checkpoint as c\n"
+        "import emotion_dist.training.checkpoint as c\n"
         "def die(src, dst): os.kill(os.getpid(), signal.SIGKILL)\n"
         "c.os.replace = die\n"
         "c.atomic_write_bytes(c.Path(%r), b'x' * 1000)\n" % (str(ROOT), str(target))

@@ -6,8 +6,8 @@ import lzma
 import shutil
 import sys
 
-from emotion_dist.checkpoint import load_checkpoint
-from emotion_dist.synthetic import generate
+from emotion_dist.modelio import load_checkpoint
+from emotion_dist.data.readers.synthetic import generate
 from conftest import ROOT, run, train_cmd
 
 FIXTURE = ROOT / "tests/fixtures/main-4051c8d-last.pt.xz"

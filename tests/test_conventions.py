@@ -15,8 +15,8 @@ import yaml
 
 from emotion_dist.cli import build_parser, main as cli_main, parse_args
 from emotion_dist.config import Config, describe_keys, keys_markdown, load_config
-from emotion_dist.env_settings import apply_environment
-from emotion_dist.loggers import ConsoleSink, TimeLeft
+from emotion_dist.distributed.env_settings import apply_environment
+from emotion_dist.training.loggers import ConsoleSink, TimeLeft
 from conftest import ROOT, built_once, env_for_child, run, train_cmd
 
 ANSI = "\x1b"
@@ -54,7 +54,7 @@ def restore_signals():
     """In-process commands install emotion-dist's stop-signal handlers; give pytest its own back."""
     import signal
 
-    from emotion_dist.interrupts import STOP_SIGNALS
+    from emotion_dist.distributed.interrupts import STOP_SIGNALS
 
     saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     yield
@@ -138,7 +138,7 @@ def _accelerate_env(argv: list[str]) -> dict:
 
 
 def test_accelerate_settings_map_onto_the_config(tmp_path):
-    from emotion_dist.distributed import detect_launch
+    from emotion_dist.distributed.process_group import detect_launch
     from emotion_dist.errors import LaunchError
 
     fsdp = tmp_path / "fsdp.yaml"
@@ -242,7 +242,7 @@ def test_wandb_online_without_a_key_is_one_line_before_anything(tmp_path, fast_o
     proc = run(train_cmd(*fast_overrides, "log.wandb=online"), env=env, check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no W&B API key" in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing started
-    from emotion_dist.env_settings import wandb_api_key_present
+    from emotion_dist.distributed.env_settings import wandb_api_key_present
 
     (tmp_path / "netrc").write_text("machine api.wandb.ai login user password " + "x" * 40 + "\n")
     assert wandb_api_key_present({"NETRC": str(tmp_path / "netrc")})

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from emotion_dist.config import ConfigError, load_config
-from emotion_dist.data import decode_all, load_datasets, stratified_split
-from emotion_dist.readers import find_splits, scan
-from emotion_dist.synthetic import CLASSES, generate
+from emotion_dist.data.datasets import decode_all, load_datasets, stratified_split
+from emotion_dist.data.readers.folder import find_splits, scan
+from emotion_dist.data.readers.synthetic import CLASSES, generate
 
 
 def _digest(folder: Path) -> str:
@@ -115,7 +115,7 @@ def test_kagglehub_reads_a_prepopulated_cache(tmp_path, monkeypatch):
     (base / "1.complete").write_text("")
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(cache))
     cfg, _ = load_config(None, ["data.source=kaggle", f"run.cache_dir={tmp_path / 'c'}"])
-    from emotion_dist.data import dataset_root
+    from emotion_dist.data.datasets import dataset_root
 
     root = dataset_root(cfg)
     assert root == base / "versions" / "1"
@@ -127,7 +127,7 @@ def test_kaggle_offline_failure_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setenv("KAGGLE_API_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no network needed
     cfg, _ = load_config(None, ["data.source=kaggle", "data.kaggle_handle=nobody/nothing/versions/1"])
-    from emotion_dist.data import dataset_root
+    from emotion_dist.data.datasets import dataset_root
 
     with pytest.raises(ConfigError, match="data.root=PATH"):
         dataset_root(cfg)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from emotion_dist.checkpoint import load_checkpoint
+from emotion_dist.modelio import load_checkpoint
 from conftest import ROOT, cli_cmd, env_for_child, run, train_cmd, without
 
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from emotion_dist.checkpoint import load_checkpoint
+from emotion_dist.modelio import load_checkpoint
 from conftest import ROOT, env_for_child, run, torchrun_cmd, train_cmd, without
 
 pytestmark = pytest.mark.slow

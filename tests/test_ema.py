@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from emotion_dist.checkpoint import load_checkpoint
-from emotion_dist.ema import ModelEMA
+from emotion_dist.modelio import load_checkpoint
+from emotion_dist.training.ema import ModelEMA
 from conftest import ROOT, run, torchrun_cmd, train_cmd
 
 

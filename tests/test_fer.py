@@ -4,7 +4,6 @@ the seed summary. Small CSVs written in exactly the files' formats; everything i
 
 import json
 import logging
-import math
 import statistics
 
 import numpy as np
@@ -12,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emotion_dist import audit as A
-from emotion_dist import tta
+from emotion_dist.data import audit as A
+from emotion_dist.inference import tta
 from emotion_dist.cli import main as cli_main
 from emotion_dist.config import ConfigError, load_config
 from emotion_dist.errors import DataError
-from emotion_dist.fer import FER_CLASSES, FERPLUS_CLASSES, FERPLUS_HEADER, ferplus_label, read_fer_csv
-from emotion_dist.labels import class_mapping, draw_labels, remap_head, remap_probabilities, target_loss
-from emotion_dist.sampler import BalancedSampler, ResumableSampler
+from emotion_dist.data.readers.fer import FER_CLASSES, FERPLUS_CLASSES, FERPLUS_HEADER, ferplus_label, read_fer_csv
+from emotion_dist.data.labels import class_mapping, draw_labels, remap_head, remap_probabilities, target_loss
+from emotion_dist.data.sampler import BalancedSampler, ResumableSampler
 from fer_files import FER_HEADER, ICML_HEADER, pixels, write_fer
 
 def face(seed: int) -> np.ndarray:
@@ -358,7 +357,7 @@ def test_tencrop_and_flip_match_a_hand_computation():
 
 
 def test_tencrop_views_scale_to_the_input_size_through_the_eval_transform():
-    from emotion_dist.augment import BatchTransform
+    from emotion_dist.data.augment import BatchTransform
 
     t = BatchTransform(1, 64, torch.device("cpu"), seed=0)
     x = torch.from_numpy(np.stack([face(3)])[:, None])

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from emotion_dist.checkpoint import load_checkpoint
+from emotion_dist.modelio import load_checkpoint
 from conftest import assert_same_training_state, cli_cmd, run, torchrun_cmd, train_cmd
 from fer_files import synthetic_fer
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from conftest import ROOT, env_for_child, run, torchrun_cmd, train_cmd
-from emotion_dist.augment import BatchTransform, DeviceSplit, gather_uint8
-from emotion_dist.checkpoint import load_checkpoint
+from emotion_dist.data.augment import BatchTransform, DeviceSplit, gather_uint8
+from emotion_dist.modelio import load_checkpoint
 from emotion_dist.config import ConfigError, load_config
-from emotion_dist.data import Split
+from emotion_dist.data.datasets import Split
 from emotion_dist.errors import DataError
-from emotion_dist.loader import place_on_device, train_batches
-from emotion_dist.sampler import plan_steps
+from emotion_dist.data.loader import place_on_device, train_batches
+from emotion_dist.data.sampler import plan_steps
 
 CPU = torch.device("cpu")
 
@@ -178,7 +178,7 @@ def test_ddp_knobs_train_the_same_weights(tmp_path, base_overrides):
 
 # ---------------------------------------------------------------- bench and the GPU acceptance run
 def test_bench_knows_the_dense_bf16_peaks():
-    from emotion_dist.bench import known_peak
+    from emotion_dist.commands.bench import known_peak
 
     assert known_peak("NVIDIA H100 80GB HBM3")[0] == 989e12
     assert known_peak("NVIDIA H100 PCIe")[0] == 756e12

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT, env_for_child
 from emotion_dist.errors import ConfigError
-from emotion_dist.lease import LEASE_NAME, RunDirBusy, RunDirLease
+from emotion_dist.distributed.lease import LEASE_NAME, RunDirBusy, RunDirLease
 
 HOLDER = str(ROOT / "tests" / "helpers" / "lease_holder.py")
 

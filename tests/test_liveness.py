@@ -10,14 +10,14 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from emotion_dist.liveness import KEY, Heartbeat
+from emotion_dist.distributed.liveness import KEY, Heartbeat
 from conftest import ROOT
 
 BEAT = """
 import sys, time
 from datetime import timedelta
 import torch.distributed as dist
-from emotion_dist.liveness import Heartbeat
+from emotion_dist.distributed.liveness import Heartbeat
 port, rank = int(sys.argv[1]), int(sys.argv[2])
 store = dist.TCPStore("127.0.0.1", port, 3, is_master=False, timeout=timedelta(seconds=30))
 Heartbeat(store, rank, 3, beat_s=0.1).start()

@@ -3,8 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from emotion_dist.data import class_weights
-from emotion_dist.losses import Criterion
+from emotion_dist.data.datasets import class_weights
+from emotion_dist.training.losses import Criterion
 
 
 def test_class_weight_scales_only_the_samples_own_loss_under_label_smoothing():
@@ -49,7 +49,7 @@ def test_logit_adjustment_shifts_the_loss_by_the_log_prior_and_leaves_prediction
     margin of tau log(common/rare) for the same loss, so the plain logits then favour it."""
     from types import SimpleNamespace
 
-    from emotion_dist.data import class_log_prior
+    from emotion_dist.data.datasets import class_log_prior
 
     ds = SimpleNamespace(train=SimpleNamespace(targets=lambda: [0] * 90 + [1] * 10), classes=["a", "b"])
     prior = class_log_prior(ds)

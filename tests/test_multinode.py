@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from emotion_dist.checkpoint import load_checkpoint
+from emotion_dist.modelio import load_checkpoint
 from conftest import ROOT, epoch_sample_ids, env_for_child, run, torchrun_cmd
 import nodes
 from nodes import TorchrunNode, free_port, hosts_file, torchrun_args

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import run
 from emotion_dist import cli
-from emotion_dist.predict import NO_FACE, UNREADABLE, png_written_by_us
+from emotion_dist.inference.predict import NO_FACE, UNREADABLE, png_written_by_us
 
 skimage_data = pytest.importorskip("skimage.data")
 PHOTOS = Path(skimage_data.__file__).parent

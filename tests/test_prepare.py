@@ -1,4 +1,4 @@
-"""Preparing data once per node or job (emotion_dist/prepare.py, topology.py) with real processes:
+"""Preparing data once per node or job (emotion_dist/data/prepare.py, topology.py) with real processes:
 torchrun agents posing as nodes, ranks launched by hand (RANK/WORLD_SIZE, GROUP_RANK for the node),
 a preparer that dies, a stop signal while waiting, and training with dist.timeout_s=2."""
 
@@ -11,8 +11,8 @@ import time
 
 from conftest import ROOT, env_for_child, run, torchrun_cmd
 from emotion_dist.errors import DataError, Interrupted, TrainingAborted
-from emotion_dist.prepare import decode_error, encode_error
-from emotion_dist.topology import from_identities, host_name, node_identity
+from emotion_dist.data.prepare import decode_error, encode_error
+from emotion_dist.distributed.topology import from_identities, host_name, node_identity
 
 PROBE = str(ROOT / "tests" / "helpers" / "prepare_probe.py")
 

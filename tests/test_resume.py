@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from emotion_dist.checkpoint import load_checkpoint
+from emotion_dist.modelio import load_checkpoint
 from conftest import ROOT, assert_same_training_state, run, torchrun_cmd, train_cmd
 
 pytestmark = pytest.mark.slow

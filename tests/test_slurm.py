@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from emotion_dist.checkpoint import load_checkpoint
+from emotion_dist.modelio import load_checkpoint
 from conftest import ROOT, epoch_sample_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]

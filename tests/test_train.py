@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from emotion_dist.checkpoint import load_checkpoint
+from emotion_dist.modelio import load_checkpoint
 from conftest import assert_same_training_state, run, train_cmd, without
 
 

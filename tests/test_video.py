@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT, env_for_child, run
 from emotion_dist import cli
-from emotion_dist.tracking import IoUTracker, iou
+from emotion_dist.inference.tracking import IoUTracker, iou
 
 cv2 = pytest.importorskip("cv2")
 skimage_data = pytest.importorskip("skimage.data")

@@ -12,7 +12,7 @@ import sys
 import torch
 from torch._dynamo.utils import counters
 
-from emotion_dist.train import run_training
+from emotion_dist.commands.train import run_training
 
 
 def main() -> int:

@@ -9,9 +9,9 @@ usage: ddp_knobs.py RUN_ROOT VARIANTS_JSON [key=value ...]   VARIANTS_JSON: {"na
 import json
 import sys
 
-from emotion_dist import distributed as D
-from emotion_dist.build import build_trainer, prepare_data
-from emotion_dist.train import resolve_config
+from emotion_dist.distributed import process_group
+from emotion_dist.training.build import build_trainer, prepare_data
+from emotion_dist.commands.train import resolve_config
 
 
 def main() -> int:
@@ -20,7 +20,7 @@ def main() -> int:
     for name, overrides in variants.items():
         cfg, _ = resolve_config(None, [*base, *overrides, f"run.dir={root}/{name}"])
         if env is None:
-            env = D.init_distributed(cfg, D.detect_launch())
+            env = process_group.init_distributed(cfg, process_group.detect_launch())
             ds = prepare_data(cfg, env)
         trainer = build_trainer(cfg, env, ds)
         trainer.fit()
@@ -32,7 +32,7 @@ def main() -> int:
                                        "comm_hooks": [h.__qualname__ for h, _ in ddp._comm_hooks],
                                        "buckets": len(ddp.reducer._get_zeros_like_grad_buckets())}), flush=True)
         trainer.close()
-    D.close_distributed()
+    process_group.close_distributed()
     return 0
 
 

@@ -6,24 +6,24 @@ import sys
 
 import torch
 
-from emotion_dist import distributed as D
-from emotion_dist.build import build_trainer
+from emotion_dist.distributed import process_group
+from emotion_dist.training.build import build_trainer
 from emotion_dist.model import build_model
-from emotion_dist.train import resolve_config
-from emotion_dist.validation import evaluate
+from emotion_dist.commands.train import resolve_config
+from emotion_dist.training.validation import evaluate
 
 
 def main() -> int:
     cfg, _ = resolve_config(None, sys.argv[1:])
-    env = D.init_distributed(cfg, D.detect_launch())
+    env = process_group.init_distributed(cfg, process_group.detect_launch())
     trainer = build_trainer(cfg, env)
     trainer.fit()  # stops at train.max_steps, mid-epoch, after at least one validation
     model, ema = trainer.model, trainer.ema
     full_model_state_dict = trainer.strategy.full_model_state_dict
-    before = D.broadcast_object(full_model_state_dict(model))
+    before = process_group.broadcast_object(full_model_state_dict(model))
     with ema.swapped():
         pass
-    after = D.broadcast_object(full_model_state_dict(model))
+    after = process_group.broadcast_object(full_model_state_dict(model))
     assert all(torch.equal(before[k], after[k]) for k in before), "the swap changed the live weights"
 
     def run(m):
@@ -36,8 +36,8 @@ def main() -> int:
     got_live = run(model)  # FSDP2 must not reuse the root parameters gathered while swapped
     # evaluate gives every rank rank 0's BatchNorm statistics: the reference weights are taken after it
     with ema.swapped():
-        avg = D.broadcast_object(full_model_state_dict(model))
-    live = D.broadcast_object(full_model_state_dict(model))
+        avg = process_group.broadcast_object(full_model_state_dict(model))
+    live = process_group.broadcast_object(full_model_state_dict(model))
     plain = build_model(cfg.model.in_channels, len(trainer.ds.classes), cfg.data.image_size)
     refs = {}
     for name, sd in (("avg", avg), ("live", live)):
@@ -49,7 +49,7 @@ def main() -> int:
     if env.is_main:
         print(f"EMA SWAP OK {cfg.dist.strategy} world={env.world_size} loss live {got_live[0]:.5f} avg {got_avg[0]:.5f}")
     trainer.close()
-    D.close_distributed()
+    process_group.close_distributed()
     return 0
 
 

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from emotion_dist.lease import RunDirBusy, RunDirLease
+from emotion_dist.distributed.lease import RunDirBusy, RunDirLease
 
 
 def main() -> int:

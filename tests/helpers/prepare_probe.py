@@ -17,10 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from emotion_dist import distributed as D, prepare  # noqa: E402
+from emotion_dist.distributed import process_group  # noqa: E402
+from emotion_dist.data import prepare  # noqa: E402
 from emotion_dist.config import load_config  # noqa: E402
 from emotion_dist.errors import ConfigError, Interrupted, TrainingAborted  # noqa: E402
-from emotion_dist.loggers import setup_logging  # noqa: E402
+from emotion_dist.training.loggers import setup_logging  # noqa: E402
 
 
 def scenario(name: str, cfg, env) -> dict:
@@ -38,8 +39,8 @@ def scenario(name: str, cfg, env) -> dict:
 
         out["marker"] = prep.once("the marker", make_marker)
     elif name == "build":
-        from emotion_dist.data import decode_all
-        from emotion_dist.readers import scan
+        from emotion_dist.data.datasets import decode_all
+        from emotion_dist.data.readers.folder import scan
 
         _, files, labels = scan(Path(os.environ["PROBE_DATA"]))
         c = prep.once("the decoded images", lambda: decode_all(files, labels, 1, cache_dir / "decoded"), together=True)
@@ -58,12 +59,12 @@ def scenario(name: str, cfg, env) -> dict:
 
 def main() -> int:
     prepare.STALE_S = float(os.environ.get("PROBE_STALE_S", prepare.STALE_S))
-    info = D.detect_launch()
+    info = process_group.detect_launch()
     overrides = sys.argv[2:]
     if "PROBE_CACHE_DIRS" in os.environ:  # a run.cache_dir of its own per rank ("node-local")
         overrides.append(f"run.cache_dir={os.environ['PROBE_CACHE_DIRS'].split('|')[info.rank]}")
     cfg, _ = load_config(None, overrides)
-    env = D.init_distributed(cfg, info)
+    env = process_group.init_distributed(cfg, info)
     setup_logging(env.rank)
     ok = False
     try:
@@ -80,7 +81,7 @@ def main() -> int:
         print(f"stopped by {e.signame}", file=sys.stderr, flush=True)
         return 0
     finally:
-        D.close_distributed(clean=ok)
+        process_group.close_distributed(clean=ok)
 
 
 if __name__ == "__main__":

@@ -5,16 +5,16 @@ import sys
 
 import torch
 
-from emotion_dist import distributed as D
-from emotion_dist.build import build_trainer
-from emotion_dist.checkpoint import load_checkpoint
-from emotion_dist.train import resolve_config
+from emotion_dist.distributed import process_group
+from emotion_dist.training.build import build_trainer
+from emotion_dist.modelio import load_checkpoint
+from emotion_dist.commands.train import resolve_config
 
 
 def main() -> int:
     cfg, _ = resolve_config(None, sys.argv[1:])
-    info = D.detect_launch()
-    env = D.init_distributed(cfg, info)
+    info = process_group.detect_launch()
+    env = process_group.init_distributed(cfg, info)
     trainer = build_trainer(cfg, env)
     trainer.resume()
     model_sd, optim_sd = trainer.strategy.full_state_dict(trainer.model, trainer.optimizer)
@@ -40,7 +40,7 @@ def main() -> int:
         assert len(saved["optimizer_state_dict"]["state"]) == sum(1 for _ in trainer.model.parameters()) > 100
         ema = " with EMA" if ema_sd else ""
         print(f"ROUNDTRIP OK {cfg.dist.strategy} world={env.world_size} from {saved['strategy']} world={saved['world_size']}{ema} tensors={n}")
-    D.close_distributed()
+    process_group.close_distributed()
     return 0
 
 

@@ -1,0 +1,78 @@
+"""`emotion-dist export`: ONNX (dynamic batch, verified with onnxruntime) or safetensors, each with
+a JSON sidecar (classes, image size, channels, normalization) so no part of this repo is needed."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emotion_dist.modelio import load_model
+from emotion_dist.utils.fsutil import atomic_write_bytes, guard_output
+from emotion_dist.model import EmotionNet
+
+MAX_ONNX_DIFF = 1e-4
+SUFFIXES = {"onnx": ".onnx", "safetensors": ".safetensors"}
+
+
+def is_our_export(path: Path) -> bool:
+    """An export emotion-dist wrote: its JSON sidecar says so."""
+    sidecar = Path(path).with_suffix(".json")
+    try:
+        return json.loads(sidecar.read_text()).get("format") == "emotion-dist"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def output_path(checkpoint: str, fmt: str, out: str | None) -> Path:
+    """Where the export goes, checked before any work: never the checkpoint, never a file of another
+    kind or one emotion-dist did not write; a folder means a file named after the checkpoint in it."""
+    suffix = SUFFIXES[fmt]
+    path = Path(out) if out else Path(checkpoint).with_suffix(suffix)
+    if path.is_dir() or (out and out.endswith(("/", "\\"))):
+        path = path / Path(checkpoint).with_suffix(suffix).name
+    guard_output(path, what=f"the {fmt} export", suffixes=(suffix,), inputs=[Path(checkpoint)], ours=is_our_export)
+    guard_output(path.with_suffix(".json"), what="the sidecar", suffixes=(".json",), inputs=[Path(checkpoint)],
+                 ours=lambda p: is_our_export(path), option="--out (its sidecar)")
+    return path
+
+
+def export(checkpoint: str, fmt: str, out: str | None = None) -> Path:
+    path = output_path(checkpoint, fmt, out)
+    model, meta = load_model(checkpoint)
+    if fmt == "safetensors":
+        from safetensors.torch import save
+
+        data = save({k: v.contiguous() for k, v in model.state_dict().items()},
+                    metadata={"classes": json.dumps(meta["classes"])})
+    else:
+        c, s = meta["in_channels"], meta["image_size"]
+        buf = io.BytesIO()
+        torch.onnx.export(model, (torch.randn(1, c, s, s),), buf, input_names=["images"],
+                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+        data = buf.getvalue()
+        diff = onnx_max_diff(model, data, c, s)  # verified before anything is written
+        if diff > MAX_ONNX_DIFF:
+            raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.2e} (> {MAX_ONNX_DIFF}); export refused")
+        meta["onnx_max_abs_diff"] = diff
+    atomic_write_bytes(path, data)
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
+    return path
+
+
+def onnx_max_diff(model: EmotionNet, onnx_model: bytes, channels: int, size: int) -> float:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for batch in (1, 5):  # the batch axis is dynamic
+        x = torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = sess.run(None, {"images": x.numpy()})[0]
+        worst = max(worst, float(np.abs(ref - got).max()))
+    return worst

@@ -1,0 +1,109 @@
+"""`emotion-dist summarize RUN_DIR... [--json]`: the figure a paper should quote, mean ± std of the
+test accuracy and macro-F1 over several runs (seeds) of one recipe.
+
+Each argument is a run directory (its metrics.jsonl's last "test" record: best.pt on the test split,
+written at the end of training) or an `emotion-dist evaluate --json` report file. std is the sample
+standard deviation (n - 1); with one run there is none. Runs measured on different splits, TTA or
+image counts are not one figure and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+from emotion_dist.errors import ConfigError
+from emotion_dist.utils.output import MARKER, check_json_out, emit, human
+
+METRICS = ("accuracy", "macro_f1")
+
+
+def _seed(run_dir: Path) -> Optional[int]:
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        return cfg.get("train", {}).get("seed")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+
+
+def load_result(path: str | Path) -> dict:
+    """One run's test figures: {"run", "seed", "split", "tta", "count", "accuracy", "macro_f1", "source"}."""
+    p = Path(path)
+    if p.is_dir():
+        metrics = p / "metrics.jsonl"
+        if not metrics.is_file():
+            raise ConfigError(f"{p} has no metrics.jsonl; pass a run directory (run.dir) or an evaluate --json report")
+        record = None
+        for line in metrics.read_text(errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash mid-write
+            if isinstance(r, dict) and r.get("type") == "test":
+                record = r
+        if record is None:
+            raise ConfigError(f"{metrics} has no test record (the run did not finish, or train.eval_test=false); "
+                              f"run emotion-dist evaluate --json FILE on its best.pt and pass FILE")
+        source, seed = "metrics.jsonl", _seed(p)
+    elif p.is_file():
+        try:
+            record = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ConfigError(f"{p} is not JSON; pass a run directory or an emotion-dist evaluate --json report") from None
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), (int, float)) for k in METRICS):
+            raise ConfigError(f"{p} has no accuracy and macro_f1; pass an emotion-dist evaluate --json report")
+        source, seed = "evaluate report", record.get("seed")
+    else:
+        raise ConfigError(f"{p} does not exist; pass run directories or evaluate --json reports")
+    return {"run": str(p), "seed": seed, "split": record.get("split", "test"), "tta": record.get("tta") or "none",
+            "count": record.get("count"), **{k: float(record[k]) for k in METRICS}, "source": source}
+
+
+def mean_std(values: list[float]) -> dict:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std}
+
+
+def summarize_runs(paths: list[str | Path]) -> dict:
+    runs = [load_result(p) for p in paths]
+    for key in ("split", "tta", "count"):
+        seen = sorted({str(r[key]) for r in runs})
+        if len(seen) > 1:
+            raise ConfigError(f"the runs differ in {key} ({', '.join(seen)}): mean ± std needs one protocol; "
+                              f"summarize runs of the same recipe and evaluation")
+    return {"n": len(runs), "split": runs[0]["split"], "tta": runs[0]["tta"], "count": runs[0]["count"],
+            **{k: mean_std([r[k] for r in runs]) for k in METRICS}, "runs": runs}
+
+
+def _pm(m: dict) -> str:
+    std = "n/a" if m["std"] is None else f"{100 * m['std']:.2f}"
+    return f"{100 * m['mean']:.2f} ± {std}"
+
+
+def print_summary(s: dict, file=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{s['split']} split, {s['count']} images, TTA {s['tta']}: {s['n']} runs (mean ± sample std)")
+    for col in ("run", "seed", "accuracy %", "macro-F1 %"):
+        t.add_column(col, justify="left" if col == "run" else "right")
+    for r in s["runs"]:
+        t.add_row(r["run"], "-" if r["seed"] is None else str(r["seed"]),
+                  f"{100 * r['accuracy']:.2f}", f"{100 * r['macro_f1']:.2f}")
+    t.add_row("mean ± std", "", _pm(s["accuracy"]), _pm(s["macro_f1"]), style="bold")
+    Console(file=file or sys.stdout, width=120).print(t)
+
+
+def run_summarize(args) -> int:
+    check_json_out(args, inputs=[Path(r) for r in args.runs])
+    s = summarize_runs(args.runs)
+    print_summary(s, human(args))
+    emit(args, {MARKER: "summarize", **s})
+    return 0

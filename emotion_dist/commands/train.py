@@ -1,0 +1,115 @@
+"""parse config -> build -> train -> close. The same function serves `emotion-dist train` and
+`launch/train.py` under every launcher."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from emotion_dist.distributed import interrupts
+from emotion_dist.config import load_config, to_yaml
+from emotion_dist.distributed.env_settings import apply_environment
+from emotion_dist.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Interrupted, TrainingAborted, UserError
+from emotion_dist.utils.output import MARKER, check_json_out, emit, stdout_to_stderr
+
+log = logging.getLogger("emotion_dist")
+
+
+def resolve_config(config_path, overrides, environ=None):
+    """The config a run uses (command line > environment > config file > defaults, see env_settings)
+    and the notes saying where the launcher's or W&B's environment decided or was overruled."""
+    cfg, given = load_config(config_path, overrides)
+    return cfg, apply_environment(cfg, given, overrides, environ)
+
+
+def hold_run_dir(cfg):
+    """Rank 0, before any expensive work: one job per run directory (RunDirBusy names the holder)."""
+    from pathlib import Path
+
+    from emotion_dist.training.checkpoint import check_run_dir
+    from emotion_dist.distributed.lease import RunDirLease
+
+    check_run_dir(Path(cfg.run.dir))  # never a lease file in someone's folder
+    return RunDirLease(cfg.run.dir, interval_s=cfg.run.lease_heartbeat_s, stale_after_s=cfg.run.lease_stale_s).acquire()
+
+
+def _error(rank: int, e: BaseException) -> None:
+    print(f"error: [rank {rank}] {e}", file=sys.stderr, flush=True)
+
+
+def run_training(config_path, overrides, out: argparse.Namespace | None = None) -> int:
+    """`out`: the output flags (json, json_out, print_config); with --json, stdout holds only the
+    final JSON document and every log line goes to stderr."""
+    out = out or argparse.Namespace(json=False, json_out=None, print_config=False)
+    cfg = None
+    try:
+        cfg, notes = resolve_config(config_path, overrides)
+        if getattr(out, "print_config", False):  # the resolved YAML; nothing started, nothing written
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
+            sys.stdout.write(to_yaml(cfg))
+            return EXIT_OK
+        interrupts.install()  # from here on: a signal during data preparation stops cleanly too
+        check_json_out(out)
+        from emotion_dist.training.loggers import check_trackers
+
+        check_trackers(cfg)
+        from emotion_dist.distributed import process_group
+
+        from emotion_dist.training.strategy import check_world_size
+
+        info = process_group.detect_launch()
+        process_group.check_launch(cfg, info)
+        check_world_size(cfg.dist.strategy, info.world_size)
+        env = process_group.init_distributed(cfg, info)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except Interrupted as e:
+        print(f"stopped by {e.signame} before training started; nothing to save", file=sys.stderr, flush=True)
+        if cfg is not None:
+            emit(out, {MARKER: "train", "run_dir": cfg.run.dir, "stopped": True, "global_step": None})
+        return EXIT_OK
+    with stdout_to_stderr(out.json):
+        code, result = _train(cfg, notes, env)
+    if result is not None and env.is_main:
+        emit(out, {MARKER: "train", "run_dir": cfg.run.dir, "launcher": env.launcher,
+                   "world_size": env.world_size, **result})
+    return code
+
+
+def _train(cfg, notes: list[str], env) -> tuple[int, dict | None]:
+    """(exit code, the result for the JSON document, or None after an error)."""
+    from emotion_dist.distributed import process_group
+    from emotion_dist.training.build import build_trainer
+    from emotion_dist.training.loggers import setup_logging
+
+    setup_logging(env.rank, sys.stdout)  # sys.stdout is stderr here under --json
+    trainer, lease, ok = None, None, False
+    try:
+        lease = process_group.rank0_decides(lambda: hold_run_dir(cfg), share_result=False)
+        trainer = build_trainer(cfg, env, notes=notes)
+        trainer.lease = lease
+        result = trainer.fit()
+        if env.is_main:
+            log.info("done: %s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+        ok = True
+        return EXIT_OK, result
+    except UserError as e:
+        _error(env.rank, e)
+        return EXIT_USAGE, None
+    except TrainingAborted as e:
+        _error(env.rank, e)
+        return EXIT_FAILURE, None
+    except Interrupted as e:  # during data preparation: temp files are gone; the next start carries on
+        if env.is_main:
+            log.info("stopped by %s while preparing data; temp files removed, the next start carries on", e.signame)
+        ok = env.world_size == 1
+        return EXIT_OK, {"stopped": True, "global_step": None}
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if lease is not None:  # after the last checkpoint: it was written under the lease
+            lease.release()
+        process_group.close_distributed(clean=ok)  # after a failure, peers may never reach a barrier

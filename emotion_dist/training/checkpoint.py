@@ -1,0 +1,341 @@
+"""Checkpoints: what a file holds (CheckpointMeta + the registered components' state), how files are
+written and kept (CheckpointFiles), and the one interface the trainer saves and resumes through
+(Checkpointer).
+
+- Files: rank 0 writes atomically (temp file, fsync, os.replace): `checkpoints/step-XXXXXXXX.pt`
+  (the newest `ckpt.keep`), `last.pt`, `best.pt`. They load with torch.load(weights_only=True).
+- Ownership: `run.json` in the run directory records the run's id and the checkpoint files this
+  run wrote. Only those count toward `ckpt.keep`, only those are ever deleted, and auto-resume picks
+  only among them: a stray `step-*.pt` copied in, or another run's files, are never touched.
+- The file layout (top-level keys `model_state_dict`, `epoch`, `class_names`, ...) is the one
+  emotion-dist has always written, so checkpoints from earlier versions load, evaluate and resume.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from emotion_dist.modelio import FORMAT_VERSION, CheckpointMeta, load_checkpoint, read_meta
+from emotion_dist.errors import CheckpointError, ConfigError, DataError
+from emotion_dist.utils.fsutil import atomic_write_bytes, atomic_write_json, remove_stale_temps
+
+log = logging.getLogger("emotion_dist")
+_STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+RUN_MARKER = "run.json"
+RUN_DIR_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", RUN_MARKER, "lease.json")  # what marks a run dir
+
+
+def describe_data_change(state: dict, classes: list, channels: int, image_size: int, train_images: int) -> Optional[str]:
+    """What differs between the data a checkpoint was trained on and the data of this run, or None."""
+    changes = []
+    if state["class_names"] != classes:
+        changes.append(f"classes {state['class_names']} -> {classes}")
+    if state.get("in_channels", channels) != channels:
+        changes.append(f"in_channels {state['in_channels']} -> {channels} (set model.in_channels={state['in_channels']})")
+    if state.get("image_size", image_size) != image_size:
+        changes.append(f"data.image_size {state['image_size']} -> {image_size}")
+    saved_n = state.get("sampler", {}).get("n", train_images)
+    if saved_n != train_images:
+        changes.append(f"training images {saved_n} -> {train_images} (files added or removed, or data.limit changed)")
+    return "; ".join(changes) or None
+
+
+# ------------------------------------------------------------------------------------ files
+def serialize(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _step_of(path: Path) -> int:
+    return int(_STEP_RE.match(path.name).group(1))
+
+
+class CheckpointFiles:
+    """The checkpoint files of one run directory (rank 0 only)."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep: int = 2):
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / "checkpoints"
+        self.keep = keep
+        self.marker = self.run_dir / RUN_MARKER
+        self.record = self._read_record()
+
+    # -------- ownership
+    def _read_record(self) -> Optional[dict]:
+        import json
+
+        if not self.marker.is_file():
+            return None
+        try:
+            record = json.loads(self.marker.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and record.get("emotion_dist") == "run" else None
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self.record["run_id"] if self.record else None
+
+    def owned(self) -> set[str]:
+        return set(self.record.get("checkpoints", [])) if self.record else set()
+
+    def begin(self, run_id: Optional[str] = None) -> str:
+        """Mark the folder as this run's (a fresh start keeps the files of none before it)."""
+        run_id = run_id or self.run_id or secrets.token_hex(6)
+        self.record = {"emotion_dist": "run", "run_id": run_id, "created": (self.record or {}).get("created", time.time()),
+                       "checkpoints": sorted(self.owned() & {p.name for p in self.dir.glob("*.pt")})}
+        atomic_write_json(self.marker, self.record)
+        return run_id
+
+    def _own(self, names: list[str], dropped: list[str] = ()) -> None:
+        if self.record is None:
+            self.begin()
+        owned = (self.owned() | set(names)) - set(dropped)
+        self.record = {**self.record, "checkpoints": sorted(owned)}
+        atomic_write_json(self.marker, self.record)
+
+    def clean_temps(self) -> list[Path]:
+        """Temp files a killed write left behind (only this run writes here: the run-dir lease)."""
+        # the run directory itself: only dead writers' (a starting job's lease temp file lives there)
+        return remove_stale_temps(self.dir, everything_ours=True) + remove_stale_temps(self.run_dir)
+
+    # -------- paths
+    @property
+    def last(self) -> Path:
+        return self.dir / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.dir / "best.pt"
+
+    def step_files(self, owned_only: bool = True) -> list[Path]:
+        """Step checkpoints, oldest first: this run's (or, in a run directory from before ownership
+        was recorded, every one)."""
+        if not self.dir.is_dir():
+            return []
+        files = [p for p in self.dir.iterdir() if _STEP_RE.match(p.name)]
+        if owned_only and self.record is not None:
+            owned = self.owned()
+            files = [p for p in files if p.name in owned]
+        return sorted(files, key=_step_of)
+
+    def all_checkpoints(self) -> list[Path]:
+        return sorted(self.dir.glob("*.pt")) if self.dir.is_dir() else []
+
+    def foreign(self) -> list[Path]:
+        """Checkpoint files here that this run did not write."""
+        owned = self.owned()
+        return [p for p in self.all_checkpoints() if p.name not in owned]
+
+    # -------- writing
+    def save(self, state: dict, step: int, is_best: bool = False) -> None:
+        data = serialize({**state, "format_version": FORMAT_VERSION})
+        step_file = self.dir / f"step-{step:08d}.pt"
+        written = []
+        if step_file.exists() and step_file.name not in self.owned() and self.record is not None:
+            log.warning("not writing %s: a file of that name is there and this run did not write it", step_file)
+        else:
+            atomic_write_bytes(step_file, data)
+            written.append(step_file.name)
+        atomic_write_bytes(self.last, data)
+        written.append(self.last.name)
+        if is_best:
+            atomic_write_bytes(self.best, data)
+            written.append(self.best.name)
+        self._own(written)
+        steps = self.step_files()  # this run's only
+        old = steps[: -self.keep] if len(steps) > self.keep else []
+        if old:
+            self._own([], [p.name for p in old])  # recorded first: a crash in between leaves no claim on a gone file
+            for p in old:
+                p.unlink(missing_ok=True)
+
+    # -------- reading
+    def newest_loadable(self) -> Optional[tuple[Path, dict]]:
+        """The newest checkpoint of this run that loads, reading as few files as possible: last.pt
+        unless a step file is newer (its name says so: a failed last.pt write leaves one behind) or
+        it is unreadable; then step files newest first. Unreadable ones are skipped with a warning."""
+        last = self._try(self.last) if self.last.is_file() and self._mine(self.last) else None
+        last_step = last[1].get("global_step", 0) if last else -1
+        for path in reversed(self.step_files()):
+            if _step_of(path) <= last_step:
+                break
+            found = self._try(path)
+            if found:
+                return found
+        return last
+
+    def _mine(self, path: Path) -> bool:
+        return self.record is None or path.name in self.owned()
+
+    @staticmethod
+    def _try(path: Path) -> Optional[tuple[Path, dict]]:
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint: %s", e)
+            return None
+
+
+def is_run_dir(path: Path) -> bool:
+    return any((Path(path) / name).exists() for name in RUN_DIR_FILES)
+
+
+@dataclass
+class StartPlan:
+    """How a run starts in its run directory: fresh, or from a checkpoint (path and loaded state)."""
+
+    run_id: str
+    path: Optional[Path] = None
+    state: Optional[dict] = None
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A run writes only into a new or empty folder, or a run directory of emotion-dist's."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir={run_dir} is a file, not a folder; point run.dir at a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
+        raise ConfigError(f"run.dir={run_dir} is a non-empty folder that is not an emotion-dist run directory; "
+                          f"choose a new or empty run.dir")
+
+
+def plan_start(files: CheckpointFiles, resume: str) -> StartPlan:
+    """Rank 0: decide fresh start or resume, refusing (one line) to mix two runs in one directory."""
+    run_dir = files.run_dir
+    key = "run.dir"
+    check_run_dir(run_dir)
+    if resume == "never":
+        existing = files.all_checkpoints()
+        if existing:
+            raise ConfigError(
+                f"{key}={run_dir} holds checkpoints of an earlier run ({len(existing)} files, e.g. {existing[-1].name}); "
+                f"choose a new {key}, or continue that run with run.resume=auto")
+        return StartPlan(files.begin(secrets.token_hex(6)))
+    if resume == "auto":
+        found = files.newest_loadable()
+        if found:
+            path, state = found
+            return StartPlan(files.begin(state.get("run_id")), path, state)
+        strays = files.foreign() if files.record is not None else files.all_checkpoints()
+        if strays:
+            raise ConfigError(
+                f"{key}={run_dir} holds checkpoint files this run did not write and none of its own "
+                f"({', '.join(p.name for p in strays[:3])}); choose a new {key}")
+        return StartPlan(files.begin())
+    path = Path(resume)
+    state = load_checkpoint(path)
+    read_meta(state, path)  # a weights-only file cannot be resumed: one line saying so
+    missing = [k for k in ("optimizer_state_dict", "sampler", "epoch", "global_step") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} has no training state to resume ({', '.join(missing)} missing); start a "
+                              f"new run from its weights with model.init_from={path}")
+    theirs = state.get("run_id")
+    if files.record is not None and files.owned() and theirs != files.run_id:
+        raise ConfigError(
+            f"{key}={run_dir} belongs to run {files.run_id}, but run.resume={path} is from "
+            f"{'run ' + theirs if theirs else 'another run'}; resume into a new {key}")
+    return StartPlan(files.begin(theirs), path, state)
+
+
+# ------------------------------------------------------------------------------------ the interface
+class Checkpointer:
+    """Components register under a name; save() gathers every component's state (collective: every
+    rank calls it, rank 0 writes) and load_state_dict() hands each its part back. The trainer uses
+    register, plan (at start, before anything is written), load_planned, save and due."""
+
+    def __init__(self, files: Optional[CheckpointFiles], env, every_steps: int = 0, on_error: str = "stop"):
+        from emotion_dist.training.state import CheckpointInterval
+
+        self.files, self.env = files, env  # files: rank 0 only
+        self.interval = CheckpointInterval(every_steps)
+        self.on_error = on_error
+        self.components: dict = {}
+        self.last_good: Optional[str] = None
+        self.planned: Optional[str] = None  # the checkpoint plan() chose to resume from
+        self.run_id: Optional[str] = None  # rank 0: this run's id (run.json)
+        self._planned_state: Optional[dict] = None
+
+    def register(self, name: str, component) -> None:
+        if name in self.components:
+            raise ValueError(f"checkpoint component {name!r} registered twice")
+        self.components[name] = component
+
+    def due(self, global_step: int) -> bool:
+        return self.interval.due(global_step)
+
+    def state_dict(self) -> dict:
+        """Collective: every component's state (on rank 0; other ranks may get partial dicts)."""
+        state: dict = {}
+        for name, component in self.components.items():
+            part = component.state_dict()
+            clash = state.keys() & part.keys()
+            if clash:
+                raise ValueError(f"checkpoint component {name!r} writes keys another one owns: {sorted(clash)}")
+            state.update(part)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for component in self.components.values():
+            component.load_state_dict(state)
+
+    def save(self, meta: CheckpointMeta, step: int, is_best: bool = False) -> Optional[str]:
+        """Collective. Returns an error line when rank 0 could not write (all ranks get it), else None."""
+        from emotion_dist.distributed import process_group
+
+        state = self.state_dict()
+        error = None
+        if self.files is not None:
+            try:
+                self.files.save({**state, **meta.to_state()}, step, is_best)
+                self.last_good = str(self.files.last)
+            except OSError as e:
+                error = (f"checkpoint write at step {step} failed ({e.strerror or e}); the previous "
+                         f"checkpoint {self.last_good or '(none)'} is intact")
+        return process_group.broadcast_object(error)
+
+    def plan(self, resume: str, check=None) -> Optional[str]:
+        """Collective, before anything is written to the run directory: rank 0 decides fresh start or
+        which checkpoint to resume (refusing, on every rank, to mix two runs in one directory or to
+        resume onto changed data: `check(state, path)` may raise). Returns the checkpoint path or None."""
+        from emotion_dist.distributed import process_group
+
+        self.planned = process_group.rank0_decides(lambda: self._plan(resume, check))
+        return self.planned
+
+    def _plan(self, resume: str, check) -> Optional[str]:
+        removed = self.files.clean_temps()
+        if removed:
+            log.warning("removed %d temp file(s) left by a killed write: %s", len(removed),
+                        ", ".join(p.name for p in removed[:3]))
+        plan = plan_start(self.files, resume)
+        self.run_id, self._planned_state = plan.run_id, plan.state
+        if plan.state is not None and check is not None:
+            check(plan.state, plan.path)
+        return str(plan.path) if plan.path else None
+
+    def load_planned(self) -> Optional[tuple[str, dict]]:
+        """Collective: every rank loads the planned checkpoint into the registered components."""
+        if self.planned is None:
+            return None
+        state = self._planned_state if self.files is not None else load_checkpoint(self.planned)
+        self._planned_state = None
+        self.load_state_dict(state)
+        self.last_good = self.planned
+        return self.planned, state
+
+
+def data_change_error(path, change: str) -> DataError:
+    return DataError(f"the data differs from what checkpoint {path} was trained on: {change}; resume with the "
+                     f"same data, or start a new run.dir (model.init_from={path} keeps the weights)")

@@ -1,0 +1,99 @@
+"""Classification metrics from a confusion matrix, and the plots made from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Rows = true class, columns = predicted class (int64, on the inputs' device)."""
+    flat = targets.to(torch.int64) * num_classes + preds.to(torch.int64)
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def summarize(cm: np.ndarray | torch.Tensor, classes: list[str]) -> dict:
+    cm = np.asarray(cm.cpu() if torch.is_tensor(cm) else cm, dtype=np.float64)
+    tp = np.diag(cm)
+    support = cm.sum(1)
+    predicted = cm.sum(0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    present = support > 0
+    total = cm.sum()
+    return {
+        "accuracy": float(tp.sum() / total) if total else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "count": int(total),
+        "per_class": {
+            c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                "support": int(support[i])}
+            for i, c in enumerate(classes)
+        },
+    }
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(cm: np.ndarray | torch.Tensor, classes: list[str], path: Path, title: str = "") -> None:
+    plt = _pyplot()
+    cm = np.asarray(cm.cpu() if torch.is_tensor(cm) else cm, dtype=np.float64)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6.4, 5.6), dpi=100)
+    try:
+        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title or "normalized confusion matrix")
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if norm[i, j] > 0.5 else "black")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        _save(fig, path)
+    finally:
+        plt.close(fig)  # the seed leaked one figure per epoch
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=100)
+    try:
+        for ax, key in zip(axes, ("loss", "accuracy", "macro_f1")):
+            for split in ("train", "val"):
+                ys = [h.get(f"{split}_{key}") for h in history]
+                if any(y is not None for y in ys):
+                    ax.plot(epochs, [np.nan if y is None else y for y in ys], marker="o", label=split)
+            ax.set_title(key)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    from emotion_dist.utils.fsutil import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(Path(path), buf.getvalue())
