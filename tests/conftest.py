@@ -75,7 +75,7 @@ def assert_same_training_state(run_a, run_b):
     return a, b
 
 
-CLUSTER_TESTS = ("tests/test_slurm.py", "tests/test_multinode.py")
+CLUSTER_TESTS = ("tests/system/test_slurm.py", "tests/system/test_multinode.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -95,6 +95,21 @@ def pytest_collection_modifyitems(config, items):
     """The Slurm and multinode tests first (a stable sort): under xdist they are one long unit on
     one worker, which should start at once while the other worker takes everything else."""
     items.sort(key=lambda item: not item.nodeid.startswith(CLUSTER_TESTS))
+
+
+UNIT = ROOT / "tests" / "unit"
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request, monkeypatch):
+    """tests/unit runs in-process: a test there that starts a child process fails, naming it."""
+    if not Path(str(request.node.fspath)).is_relative_to(UNIT):
+        return
+
+    def refuse(self, args, *a, **k):
+        raise AssertionError(f"a unit test started a process ({args!r}); move the test to tests/system")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 def cli_cmd(*args: str) -> list[str]:
