@@ -208,3 +208,31 @@ def cluster(slurm_session):
     """The session's Slurm cluster, every node up and idle and no job left from an earlier test."""
     slurm_session.heal()
     return slurm_session
+
+
+def write_checkpoint(path: Path, *, in_channels: int = 1, image_size: int = 32, seed: int = 0, **fields) -> Path:
+    """An emotion-dist checkpoint written in-process (EmotionNet at seeded random weights, the
+    metadata a training run records), for tests that need a model file but no training run.
+    `fields` replace top-level keys, e.g. `model_state_dict=...` to build a damaged file."""
+    import torch
+
+    from emotion_dist.data.datasets import normalization
+    from emotion_dist.data.readers.synthetic import CLASSES
+    from emotion_dist.model import EmotionNet
+    from emotion_dist.modelio import CheckpointMeta
+
+    torch.manual_seed(seed)
+    model = EmotionNet(in_channels, len(CLASSES)).eval()
+    mean, std = normalization(in_channels)
+    meta = CheckpointMeta(classes=list(CLASSES), image_size=image_size, in_channels=in_channels,
+                          normalization={"mean": mean, "std": std}, data_size=image_size)
+    state = {"model_state_dict": model.state_dict(), "epoch": 1, "global_step": 1, **meta.to_state(), **fields}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def unit_checkpoint(tmp_path_factory) -> Path:
+    """write_checkpoint()'s default model, once per session: read-only."""
+    return write_checkpoint(tmp_path_factory.mktemp("unit_ckpt") / "model.pt")
