@@ -13,7 +13,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[2] / "emotion_dist"
 LAYERS = [  # top to bottom; a module may import its own layer's package or any layer below
     {"__main__"},
-    {"cli"},
+    {"cli", "api"},
     {"commands"},
     {"training"},
     {"inference"},
