@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+from dataclasses import replace
 import os
 import resource
 import shutil
@@ -124,12 +125,18 @@ def train_step_flops(cfg, x, y) -> float:
 def bench_config(args, workdir: Path):
     """Train's config (file, overrides, accelerate's precision) plus what a bench run must not do:
     resume, write into the user's run directory, log to W&B, or evaluate the test split."""
-    from emotion_dist.commands.train import resolve_config
+    from emotion_dist.distributed.env_settings import resolve_config
 
     own = [f"run.dir={workdir / 'run'}", "run.resume=never", "train.eval_test=false", "log.every_steps=1000000",
            "log.wandb=off", "log.sample_ids=false"]
     cfg, _ = resolve_config(args.config, [*args.overrides, *(["train.compile=true"] if args.compile else []), *own])
     return cfg
+
+
+def bench_sources(batches) -> dict:
+    """The batch sources bench times, by pipeline: the run's own for `fast` (resident on the device
+    when data.on_device put it there) and the same with the classic per-sample pipeline."""
+    return {"fast": replace(batches, pipeline="fast"), "classic": replace(batches, pipeline="classic")}
 
 
 def plan_steps(sampler, n: int) -> list:
@@ -179,13 +186,12 @@ def _bench(cfg, env, args, workdir: Path) -> dict:
     from torch._dynamo.utils import counters
 
     from emotion_dist.training.build import build_trainer, prepare_data
-    from emotion_dist.data.loader import train_batches
     from emotion_dist.training.loggers import setup_logging
     from emotion_dist.utils.output import MARKER
 
     setup_logging(1)  # warnings only: the bench prints its own table
     ds = prepare_data(cfg, env)
-    trainer = build_trainer(cfg, env, ds)
+    trainer = build_trainer(cfg, env, ds=ds)
     dev, world, rows = env.device, env.world_size, args.rows
     warmup, timed_n = args.warmup, args.steps
     plan = plan_steps(trainer.sampler, warmup + timed_n)
@@ -196,9 +202,10 @@ def _bench(cfg, env, args, workdir: Path) -> dict:
     # an epoch past train.augment_warmup_epochs: the augmentation timed at full strength
     augmented_epoch = math.ceil(cfg.train.augment_warmup_epochs)
 
+    sources = bench_sources(trainer.batches)
+
     def batches(pipeline: str, steps):
-        return train_batches(ds.train, steps, augmented_epoch, trainer.transform, pipeline, ds.channels, cfg.data.image_size,
-                             cfg.train.seed, cfg.data.num_workers, trainer.resident)
+        return sources[pipeline].epoch(steps, augmented_epoch)
 
     def record(key: str, name: str, images: int, seconds: float, **extra) -> None:
         row = {"row": f"({key}) {name}", "img_per_s": images / seconds, "seconds": seconds, "images": images,
@@ -303,7 +310,7 @@ def _bench(cfg, env, args, workdir: Path) -> dict:
         MARKER: "bench", "device": name, "torch": torch.__version__, "world_size": world,
         "timing": "cuda events" if dev.type == "cuda" else "perf_counter",
         "data": {"root": ds.root, "train_images": len(ds.train), "image_size": cfg.data.image_size,
-                 "on_device": trainer.resident is not None},
+                 "on_device": sources["fast"].resident is not None},
         "batch": t.batch_size, "grad_accum": t.grad_accum, "precision": t.precision, "strategy": cfg.dist.strategy,
         "adamw_fused": bool(trainer.optimizer.defaults.get("fused")),  # fused on CUDA (Strategy._adamw_impl)
         "compile": t.compile, "compile_mode": t.compile_mode if t.compile else None,
@@ -337,7 +344,7 @@ def compare_with_ultralytics(cfg, env, ds, args, workdir: Path) -> list[dict]:
                 os.symlink(src.resolve(), dst)
     cfg.run.dir = str(workdir / "ours")
     cfg.train.epochs = args.epochs
-    tr = build_trainer(cfg, env, ds)
+    tr = build_trainer(cfg, env, ds=ds)
     t = time.perf_counter()
     tr.fit()
     ours_s = time.perf_counter() - t

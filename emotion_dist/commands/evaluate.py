@@ -91,7 +91,7 @@ def run_evaluate(args) -> int:
     from emotion_dist.modelio import model_from_state
     from emotion_dist.training.loggers import setup_logging
     from emotion_dist.training.metrics import plot_confusion
-    from emotion_dist.training.validation import evaluate_split
+    from emotion_dist.training.validation import Evaluator
 
     info = process_group.detect_launch()
     env = process_group.init_distributed(cfg, info)
@@ -105,9 +105,10 @@ def run_evaluate(args) -> int:
             raise ConfigError(f"{ds.root} has no test split (test/ or val/ folder); pass --split val or data.root=PATH")
         models = [model_from_state(s, p).to(env.device) for (s, _), p in zip(loaded, args.checkpoint)]  # no DDP
         transform = BatchTransform(ds.channels, cfg.data.image_size, env.device, cfg.train.seed)
-        res, cm = evaluate_split(models[0], split, transform, env, ds.classes, cfg.train.batch_size,
-                                 cfg.train.precision, tta=args.tta, extra_models=models[1:],
-                                 class_maps=maps if any(m is not None for m in maps) else None)
+        evaluator = Evaluator(transform=transform, env=env, classes=ds.classes, batch_size=cfg.train.batch_size,
+                              precision=cfg.train.precision)
+        res, cm = evaluator.evaluate(models[0], split, tta=args.tta, extra_models=models[1:],
+                                     class_maps=maps if any(m is not None for m in maps) else None)
         names = [str(c) for c in args.checkpoint]
         report = {REPORT_MARKER: "evaluate", "checkpoint": names[0] if len(names) == 1 else names,
                   "split": args.split, "data": ds.root, "tta": args.tta,

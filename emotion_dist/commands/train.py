@@ -8,19 +8,12 @@ import logging
 import sys
 
 from emotion_dist.distributed import interrupts
-from emotion_dist.config import load_config, to_yaml
-from emotion_dist.distributed.env_settings import apply_environment
+from emotion_dist.config import to_yaml
+from emotion_dist.distributed.env_settings import resolve_config
 from emotion_dist.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Interrupted, TrainingAborted, UserError
 from emotion_dist.utils.output import MARKER, check_json_out, emit, stdout_to_stderr
 
 log = logging.getLogger("emotion_dist")
-
-
-def resolve_config(config_path, overrides, environ=None):
-    """The config a run uses (command line > environment > config file > defaults, see env_settings)
-    and the notes saying where the launcher's or W&B's environment decided or was overruled."""
-    cfg, given = load_config(config_path, overrides)
-    return cfg, apply_environment(cfg, given, overrides, environ)
 
 
 def hold_run_dir(cfg):
@@ -89,8 +82,7 @@ def _train(cfg, notes: list[str], env) -> tuple[int, dict | None]:
     trainer, lease, ok = None, None, False
     try:
         lease = process_group.rank0_decides(lambda: hold_run_dir(cfg), share_result=False)
-        trainer = build_trainer(cfg, env, notes=notes)
-        trainer.lease = lease
+        trainer = build_trainer(cfg, env, notes=notes, lease=lease)
         result = trainer.fit()
         if env.is_main:
             log.info("done: %s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))

@@ -5,12 +5,14 @@ fast:    uint8 rows gathered from the decoded cache, augmented as whole batches 
          (augment.BatchTransform), keyed per sample so resume and world size do not change them.
          With data.on_device the rows are resident on the device (augment.DeviceSplit) and the
          epoch's positions, masks and keys are copied there once: no step copies host to device.
-classic: the seed's per-sample PIL + torchvision.transforms.v2 pipeline in a DataLoader.
+classic: per-sample PIL + torchvision.transforms.v2 in a DataLoader (the reference pipeline the
+         fast one is checked and timed against).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -54,45 +56,71 @@ def place_on_device(split: Split, data: DataConfig, device: torch.device) -> Opt
     return DeviceSplit(split, device)
 
 
-def train_batches(split: Split, steps: Iterable[Step], epoch: int, transform: BatchTransform, pipeline: str = "fast",
-                  channels: int = 1, image_size: int = 64, seed: int = 0, num_workers: int = 0,
-                  label_mode: str = "majority", resident: Optional[DeviceSplit] = None) -> Iterator[tuple[Step, list[Batch]]]:
-    """Labels are class indices, or for FER+'s soft label modes a per-draw label (probability) or the
+@dataclass(frozen=True)
+class BatchSource:
+    """How an epoch's training batches are made: built once (training/build.py) from the config and
+    the data; the loop and `bench` ask it for the batches of the steps a sampler plans. bench derives
+    its variants (the classic pipeline) with dataclasses.replace.
+
+    Labels are class indices, or for FER+'s soft label modes a per-draw label (probability) or the
     vote distribution itself (crossentropy). Augmentation and label draws are keyed per draw.
     `resident` (from place_on_device): the fast pipeline gathers its batches on the device."""
-    steps = list(steps)
-    device = transform.device
 
-    def targets(y, idx, keys):
-        if split.soft is None or label_mode == "majority":  # class indices, wherever they are
-            return y.to(device, non_blocking=True)
-        # FER+'s soft modes read the votes on the host (labels.training_targets)
-        return training_targets(split, y.cpu(), idx.cpu(), keys.cpu(), label_mode, seed, epoch).to(device)
+    split: Split
+    transform: BatchTransform
+    pipeline: str = "fast"
+    channels: int = 1
+    image_size: int = 64
+    seed: int = 0
+    num_workers: int = 0
+    label_mode: str = "majority"
+    resident: Optional[DeviceSplit] = None
 
-    if pipeline == "fast" and resident is not None:
-        yield from _resident_batches(resident, steps, epoch, transform, targets)
-        return
-    if pipeline == "fast":
+    def epoch(self, steps: Iterable[Step], epoch: int) -> Iterator[tuple[Step, list[Batch]]]:
+        steps = list(steps)
+        if self.pipeline == "fast" and self.resident is not None:
+            return _resident_batches(self.resident, steps, epoch, self.transform, self._targets(epoch))
+        if self.pipeline == "fast":
+            return self._host_batches(steps, epoch)
+        return self._classic_batches(steps, epoch)
+
+    def _targets(self, epoch: int):
+        split, device = self.split, self.transform.device
+
+        def targets(y, idx, keys):
+            if split.soft is None or self.label_mode == "majority":  # class indices, wherever they are
+                return y.to(device, non_blocking=True)
+            # FER+'s soft modes read the votes on the host (labels.training_targets)
+            return training_targets(split, y.cpu(), idx.cpu(), keys.cpu(), self.label_mode, self.seed,
+                                    epoch).to(device)
+
+        return targets
+
+    def _host_batches(self, steps: list[Step], epoch: int) -> Iterator[tuple[Step, list[Batch]]]:
+        targets, device = self._targets(epoch), self.transform.device
         for step in steps:
             out = []
             for j, (pos, mask) in enumerate(zip(step.micro_batches, step.masks())):
-                x_u8, y, idx = gather_uint8(split, pos)
+                x_u8, y, idx = gather_uint8(self.split, pos)
                 keys = step.keys[j] if step.keys is not None else idx
-                out.append((transform.train(x_u8, keys, epoch), targets(y, idx, keys), mask.to(device)))
+                out.append((self.transform.train(x_u8, keys, epoch), targets(y, idx, keys), mask.to(device)))
             yield step, out
-        return
-    dataset = ClassicDataset(split, channels, image_size, True, seed, transform.strength(epoch))
-    dataset.epoch = epoch
-    micro = [m.tolist() for s in steps for m in s.micro_batches]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=micro, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
-    it = iter(loader)
-    for step in steps:
-        out = []
-        for mask in step.masks():
-            x, y, idx = next(it)
-            out.append((x.to(device, non_blocking=True), targets(y, idx, idx), mask.to(device)))
-        yield step, out
+
+    def _classic_batches(self, steps: list[Step], epoch: int) -> Iterator[tuple[Step, list[Batch]]]:
+        targets, device = self._targets(epoch), self.transform.device
+        dataset = ClassicDataset(self.split, self.channels, self.image_size, True, self.seed,
+                                 self.transform.strength(epoch))
+        dataset.epoch = epoch
+        micro = [m.tolist() for s in steps for m in s.micro_batches]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=micro, num_workers=self.num_workers,
+                                             pin_memory=device.type == "cuda")
+        it = iter(loader)
+        for step in steps:
+            out = []
+            for mask in step.masks():
+                x, y, idx = next(it)
+                out.append((x.to(device, non_blocking=True), targets(y, idx, idx), mask.to(device)))
+            yield step, out
 
 
 def _resident_batches(resident: DeviceSplit, steps: list[Step], epoch: int, transform: BatchTransform,

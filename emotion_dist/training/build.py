@@ -12,20 +12,21 @@ import torch
 from emotion_dist.distributed import process_group
 from emotion_dist.data.augment import BatchTransform
 from emotion_dist.modelio import CheckpointMeta, inference_weights, load_checkpoint
-from emotion_dist.training.checkpoint import CheckpointFiles, Checkpointer
+from emotion_dist.training.checkpoint import CheckpointFiles, Checkpointer, check_resumable
 from emotion_dist.config import Config, ConfigError
 from emotion_dist.data.datasets import Datasets, class_log_prior, class_weights, dataset_root, load_datasets, normalization
 from emotion_dist.training.ema import ModelEMA
-from emotion_dist.training.engine import Trainer, check_resumable
+from emotion_dist.training.engine import Trainer
 from emotion_dist.utils.fsutil import ensure_writable_dir
-from emotion_dist.data.loader import place_on_device
+from emotion_dist.data.loader import BatchSource, place_on_device
 from emotion_dist.training.loggers import build_logger
 from emotion_dist.training.losses import Criterion
 from emotion_dist.model import build_model
 from emotion_dist.data.sampler import BalancedSampler, ResumableSampler
 from emotion_dist.training.schedule import ProgressLR
 from emotion_dist.training.strategy import make_strategy
-from emotion_dist.training.state import EMAState, Keyed, RngStates, TrainProgress, WeightsAndOptimizer
+from emotion_dist.training.state import EMAState, EpochSums, RngStates, StoredUnderKey, TrainProgress, WeightsAndOptimizer
+from emotion_dist.training.validation import Evaluator
 
 log = logging.getLogger("emotion_dist")
 
@@ -59,8 +60,10 @@ def init_from(model: torch.nn.Module, path: str, classes: list[str]) -> None:
              path, len(fitting), missing or "none", unexpected or "none", shape_mismatch or "none")
 
 
-def build_trainer(cfg: Config, env: process_group.DistEnv, ds: Datasets | None = None, notes: list[str] = ()) -> Trainer:
-    """`notes`: where the launcher's or W&B's environment set or lost a value (env_settings), for the start line."""
+def build_trainer(cfg: Config, env: process_group.DistEnv, *, ds: Datasets | None = None, notes: list[str] = (),
+                  lease=None) -> Trainer:
+    """`notes`: where the launcher's or W&B's environment set or lost a value (env_settings), for the
+    start line. `lease`: rank 0's hold on run.dir (distributed/lease.py); losing it stops every rank."""
     t = cfg.train
     run_dir = Path(cfg.run.dir)
     if env.is_main:
@@ -97,18 +100,21 @@ def build_trainer(cfg: Config, env: process_group.DistEnv, ds: Datasets | None =
 
     files = CheckpointFiles(run_dir, cfg.ckpt.keep) if env.is_main else None
     checkpointer = Checkpointer(files, env, cfg.ckpt.every_steps, cfg.ckpt.on_error)
-    progress = TrainProgress()
+    progress, epoch_sums = TrainProgress(), EpochSums(env)
     checkpointer.register("weights", WeightsAndOptimizer(strategy, model, optimizer))
     if ema is not None:
         checkpointer.register("ema", EMAState(ema, strategy, model))
-    checkpointer.register("scheduler", Keyed("scheduler_state_dict", scheduler))
-    checkpointer.register("scaler", Keyed("scaler_state_dict", scaler))
-    checkpointer.register("sampler", Keyed("sampler", sampler))
+    checkpointer.register("scheduler", StoredUnderKey("scheduler_state_dict", scheduler))
+    checkpointer.register("scaler", StoredUnderKey("scaler_state_dict", scaler))
+    checkpointer.register("sampler", StoredUnderKey("sampler", sampler))
     checkpointer.register("progress", progress)
+    checkpointer.register("epoch_sums", epoch_sums)
     checkpointer.register("rng", RngStates(env))
 
     # decided before anything is written to the run directory: another run's folder is refused here
-    checkpointer.plan(cfg.run.resume, lambda state, path: check_resumable(state, path, ds, cfg.data.image_size))
+    checkpointer.plan(cfg.run.resume, lambda state, path: check_resumable(
+        state, path, classes=ds.classes, channels=ds.channels, image_size=cfg.data.image_size,
+        train_images=len(ds.train)))
     mean, std = normalization(ds.channels)
     meta = CheckpointMeta(classes=ds.classes, image_size=cfg.data.image_size, in_channels=ds.channels,
                           normalization={"mean": mean, "std": std}, data_size=int(ds.train.images.shape[-1]),
@@ -127,8 +133,14 @@ def build_trainer(cfg: Config, env: process_group.DistEnv, ds: Datasets | None =
             env.world_size, t.grad_accum, global_batch, ds.root, len(ds.train), len(ds.val),
             len(ds.test) if ds.test else 0, len(ds.classes), "".join(f" | {n}" for n in notes),
         )
-    logger = build_logger(run_dir, env.is_main, cfg)
-    return Trainer(cfg, env, ds, model, strategy, optimizer, scheduler, scaler, ema, sampler,
-                   BatchTransform(ds.channels, cfg.data.image_size, env.device, t.seed, t.augment_warmup_epochs),
-                   Criterion(t.label_smoothing, weights, offsets), checkpointer, logger, meta, progress,
-                   resident=place_on_device(ds.train, cfg.data, env.device))
+    transform = BatchTransform(ds.channels, cfg.data.image_size, env.device, t.seed, t.augment_warmup_epochs)
+    batches = BatchSource(split=ds.train, transform=transform, pipeline=cfg.data.pipeline, channels=ds.channels,
+                          image_size=cfg.data.image_size, seed=t.seed, num_workers=cfg.data.num_workers,
+                          label_mode=ds.label_mode, resident=place_on_device(ds.train, cfg.data, env.device))
+    evaluator = Evaluator(transform=transform, env=env, classes=ds.classes, batch_size=t.batch_size,
+                          precision=t.precision, strategy=strategy)
+    return Trainer(cfg=cfg, env=env, ds=ds, model=model, strategy=strategy, optimizer=optimizer, scheduler=scheduler,
+                   scaler=scaler, ema=ema, sampler=sampler, batches=batches, evaluator=evaluator,
+                   criterion=Criterion(t.label_smoothing, weights, offsets), checkpointer=checkpointer,
+                   logger=build_logger(run_dir, env.is_main, cfg), meta=meta, progress=progress,
+                   epoch_sums=epoch_sums, lease=lease)

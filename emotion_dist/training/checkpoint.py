@@ -35,19 +35,22 @@ RUN_MARKER = "run.json"
 RUN_DIR_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", RUN_MARKER, "lease.json")  # what marks a run dir
 
 
-def describe_data_change(state: dict, classes: list, channels: int, image_size: int, train_images: int) -> Optional[str]:
-    """What differs between the data a checkpoint was trained on and the data of this run, or None."""
-    changes = []
+def check_resumable(state: dict, path, *, classes: list, channels: int, image_size: int, train_images: int) -> None:
+    """Refuse, before anything loads, a checkpoint trained on other data (one line, exit 2)."""
     if state["class_names"] != classes:
-        changes.append(f"classes {state['class_names']} -> {classes}")
+        raise CheckpointError(f"checkpoint classes {state['class_names']} differ from the data's {classes}; "
+                              f"use model.init_from=PATH to fine-tune on new classes")
     if state.get("in_channels", channels) != channels:
-        changes.append(f"in_channels {state['in_channels']} -> {channels} (set model.in_channels={state['in_channels']})")
+        raise CheckpointError(f"checkpoint has in_channels={state['in_channels']}; set model.in_channels to match")
+    changes = []
     if state.get("image_size", image_size) != image_size:
         changes.append(f"data.image_size {state['image_size']} -> {image_size}")
     saved_n = state.get("sampler", {}).get("n", train_images)
     if saved_n != train_images:
         changes.append(f"training images {saved_n} -> {train_images} (files added or removed, or data.limit changed)")
-    return "; ".join(changes) or None
+    if changes:
+        raise DataError(f"the data differs from what checkpoint {path} was trained on: {'; '.join(changes)}; resume "
+                        f"with the same data, or start a new run.dir (model.init_from={path} keeps the weights)")
 
 
 # ------------------------------------------------------------------------------------ files
@@ -334,8 +337,3 @@ class Checkpointer:
         self.load_state_dict(state)
         self.last_good = self.planned
         return self.planned, state
-
-
-def data_change_error(path, change: str) -> DataError:
-    return DataError(f"the data differs from what checkpoint {path} was trained on: {change}; resume with the "
-                     f"same data, or start a new run.dir (model.init_from={path} keeps the weights)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -19,40 +19,25 @@ from emotion_dist.distributed import process_group
 from emotion_dist.distributed import interrupts
 from emotion_dist.distributed import liveness
 from emotion_dist.training.amp import autocast
-from emotion_dist.data.augment import BatchTransform, DeviceSplit
-from emotion_dist.errors import CheckpointError
+from emotion_dist.errors import Interrupted, TrainingAborted
 from emotion_dist.modelio import CheckpointMeta, inference_weights, load_checkpoint
-from emotion_dist.training.checkpoint import Checkpointer, data_change_error, describe_data_change
+from emotion_dist.training.checkpoint import Checkpointer
 from emotion_dist.config import Config, config_diff, config_from_dict
 from emotion_dist.data.datasets import Datasets, write_data_report
 from emotion_dist.training.diagnostics import SampleIdLog, inject_fault
 from emotion_dist.training.ema import ModelEMA
-from emotion_dist.errors import TrainingAborted
 from emotion_dist.distributed.lease import RunDirLease
-from emotion_dist.data.loader import Batch, train_batches
+from emotion_dist.data.loader import Batch, BatchSource
 from emotion_dist.training.loggers import RunLogger
 from emotion_dist.training.losses import Criterion
 from emotion_dist.training.metrics import plot_confusion
 from emotion_dist.data.sampler import ResumableSampler, Step
 from emotion_dist.training.schedule import ProgressLR
 from emotion_dist.training.strategy import Strategy
-from emotion_dist.training.state import TrainProgress
-from emotion_dist.training.validation import evaluate_split, save_epoch_plots, test_pass
+from emotion_dist.training.state import EpochSums, TrainProgress
+from emotion_dist.training.validation import Evaluator, save_epoch_plots
 
 log = logging.getLogger("emotion_dist")
-
-
-def check_resumable(state: dict, path, ds: Datasets, image_size: int) -> None:
-    """Refuse, before anything loads, a checkpoint trained on other data (one line, exit 2)."""
-    if state["class_names"] != ds.classes:
-        raise CheckpointError(
-            f"checkpoint classes {state['class_names']} differ from the data's {ds.classes}; "
-            f"use model.init_from=PATH to fine-tune on new classes")
-    if state.get("in_channels", ds.channels) != ds.channels:
-        raise CheckpointError(f"checkpoint has in_channels={state['in_channels']}; set model.in_channels to match")
-    change = describe_data_change(state, ds.classes, ds.channels, image_size, len(ds.train))
-    if change:
-        raise data_change_error(path, change)
 
 
 def is_collective_failure(e: BaseException) -> bool:
@@ -63,8 +48,10 @@ def is_collective_failure(e: BaseException) -> bool:
         w in text for w in ("timed out", "timeout", "connection closed", "connection reset", "nccl", "gloo"))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Trainer:
+    """Everything the loop works with, built by keyword in build.build_trainer."""
+
     cfg: Config
     env: process_group.DistEnv
     ds: Datasets
@@ -75,15 +62,16 @@ class Trainer:
     scaler: torch.amp.GradScaler
     ema: Optional[ModelEMA]
     sampler: ResumableSampler
-    transform: BatchTransform
+    batches: BatchSource  # the epoch's training batches
+    evaluator: Evaluator  # validation and the test pass
     criterion: Criterion
     checkpointer: Checkpointer
     logger: RunLogger
     meta: CheckpointMeta
-    progress: TrainProgress = field(default_factory=TrainProgress)
+    progress: TrainProgress
+    epoch_sums: EpochSums  # the epoch's running loss/correct/samples, checkpointed
     lease: Optional[RunDirLease] = None  # rank 0's hold on run.dir; losing it stops every rank
     phase: str = "start-up"  # what the ranks were doing together, for the message when a peer is lost
-    resident: Optional[DeviceSplit] = None  # data.on_device: the training images on the device
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -111,7 +99,10 @@ class Trainer:
             train_stats = self.train_one_epoch()
             if train_stats is None:  # stopped at a step boundary; state saved
                 return {"stopped": True, "global_step": p.global_step}
-            val, cm = self.validate()
+            try:
+                val, cm = self.validate()
+            except Interrupted as e:  # the epoch's training is saved; the resumed run redoes validation
+                return self.stopped(e, "validation", save=True)
             row = {"epoch": p.epoch + 1, "step": p.global_step, **train_stats, "val_loss": val["loss"],
                    "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
                    "lr": self.scheduler.last_lr(), "time_s": round(time.perf_counter() - start, 2)}
@@ -137,12 +128,11 @@ class Trainer:
         steps = self.sampler.plan()
         total = self.sampler.steps_per_epoch()
         self.logger.epoch_start(p.epoch, self.cfg.train.epochs, total, total - len(steps))
-        sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, correct, samples
+        if self.sampler.consumed == 0:  # a new epoch; mid-epoch, the sums resumed with the checkpoint
+            self.epoch_sums.reset()
+        sums = self.epoch_sums.sums  # loss, correct, samples: updated in place, saved with every checkpoint
         window_t, window_n = time.perf_counter(), 0
-        batches = train_batches(self.ds.train, steps, p.epoch, self.transform, self.cfg.data.pipeline,
-                                self.ds.channels, self.cfg.data.image_size, self.cfg.train.seed,
-                                self.cfg.data.num_workers, self.ds.label_mode, self.resident)
-        for i, (step, micro) in enumerate(batches, start=total - len(steps) + 1):
+        for i, (step, micro) in enumerate(self.batches.epoch(steps, p.epoch), start=total - len(steps) + 1):
             self.phase = "the training step (forward/backward, gradient all-reduce)"
             self.scheduler.update(p.epoch + self.sampler.consumed / self.sampler.n)
             loss, correct, stop, applied = self.train_step(step, micro, inject_fault(env.rank, p.global_step + 1))
@@ -153,13 +143,13 @@ class Trainer:
             window_n += step.global_samples
             if p.global_step % self.cfg.log.every_steps == 0 or i == total:
                 now = time.perf_counter()
-                p.last_loss = float(sums[0] / sums[2].clamp(min=1))  # the one host sync per log interval
+                p.last_loss = self.epoch_sums.running_loss()  # the one host sync per log interval
                 self.logger.step(i, total, {"type": "step", "step": p.global_step, "loss": p.last_loss,
                                             "lr": self.scheduler.last_lr(), "img_per_s": window_n / (now - window_t)})
                 window_t, window_n = now, 0
             at_max = p.max_steps_reached(self.cfg.train.max_steps) and i < total
             if stop or at_max:
-                p.last_loss = float(sums[0] / sums[2].clamp(min=1))
+                p.last_loss = self.epoch_sums.running_loss()
                 self.logger.stop_progress()
                 why = "stop requested" if stop else f"train.max_steps={self.cfg.train.max_steps} reached"
                 self.logger.line(f"{why}: saving at step {p.global_step} (mid-epoch) and exiting")
@@ -167,9 +157,9 @@ class Trainer:
                 return None
             if self.checkpointer.due(p.global_step):
                 self.save()
-        process_group.all_reduce_sum(sums)
-        n = max(float(sums[2]), 1.0)
-        return {"train_loss": float(sums[0]) / n, "train_accuracy": float(sums[1]) / n}
+        total_sums = process_group.all_reduce_sum(sums.clone())
+        n = max(float(total_sums[2]), 1.0)
+        return {"train_loss": float(total_sums[0]) / n, "train_accuracy": float(total_sums[1]) / n}
 
     def train_step(self, step: Step, micro: list[Batch], poison: bool = False):
         """Forward/backward over the micro-batches, then one agreement among all ranks (the step's only
@@ -237,8 +227,18 @@ class Trainer:
         """The validation split, on the EMA of the weights when there is one (it picks best.pt)."""
         self.phase = "validation (all-reduce of the confusion matrix)"
         with self.ema.swapped() if self.ema else contextlib.nullcontext():
-            return evaluate_split(self.model, self.ds.val, self.transform, self.env, self.ds.classes,
-                                  self.cfg.train.batch_size, self.cfg.train.precision, self.strategy)
+            return self.evaluator.evaluate(self.model, self.ds.val)
+
+    def stopped(self, e: Interrupted, phase: str, save: bool) -> dict:
+        """A stop signal during `phase` (validation, the test pass): the training state is saved (or
+        was, at the last epoch end), and the resumed or requeued run redoes that phase."""
+        self.logger.stop_progress()
+        self.logger.line(f"stop requested ({e.signame}) during {phase}: "
+                         f"{'saving at step ' + str(self.progress.global_step) + ' and ' if save else ''}exiting; "
+                         f"the resumed run redoes the {phase}")
+        if save:
+            self.save()
+        return {"stopped": True, "global_step": self.progress.global_step, "stopped_in": phase}
 
     def finish(self) -> dict:
         p, files = self.progress, self.checkpointer.files
@@ -248,22 +248,14 @@ class Trainer:
             result["val_accuracy"] = p.history[-1]["val_accuracy"]
         best = f"{self.cfg.run.dir}/checkpoints/best.pt"
         has_best = process_group.broadcast_object(files is not None and files.best.is_file())
-        if self.cfg.train.eval_test and self.ds.test is not None and has_best:
+        if p.test_recorded:
+            self.logger.line(f"already finished at epoch {p.epoch} (test pass recorded); nothing to do")
+        elif self.cfg.train.eval_test and self.ds.test is not None and has_best:
             self.phase = "the test pass on best.pt"
-            test, cm = test_pass(self.model, self.strategy, inference_weights(load_checkpoint(best)), self.ds.test,
-                                 self.transform, self.env, self.ds.classes, self.cfg.train.batch_size,
-                                 self.cfg.train.precision, self.cfg.train.test_tta)
-            result["test_accuracy"], result["test_macro_f1"] = test["accuracy"], test["macro_f1"]
-            self.logger.log({"type": "test", "step": p.global_step, "checkpoint": "best.pt",
-                             "tta": self.cfg.train.test_tta,
-                             **{k: test[k] for k in ("loss", "accuracy", "macro_f1", "count")}})
-            tta = "" if self.cfg.train.test_tta == "none" else f", TTA {self.cfg.train.test_tta}"
-            self.logger.line(f"test (best.pt, epoch {p.best_epoch}{tta}): accuracy {test['accuracy']:.4f}  "
-                             f"macro-F1 {test['macro_f1']:.4f}")
-            if self.env.is_main:
-                png = f"{self.cfg.run.dir}/confusion_test.png"
-                self.logger.best_effort(plot_confusion, cm.cpu(), self.ds.classes, png, "test (best.pt)")
-                self.logger.image("confusion_test", png)
+            try:
+                result.update(self.final_test_pass(best))
+            except Interrupted as e:  # the training state at the last epoch end is intact
+                return self.stopped(e, "test pass", save=False)
         self.logger.image("curves", f"{self.cfg.run.dir}/curves.png")
         if self.cfg.log.wandb_artifact and self.env.is_main:
             meta = {**result, "classes": self.ds.classes, "image_size": self.cfg.data.image_size,
@@ -271,6 +263,24 @@ class Trainer:
             self.logger.artifact(best, ["best", f"epoch-{p.best_epoch}"], meta)
         self.logger.finish(result)
         return result
+
+    def final_test_pass(self, best: str) -> dict:
+        """best.pt on the test split, once; recorded in the log and in last.pt, so a resumed finished
+        run does not read the test split again."""
+        p, tta = self.progress, self.cfg.train.test_tta
+        test, cm = self.evaluator.test_pass(self.model, inference_weights(load_checkpoint(best)), self.ds.test, tta=tta)
+        self.logger.log({"type": "test", "step": p.global_step, "checkpoint": "best.pt", "tta": tta,
+                         **{k: test[k] for k in ("loss", "accuracy", "macro_f1", "count")}})
+        shown = "" if tta == "none" else f", TTA {tta}"
+        self.logger.line(f"test (best.pt, epoch {p.best_epoch}{shown}): accuracy {test['accuracy']:.4f}  "
+                         f"macro-F1 {test['macro_f1']:.4f}")
+        if self.env.is_main:
+            png = f"{self.cfg.run.dir}/confusion_test.png"
+            self.logger.best_effort(plot_confusion, cm.cpu(), self.ds.classes, png, "test (best.pt)")
+            self.logger.image("confusion_test", png)
+        p.test_recorded = True
+        self.save()  # last.pt says the run is complete
+        return {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]}
 
     # ------------------------------------------------------------------ state
     def save(self, is_best: bool = False) -> None:

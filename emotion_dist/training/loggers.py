@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
+from emotion_dist.utils.fsutil import atomic_write_bytes, atomic_write_text
+
 log = logging.getLogger("emotion_dist")
 _human: Optional[TextIO] = None  # where log lines and the console go (setup_logging)
 
@@ -52,6 +54,16 @@ class Sink:
 
     def start(self, step: int) -> None:
         pass
+
+    def epoch_start(self, epoch: int, epochs: int, total_steps: int, done_steps: int) -> None:
+        pass
+
+    def step(self, step_in_epoch: int, steps_in_epoch: int, record: dict) -> None:
+        """A training-step record; where in the epoch it falls matters to progress displays only."""
+        self.log(record, record.get("step"))
+
+    def stop_progress(self) -> None:
+        """A live progress display ends (the epoch ended, or the run stops mid-epoch)."""
 
     def log(self, record: dict, step: Optional[int]) -> None:
         pass
@@ -190,6 +202,28 @@ class JsonlSink(Sink):
     def __init__(self, path: Path, warnings: DiskWarnings):
         self.path, self.warnings = Path(path), warnings
 
+    def start(self, step: int) -> None:
+        """The run resumes after optimizer step `step`: what an earlier attempt logged past it (the
+        steps after its last checkpoint, which this run trains again) is dropped, as TensorBoard
+        drops it, so every step is in the file once."""
+        try:
+            lines = self.path.read_text().splitlines(keepends=True)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            self.warnings.warn(f"{self.path.name} not read ({e.strerror or e})")
+            return
+        kept = [line for line in lines if _record_step(line) <= step]
+        if len(kept) == len(lines):
+            return
+        try:
+            atomic_write_bytes(self.path, "".join(kept).encode())
+        except OSError as e:
+            self.warnings.warn(f"{self.path.name} not trimmed to step {step} ({e.strerror or e})")
+        else:
+            log.info("%s: dropped %d record(s) logged after step %d by the attempt this run resumes",
+                     self.path.name, len(lines) - len(kept), step)
+
     def log(self, record: dict, step: Optional[int]) -> None:
         try:
             with open(self.path, "a") as f:
@@ -209,8 +243,6 @@ class WandbSink(Sink):
         import secrets
 
         import wandb
-
-        from emotion_dist.utils.fsutil import atomic_write_text
 
         environ = os.environ if environ is None else environ
         id_file = Path(run_dir) / "wandb_id.txt"
@@ -314,11 +346,9 @@ class TensorBoardSink(Sink):
 class RunLogger:
     """Fans records out to the sinks (rank 0; elsewhere every call is a no-op)."""
 
-    def __init__(self, enabled: bool, sinks: list[Sink], console: Optional[ConsoleSink] = None,
-                 warnings: Optional[DiskWarnings] = None):
+    def __init__(self, enabled: bool, sinks: list[Sink], warnings: Optional[DiskWarnings] = None):
         self.enabled = enabled
         self.sinks = sinks if enabled else []
-        self.console = console if enabled else None
         self.warnings = warnings or DiskWarnings()
 
     def line(self, text: str) -> None:
@@ -331,18 +361,17 @@ class RunLogger:
             sink.start(step)
 
     def epoch_start(self, epoch: int, epochs: int, total_steps: int, done_steps: int) -> None:
-        if self.console is not None:
-            self.console.epoch_start(epoch, epochs, total_steps, done_steps)
+        for sink in self.sinks:
+            sink.epoch_start(epoch, epochs, total_steps, done_steps)
 
     def stop_progress(self) -> None:
-        if self.console is not None:
-            self.console.stop_progress()
+        for sink in self.sinks:
+            sink.stop_progress()
 
     def step(self, step_in_epoch: int, steps_in_epoch: int, record: dict) -> None:
         """A training-step record: the console shows progress, the other sinks record it."""
-        if self.console is not None:
-            self.console.step(step_in_epoch, steps_in_epoch, record)
-        self.log(record)
+        for sink in self.sinks:
+            sink.step(step_in_epoch, steps_in_epoch, record)
 
     def log(self, record: dict, step: Optional[int] = None) -> None:
         for sink in self.sinks:
@@ -398,16 +427,24 @@ def build_logger(run_dir: Path, enabled: bool, cfg) -> RunLogger:
     if not enabled:
         return RunLogger(False, [])
     warnings = DiskWarnings()
-    console = ConsoleSink()
-    sinks: list[Sink] = [console, JsonlSink(Path(run_dir) / "metrics.jsonl", warnings)]
+    sinks: list[Sink] = [ConsoleSink(), JsonlSink(Path(run_dir) / "metrics.jsonl", warnings)]
     if cfg.log.wandb != "off":
         sinks.append(WandbSink(run_dir, cfg.log, cfg.to_dict()))
     if cfg.log.tensorboard:
         sinks.append(TensorBoardSink(run_dir, cfg.flat()))
-    return RunLogger(True, sinks, console, warnings)
+    return RunLogger(True, sinks, warnings)
 
 
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "-" if v is None else str(v)
+
+
+def _record_step(line: str) -> float:
+    """The optimizer step a metrics.jsonl line was logged at; -inf for a line without one (kept)."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return float("-inf")
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else float("-inf")

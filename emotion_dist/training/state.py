@@ -19,7 +19,7 @@ from emotion_dist.distributed import process_group
 from emotion_dist.errors import CheckpointError
 
 
-class Keyed:
+class StoredUnderKey:
     """An object with its own state_dict (scheduler, scaler, sampler), stored under one key."""
 
     def __init__(self, key: str, obj: Any):
@@ -84,6 +84,40 @@ class RngStates:
             torch.set_rng_state(state["rng_states"][self.env.rank])
 
 
+class EpochSums:
+    """The running sums of the epoch on each rank (loss, correct, samples; float64 on the device),
+    checkpointed so that a resumed epoch reports the same training loss and accuracy, step by step,
+    as an uninterrupted one. Restored per rank on the same world size; on another, rank 0 carries
+    the epoch's totals so far (its running figures are then global, the epoch's totals exact)."""
+
+    KEY = "epoch_sums"
+
+    def __init__(self, env: process_group.DistEnv):
+        self.env = env
+        self.sums = torch.zeros(3, dtype=torch.float64, device=env.device)
+
+    def reset(self) -> None:
+        self.sums.zero_()
+
+    def state_dict(self) -> dict:
+        rows = process_group.gather_objects(self.sums.tolist())
+        return {self.KEY: rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        rows = state.get(self.KEY)
+        self.reset()
+        if not rows:  # a checkpoint from before the sums were kept: the epoch's figures restart here
+            return
+        if len(rows) == self.env.world_size:
+            mine = rows[self.env.rank]
+        else:
+            mine = [sum(col) for col in zip(*rows)] if self.env.rank == 0 else [0.0, 0.0, 0.0]
+        self.sums.copy_(torch.tensor(mine, dtype=torch.float64))
+
+    def running_loss(self) -> float:
+        return float(self.sums[0] / self.sums[2].clamp(min=1))
+
+
 @dataclass
 class TrainProgress:
     """Where training stands, and the loop-ending decisions taken from it. Every rank holds the same
@@ -97,17 +131,20 @@ class TrainProgress:
     bad_steps: int = 0  # consecutive non-finite steps
     skipped_steps: int = 0
     last_loss: float = math.nan
+    test_recorded: bool = False  # the final test pass ran and was logged: the run is complete
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "global_step": self.global_step, "loss": self.last_loss,
                 "best_metric": self.best_metric, "best_epoch": self.best_epoch, "history": list(self.history),
-                "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps}
+                "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps,
+                "test_recorded": self.test_recorded}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.global_step, self.last_loss = state["epoch"], state["global_step"], state["loss"]
         self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
         self.history = list(state["history"])
         self.bad_steps, self.skipped_steps = state["bad_steps"], state["skipped_steps"]
+        self.test_recorded = bool(state.get("test_recorded", False))
 
     def end_epoch(self, row: dict, metric: float) -> bool:
         """Record a finished epoch; True when its metric is the best so far (ties keep the older)."""

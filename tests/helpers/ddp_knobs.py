@@ -11,7 +11,7 @@ import sys
 
 from emotion_dist.distributed import process_group
 from emotion_dist.training.build import build_trainer, prepare_data
-from emotion_dist.commands.train import resolve_config
+from emotion_dist.distributed.env_settings import resolve_config
 
 
 def main() -> int:
@@ -22,7 +22,7 @@ def main() -> int:
         if env is None:
             env = process_group.init_distributed(cfg, process_group.detect_launch())
             ds = prepare_data(cfg, env)
-        trainer = build_trainer(cfg, env, ds)
+        trainer = build_trainer(cfg, env, ds=ds)
         trainer.fit()
         ddp = trainer.model
         if env.is_main:  # what DDP says it was built with, and how many buckets it made

@@ -9,8 +9,8 @@ import torch
 from emotion_dist.distributed import process_group
 from emotion_dist.training.build import build_trainer
 from emotion_dist.model import build_model
-from emotion_dist.commands.train import resolve_config
-from emotion_dist.training.validation import evaluate
+from emotion_dist.distributed.env_settings import resolve_config
+from emotion_dist.training.validation import Evaluator
 
 
 def main() -> int:
@@ -27,8 +27,9 @@ def main() -> int:
     assert all(torch.equal(before[k], after[k]) for k in before), "the swap changed the live weights"
 
     def run(m):
-        res, cm = evaluate(m, trainer.ds.val, trainer.transform, env, len(trainer.ds.classes), 8,
-                           strategy=trainer.strategy if m is model else None)
+        evaluator = Evaluator(transform=trainer.batches.transform, env=env, classes=trainer.ds.classes, batch_size=8,
+                              strategy=trainer.strategy if m is model else None)
+        res, cm = evaluator.evaluate(m, trainer.ds.val)
         return res["loss"], cm.tolist()
 
     with ema.swapped():

@@ -34,3 +34,32 @@ def test_bench_takes_train_config_and_reports_every_row(tmp_path):
     assert summary["peak_source"].endswith("measured in this run")  # no known peak for a CPU
     # 1 - e/c: below 1 whenever (e) ran at all; two timed steps under a loaded suite say nothing of its sign
     assert math.isfinite(summary["input_share_of_step"]) and summary["input_share_of_step"] < 1
+
+
+def test_bench_with_data_on_device_times_the_resident_path(tmp_path, monkeypatch, capsys):
+    """In-process: with data.on_device=true every fast-pipeline batch bench times is gathered from
+    the resident copy (DeviceSplit.gather), none on the host (loader.gather_uint8)."""
+    from emotion_dist import cli
+    from emotion_dist.data import augment, loader
+
+    calls = {"resident": 0, "host": 0}
+    resident_gather, host_gather = augment.DeviceSplit.gather, loader.gather_uint8
+
+    def counted_resident(self, positions):
+        calls["resident"] += 1
+        return resident_gather(self, positions)
+
+    def counted_host(split, positions):
+        calls["host"] += 1
+        return host_gather(split, positions)
+
+    monkeypatch.setattr(augment.DeviceSplit, "gather", counted_resident)
+    monkeypatch.setattr(loader, "gather_uint8", counted_host)
+    out = tmp_path / "b.json"
+    code = cli.main(["bench", "data.synthetic_train=120", "data.synthetic_test=12", "data.image_size=32",
+                     "train.batch_size=8", "data.on_device=true", f"run.cache_dir={tmp_path / 'cache'}",
+                     "--steps", "2", "--rows", "be", "--workdir", str(tmp_path / "w"), "--json-out", str(out)])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    summary = json.loads(out.read_text())
+    assert summary["data"]["on_device"] is True
+    assert calls["resident"] > 0 and calls["host"] == 0, calls

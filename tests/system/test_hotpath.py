@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from dataclasses import replace
 import torch
 
 from conftest import ROOT, env_for_child, run, torchrun_cmd, train_cmd
@@ -20,7 +21,7 @@ from emotion_dist.modelio import load_checkpoint
 from emotion_dist.config import ConfigError, load_config
 from emotion_dist.data.datasets import Split
 from emotion_dist.errors import DataError
-from emotion_dist.data.loader import place_on_device, train_batches
+from emotion_dist.data.loader import BatchSource, place_on_device
 from emotion_dist.data.sampler import plan_steps
 
 CPU = torch.device("cpu")
@@ -91,8 +92,9 @@ def test_resident_batches_equal_host_batches(grad_accum, keyed_by_draw, label_mo
     resident = DeviceSplit(split, CPU)
     steps = plan_steps(torch.randperm(len(split)), 3, 8, 1, 0, grad_accum, keyed_by_draw)
     assert steps[-1].real[-1] < 8  # the ragged end is padded
-    host = list(train_batches(split, steps, 2, transform, label_mode=label_mode))
-    dev = list(train_batches(split, steps, 2, transform, label_mode=label_mode, resident=resident))
+    source = BatchSource(split=split, transform=transform, label_mode=label_mode)
+    host = list(source.epoch(steps, 2))
+    dev = list(replace(source, resident=resident).epoch(steps, 2))
     assert len(host) == len(dev) == len(steps)
     for (s1, b1), (s2, b2) in zip(host, dev):
         assert s1 is s2 and len(b1) == len(b2) == len(s1.micro_batches)

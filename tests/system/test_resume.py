@@ -21,6 +21,19 @@ def test_two_process_mid_epoch_resume_is_bit_exact(tmp_path, base_overrides):
     assert load_checkpoint(split / "checkpoints/last.pt")["sampler"]["consumed"] == 4 * 16
     run(torchrun_cmd(2, *base, f"run.dir={split}"))
     assert_same_training_state(full, split)
+    # the training metrics resume like the weights: each step's running loss and the epoch's figures
+    a, b = _records(full), _records(split)
+    assert [r["step"] for r in b["step"]] == [r["step"] for r in a["step"]]  # every step logged once
+    assert [r["loss"] for r in b["step"]] == [r["loss"] for r in a["step"]]
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_macro_f1"):
+        assert [r[key] for r in b["epoch"]] == [r[key] for r in a["epoch"]], key
+
+
+def _records(run_dir: Path) -> dict:
+    out = {"step": [], "epoch": []}
+    for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        out.setdefault(r["type"], []).append(r)
+    return out
 
 
 def _ids(run_dir: Path, epoch: int) -> list[int]:

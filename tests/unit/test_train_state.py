@@ -8,7 +8,7 @@ import torch
 
 from emotion_dist.training.checkpoint import Checkpointer
 from emotion_dist.training.schedule import MIN_WARMUP_FACTOR, ProgressLR, lr_factor
-from emotion_dist.training.state import CheckpointInterval, Keyed, TrainProgress
+from emotion_dist.training.state import CheckpointInterval, StoredUnderKey, TrainProgress
 
 
 def test_lr_schedule_is_warmup_then_cosine_in_epochs():
@@ -78,12 +78,12 @@ def test_components_own_disjoint_keys():
     ck = Checkpointer(None, Env())
     sampler_like = type("S", (), {"state_dict": lambda self: {"n": 3}, "load_state_dict": lambda self, s: None})()
     ck.register("progress", TrainProgress())
-    ck.register("sampler", Keyed("sampler", sampler_like))
+    ck.register("sampler", StoredUnderKey("sampler", sampler_like))
     state = ck.state_dict()
     assert state["sampler"] == {"n": 3} and state["global_step"] == 0
     with pytest.raises(ValueError, match="registered twice"):
-        ck.register("sampler", Keyed("sampler", sampler_like))
-    ck.register("clash", Keyed("epoch", sampler_like))
+        ck.register("sampler", StoredUnderKey("sampler", sampler_like))
+    ck.register("clash", StoredUnderKey("epoch", sampler_like))
     with pytest.raises(ValueError, match="keys another one owns"):
         ck.state_dict()
     assert math.isnan(TrainProgress().last_loss)
