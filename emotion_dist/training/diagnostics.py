@@ -1,5 +1,7 @@
 """Hooks for proving the harness's promises in real processes: fault injection
-(EMOTION_DIST_FAULT) and the sample-id audit log (`log.sample_ids=true`)."""
+(EMOTION_DIST_FAULT), phase markers and slowed evaluation (EMOTION_DIST_PHASE_FILE,
+EMOTION_DIST_EVAL_DELAY_S: a test sends a real signal in a known phase) and the sample-id audit log
+(`log.sample_ids=true`)."""
 
 from __future__ import annotations
 
@@ -37,6 +39,21 @@ def inject_fault(rank: int, step: int) -> bool:
     if kind == "hang":
         time.sleep(10**6)
     return False
+
+
+def entered_phase(name: str) -> None:
+    """EMOTION_DIST_PHASE_FILE=FILE: append the phase the run enters (validation, test pass)."""
+    path = os.environ.get("EMOTION_DIST_PHASE_FILE")
+    if path:
+        with open(path, "a") as f:
+            f.write(name + "\n")
+
+
+def evaluation_batch() -> None:
+    """EMOTION_DIST_EVAL_DELAY_S=SECONDS: each evaluation batch takes at least that long."""
+    delay = os.environ.get("EMOTION_DIST_EVAL_DELAY_S")
+    if delay:
+        time.sleep(float(delay))
 
 
 class SampleIdLog:

@@ -24,7 +24,7 @@ from emotion_dist.modelio import CheckpointMeta, inference_weights, load_checkpo
 from emotion_dist.training.checkpoint import Checkpointer
 from emotion_dist.config import Config, config_diff, config_from_dict
 from emotion_dist.data.datasets import Datasets, write_data_report
-from emotion_dist.training.diagnostics import SampleIdLog, inject_fault
+from emotion_dist.training.diagnostics import SampleIdLog, entered_phase, inject_fault
 from emotion_dist.training.ema import ModelEMA
 from emotion_dist.distributed.lease import RunDirLease
 from emotion_dist.data.loader import Batch, BatchSource
@@ -226,6 +226,7 @@ class Trainer:
     def validate(self) -> tuple[dict, torch.Tensor]:
         """The validation split, on the EMA of the weights when there is one (it picks best.pt)."""
         self.phase = "validation (all-reduce of the confusion matrix)"
+        entered_phase("validation")
         with self.ema.swapped() if self.ema else contextlib.nullcontext():
             return self.evaluator.evaluate(self.model, self.ds.val)
 
@@ -252,6 +253,7 @@ class Trainer:
             self.logger.line(f"already finished at epoch {p.epoch} (test pass recorded); nothing to do")
         elif self.cfg.train.eval_test and self.ds.test is not None and has_best:
             self.phase = "the test pass on best.pt"
+            entered_phase("test pass")
             try:
                 result.update(self.final_test_pass(best))
             except Interrupted as e:  # the training state at the last epoch end is intact

@@ -23,12 +23,13 @@ from emotion_dist.training.amp import autocast
 from emotion_dist.data.augment import BatchTransform, gather_uint8
 from emotion_dist.data.datasets import Split
 from emotion_dist.data.labels import remap_probabilities
+from emotion_dist.training.diagnostics import evaluation_batch
 from emotion_dist.training.metrics import confusion_matrix, plot_confusion, plot_curves, summarize
 from emotion_dist.data.sampler import eval_shard
 from emotion_dist.training.strategy import broadcast_buffers
 
 
-STOP_CHECK_BATCHES = 8  # evaluation batches between two agreements on a stop signal
+STOP_CHECK_BATCHES = 4  # evaluation batches between two agreements on a stop signal
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Evaluator:
         for b in range(n_batches):
             if b and b % STOP_CHECK_BATCHES == 0:
                 stop_if_requested(env)
+            evaluation_batch()
             chunk = shard[b * batch_size:(b + 1) * batch_size]
             real = len(chunk)
             padded = torch.cat([chunk, torch.zeros(batch_size - real, dtype=torch.int64)])
