@@ -12,9 +12,9 @@ import re
 import sys
 
 from emotion_dist import __version__
+from emotion_dist.errors import EXIT_USAGE
 from emotion_dist.utils.output import add_output_args
 
-EXIT_USAGE = 2
 EXIT_CODES = """exit codes:
   0  done, or stopped by a signal (SIGTERM/SIGINT/SIGUSR1) after saving: a scheduler may requeue
   1  training failed or was aborted (non-finite steps, a failed checkpoint write, a lost peer)

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from emotion_dist.data.augment import sample_uniforms
 
@@ -60,18 +59,6 @@ def remap_probabilities(probs: torch.Tensor, mapping: Sequence[Optional[int]]) -
         if j is not None:
             out[:, i] = probs[:, j]
     return out
-
-
-def target_loss(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                label_smoothing: float = 0.0, reduction: str = "sum") -> torch.Tensor:
-    """Cross-entropy against class indices (N) or a distribution per image (N x K, FER+
-    crossentropy mode): sum_c w_c * t'_c * -log softmax(logits)_c with t' = (1 - e) * t + e / K.
-    torch's own cross_entropy does exactly this for both target kinds; reduction "sum" keeps the
-    trainer's exact global-mean scaling (it divides by the step's sample count itself)."""
-    if target.is_floating_point() and target.shape != logits.shape:
-        raise ValueError(f"soft targets of shape {tuple(target.shape)} do not match logits {tuple(logits.shape)}")
-    return F.cross_entropy(logits.float(), target.float() if target.is_floating_point() else target,
-                           weight=weight, label_smoothing=label_smoothing, reduction=reduction)
 
 
 def training_targets(split, labels: torch.Tensor, idx: torch.Tensor, keys: torch.Tensor, label_mode: str,

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 from emotion_dist import errors
-from emotion_dist.distributed import interrupts
+from emotion_dist.distributed import interrupts, liveness
 from emotion_dist.errors import DataError, Interrupted, TrainingAborted, UserError, one_line
 from emotion_dist.utils.fsutil import ensure_writable_dir, remove_stale_temps, temp_path
 from emotion_dist.distributed.topology import Topology
@@ -41,7 +41,7 @@ log = logging.getLogger("emotion_dist")
 T = TypeVar("T")
 
 POLL_S = 0.2  # how often a waiting rank looks at the store
-HEARTBEAT_S = 1.0  # how often a preparing rank says it is alive
+SCAN_S = 1.0  # how often a waiting rank reads the others' heartbeats
 STALE_S = 30.0  # no heartbeat for this long: the rank is taken for dead
 NOTICE_AFTER_S = 3.0  # rank 0 says what it waits for once a wait lasts this long ...
 NOTICE_EVERY_S = 60.0  # ... and again at this interval
@@ -110,15 +110,12 @@ class Board:
         except Exception:  # the store is gone: the others notice that themselves
             pass
 
-    def beat(self) -> None:
-        self._op(self.store.add, self.key(f"hb/{self.topo.rank}"), 1)
-
     def _check_alive(self, ranks: list[int], doing: Callable[[], str]) -> None:
+        """Every rank beats in the store from the start of the process group (distributed/liveness.py):
+        a watched rank whose count stood still for stale_s is dead or hung."""
         now = time.monotonic()
         for r in ranks:
-            count = self.read(f"hb/{r}")
-            if count is None:
-                continue  # not there yet: its absence is bounded by the wait's limit
+            count = self._op(self.store.add, liveness.KEY.format(r), 0)
             last = self._beats.get(r)
             if last is None or last[0] != int(count):
                 self._beats[r] = (int(count), now)
@@ -143,7 +140,7 @@ class Board:
             if value is not None:
                 return value
             now = time.monotonic()
-            if now - last_scan >= HEARTBEAT_S:
+            if now - last_scan >= SCAN_S:
                 self._check_alive(watch(), doing)
                 last_scan = now
             waited = now - start
@@ -157,31 +154,6 @@ class Board:
                          doing(), waited, self.timeout_s)
                 last_notice = now
             time.sleep(POLL_S)
-
-
-class _Heartbeat:
-    """A thread that refreshes this rank's heartbeat while it prepares (the TCPStore client
-    serialises calls from several threads; its calls release the GIL)."""
-
-    def __init__(self, board: Board):
-        self.board, self.stop = board, threading.Event()
-        self.thread = threading.Thread(target=self._run, name="prepare-heartbeat", daemon=True)
-
-    def _run(self) -> None:
-        while not self.stop.wait(HEARTBEAT_S):
-            try:
-                self.board.beat()
-            except TrainingAborted:
-                return  # the store is gone; the main thread reports it
-
-    def __enter__(self):
-        self.board.beat()
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
 
 
 @contextmanager
@@ -265,7 +237,7 @@ class Team:
 
     def check_abort(self) -> None:
         """Between chunks of work: stop at once when another rank failed (one store read a second)."""
-        if self.board is None or time.monotonic() - self._checked < HEARTBEAT_S:
+        if self.board is None or time.monotonic() - self._checked < SCAN_S:
             return
         self._checked = time.monotonic()
         failure = self.board.read("abort")
@@ -338,7 +310,7 @@ class Preparation:
                 return body(None)
         board = self._board(what)
         topo = self.topo
-        with stop_signals(), _Heartbeat(board):
+        with stop_signals():
             try:
                 result = body(board)
                 board.post(f"fin/{topo.rank}", "ok")

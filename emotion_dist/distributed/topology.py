@@ -30,14 +30,6 @@ class Topology:
     def num_nodes(self) -> int:
         return len(self.node_ranks)
 
-    @property
-    def node_name(self) -> str:
-        return self.node_names[self.node]
-
-    @property
-    def local_world_size(self) -> int:
-        return len(self.node_ranks[self.node])
-
     def leader(self, node: int) -> int:
         """The rank that prepares for `node`: its lowest global rank (local rank 0 under every launcher)."""
         return self.node_ranks[node][0]

@@ -99,7 +99,7 @@ def build_trainer(cfg: Config, env: process_group.DistEnv, *, ds: Datasets | Non
     offsets = (t.logit_adjust * class_log_prior(ds)).to(env.device) if t.logit_adjust else None
 
     files = CheckpointFiles(run_dir, cfg.ckpt.keep) if env.is_main else None
-    checkpointer = Checkpointer(files, env, cfg.ckpt.every_steps, cfg.ckpt.on_error)
+    checkpointer = Checkpointer(files, env, cfg.ckpt.every_steps)
     progress, epoch_sums = TrainProgress(), EpochSums(env)
     checkpointer.register("weights", WeightsAndOptimizer(strategy, model, optimizer))
     if ema is not None:

@@ -258,12 +258,11 @@ class Checkpointer:
     rank calls it, rank 0 writes) and load_state_dict() hands each its part back. The trainer uses
     register, plan (at start, before anything is written), load_planned, save and due."""
 
-    def __init__(self, files: Optional[CheckpointFiles], env, every_steps: int = 0, on_error: str = "stop"):
+    def __init__(self, files: Optional[CheckpointFiles], env, every_steps: int = 0):
         from emotion_dist.training.state import CheckpointInterval
 
         self.files, self.env = files, env  # files: rank 0 only
         self.interval = CheckpointInterval(every_steps)
-        self.on_error = on_error
         self.components: dict = {}
         self.last_good: Optional[str] = None
         self.planned: Optional[str] = None  # the checkpoint plan() chose to resume from

@@ -9,7 +9,6 @@ import statistics
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from emotion_dist.data import audit as A
 from emotion_dist.inference import tta
@@ -17,7 +16,7 @@ from emotion_dist.cli import main as cli_main
 from emotion_dist.config import ConfigError, load_config
 from emotion_dist.errors import DataError
 from emotion_dist.data.readers.fer import FER_CLASSES, FERPLUS_CLASSES, FERPLUS_HEADER, ferplus_label, read_fer_csv
-from emotion_dist.data.labels import class_mapping, draw_labels, remap_head, remap_probabilities, target_loss
+from emotion_dist.data.labels import class_mapping, draw_labels, remap_head, remap_probabilities
 from emotion_dist.data.sampler import BalancedSampler, ResumableSampler
 from fer_files import FER_HEADER, ICML_HEADER, pixels, write_fer
 
@@ -193,22 +192,6 @@ def test_probability_mode_draws_are_pure_and_follow_the_votes():
     assert set(first.tolist()) == {1, 2} and set(second.tolist()) == {0, 3}  # never a zero-vote class
     assert abs((first == 1).float().mean().item() - 0.6) < 0.03
     assert abs((second == 0).float().mean().item() - 0.5) < 0.03
-
-
-def test_soft_target_loss_matches_a_hand_computation():
-    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 1.0]])
-    target = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.0, 1.0]])
-    w = torch.tensor([1.0, 2.0, 0.5])
-    eps = 0.1
-    logp = logits.log_softmax(1)
-    smoothed = (1 - eps) * target + eps / 3
-    hand = -(w * smoothed * logp).sum()
-    assert torch.allclose(target_loss(logits, target, w, eps), hand)
-    # a one-hot distribution and the class index give the same loss
-    assert torch.allclose(target_loss(logits, torch.tensor([0, 2]), w, eps),
-                          target_loss(logits, F.one_hot(torch.tensor([0, 2]), 3).float(), w, eps))
-    with pytest.raises(ValueError, match="do not match"):
-        target_loss(logits, torch.ones(2, 4) / 4)
 
 
 def test_class_mapping_fer_to_ferplus_head_and_probabilities():

@@ -6,7 +6,6 @@ run resumed again has nothing to do."""
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
