@@ -5,7 +5,8 @@ fast:    uint8 rows gathered from the decoded cache, augmented as whole batches 
          (augment.BatchTransform), keyed per sample so resume and world size do not change them.
          With data.on_device the rows are resident on the device (augment.DeviceSplit) and the
          epoch's positions, masks and keys are copied there once: no step copies host to device.
-classic: the seed's per-sample PIL + torchvision.transforms.v2 pipeline in a DataLoader.
+classic: a per-sample PIL + torchvision.transforms.v2 pipeline in a DataLoader, as a plain PyTorch
+         script has it: the reference that bench compares the fast path with.
 """
 
 from __future__ import annotations

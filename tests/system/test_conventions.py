@@ -1,4 +1,4 @@
-"""The ecosystem's conventions (issue 17): one JSON document with --json, the launcher's and W&B's
+"""The ecosystem's conventions: one JSON document with --json, the launcher's and W&B's
 settings honoured or refused, overrides anywhere, config keys generated from the config classes,
 TensorBoard event streams that survive a resume, and terminal output that reads well."""
 

@@ -1,5 +1,6 @@
 """The docs a newcomer reads: the README stays a five-minute page whose Quick start is what CI runs,
-every topic page is reachable from docs/index.md, and every relative link resolves."""
+every topic page is reachable from docs/index.md, every relative link resolves, and no text in the
+tree points at an issue by its number."""
 
 from __future__ import annotations
 
@@ -74,3 +75,19 @@ def test_the_readme_names_every_package_of_the_architecture():
     modules = sorted(p.name for p in (ROOT / "emotion_dist").glob("*.py") if not p.name.startswith("_"))
     for name in [f"{p}/" for p in packages] + modules:
         assert name in named, f"README's 'Where things are' has no line for {name}"
+
+
+ISSUE_NUMBER = re.compile(r"\bissues?\s+#?\d+|\bissue\s*#\d+", re.I)
+TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".sh", ".sbatch", ".toml", ".txt", ".cfg", ".json", ".jsonl"}
+
+
+def test_no_text_refers_to_an_issue_number():
+    """A newcomer cannot follow a reference to a numbered issue: docs, code, tests and scripts give
+    today's reason instead."""
+    files = [README, ROOT / ".ci/run", ROOT / "setup.sh", ROOT / "pyproject.toml"]
+    for top in ("docs", "tools", "tests", "emotion_dist", "scripts", "slurm", "configs", "launch"):
+        files += [p for p in (ROOT / top).rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()]
+    found = [f"{p.relative_to(ROOT)}:{n}: {line.strip()[:80]}"
+             for p in files for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+             if ISSUE_NUMBER.search(line)]
+    assert not found, found
