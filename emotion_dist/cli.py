@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     csub = c.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     k = _sub(csub, "keys", "list every config key with its type, default and meaning")
     k.add_argument("prefix", nargs="?", default="", help="only keys starting with this, e.g. train. or log.wandb")
-    k.add_argument("--markdown", action="store_true", help="as the Markdown table in README.md")
+    k.add_argument("--markdown", action="store_true", help="as the Markdown table in docs/configuration.md")
     add_output_args(k, "the keys")
 
     d = _sub(sub, "data", "dataset tools")

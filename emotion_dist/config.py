@@ -40,7 +40,7 @@ MAX_TIMEOUT_S = 7 * 24 * 3600  # collectives take a bounded timeout; a week is b
 
 
 def setting(default, help: str):
-    """A config key: its default and one line of help (`emotion-dist config keys`, README's table)."""
+    """A config key: its default and one line of help (`emotion-dist config keys`, docs/configuration.md)."""
     return field(default=default, metadata={"help": help})
 
 
@@ -256,7 +256,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 
 def _unknown(key: str) -> ConfigError:
     close = difflib.get_close_matches(key, _all_keys(), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; the keys are listed under Configuration in README.md"
+    hint = f"; did you mean {', '.join(close)}?" if close else "; emotion-dist config keys lists them all"
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
@@ -452,7 +452,7 @@ def describe_keys() -> list[KeyInfo]:
 
 
 def keys_markdown() -> str:
-    """README's Configuration table, generated (`emotion-dist config keys --markdown`)."""
+    """docs/configuration.md's key table, generated (`emotion-dist config keys --markdown`)."""
     def cell(text) -> str:
         return str(text).replace("|", "\\|")
 

@@ -1,8 +1,8 @@
-"""EmotionNet: the YOLO12-style classifier of the seed, built from ultralytics blocks.
+"""EmotionNet: a YOLO12-style classifier built from ultralytics blocks (Conv, C3k2, A2C2f, Classify).
 
-Fixes over the seed: `in_channels` is honoured (the seed hard-coded 3), `num_classes` is
-configurable, and the head returns logits in train *and* eval mode (ultralytics' Classify
-returns `(softmax, logits)` in eval, which made the seed compute cross-entropy on softmax).
+`in_channels` (1 gray, 3 RGB) and `num_classes` come from the config, and the head returns logits
+in train *and* eval mode: ultralytics' Classify returns `(softmax, logits)` in eval, and a loss taken
+on its softmax output would be cross-entropy on probabilities.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU acceptance run (issue 18): one command that checks and records on a CUDA machine what the CPU
+"""GPU acceptance run: one command that checks and records on a CUDA machine what the CPU
 test suite cannot: bf16 and fp16 (GradScaler) training, NCCL on one GPU and on all visible GPUs
 (torchrun), each torch.compile mode, and `emotion-dist bench` at 96 and 224 px (CUDA-event timing,
 compilation and warm-up reported apart, MFU, peak memory, the input pipeline's share of a step).
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = (  # issue 18, on one H100 or H200
+TARGETS = (  # the targets in docs/benchmarks.md, on one H100 or H200
     ("end to end >= 60,000 img/s at 96 px, bf16 (stretch 150,000)", "bench_96_reduce-overhead", "e", "img_per_s", 60_000),
     (">= 15,000 img/s at 224 px", "bench_224_reduce-overhead", "e", "img_per_s", 15_000),
     ("input pipeline <= 3 % of the step", "bench_96_reduce-overhead", None, "input_share_of_step", 0.03),

@@ -3,7 +3,7 @@ stream is the same on any world size and after any resume.
 
 fast:    whole batches of uint8 images on the training device; one affine grid_sample does
          resize + random crop/scale + flip + rotation, then brightness/contrast and normalization.
-classic: the seed's per-sample PIL pipeline with torchvision.transforms.v2 (no vertical flip:
+classic: a per-sample PIL pipeline with torchvision.transforms.v2 (no vertical flip:
          upside-down faces are not a plausible input).
 """
 
@@ -19,7 +19,7 @@ from emotion_dist.data.datasets import Split, normalization
 
 MASK32 = 0xFFFFFFFF
 ROTATION_DEG = 15.0
-CROP_MIN = 0.80  # crop side as a fraction of the image (the seed: 224 of 256 = 0.875)
+CROP_MIN = 0.80  # crop side as a fraction of the image (the classic pipeline: 224 of 256 = 0.875)
 JITTER = 0.2  # brightness/contrast factor range 1 +- JITTER
 
 
@@ -45,7 +45,7 @@ def augment_strength(epoch: int, warmup_epochs: float) -> float:
     """Augmentation warm-up (train.augment_warmup_epochs): the magnitude rises linearly from none
     in epoch 0 to full after `warmup_epochs` epochs. A curriculum, as EfficientNetV2's progressive
     learning (weak regularization first): on clean images the network finds the faces' features in
-    its first epoch instead of its third (docs/recipe.md). A function of the epoch alone, so the
+    its first epoch instead of its third (tools/recipe/README.md, AW1). A function of the epoch alone, so the
     stream stays the same on any world size and after any resume."""
     return 1.0 if warmup_epochs <= 0 else min(1.0, epoch / warmup_epochs)
 
@@ -151,7 +151,7 @@ class DeviceSplit:
 
 
 class ClassicDataset(torch.utils.data.Dataset):
-    """Seed-style per-sample pipeline: PIL decode from disk + torchvision.transforms.v2."""
+    """The classic per-sample pipeline: PIL decode from disk + torchvision.transforms.v2."""
 
     def __init__(self, split: Split, channels: int, size: int, train: bool, seed: int, strength: float = 1.0):
         """`strength`: augment_strength of the epoch this dataset serves (one is built per epoch)."""
@@ -163,7 +163,7 @@ class ClassicDataset(torch.utils.data.Dataset):
         self.epoch = 0
         tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
         if self.augment:
-            resized = round(size / (1 - 0.125 * strength))  # full strength: crop 224 of 256, as the seed
+            resized = round(size / (1 - 0.125 * strength))  # full strength: crop 224 of 256, ImageNet's ratio
             self.transform = v2.Compose(
                 [
                     v2.Resize((resized, resized), antialias=True),
@@ -184,7 +184,7 @@ class ClassicDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         i = int(self.split.index[position])
-        with Image.open(self.split.files[i]) as f:  # decoded per sample, as the seed did
+        with Image.open(self.split.files[i]) as f:  # decoded per sample: what the fast path's cache saves
             img = f.convert("L" if self.channels == 1 else "RGB")
         if self.augment:
             # v2 draws from torch's global RNG: key it per sample, restoring the caller's stream

@@ -1,7 +1,7 @@
 """Datasets: the readers' images decoded once into the uint8 cache, the stratified validation split,
-and the splits the trainer and evaluation index into. Where images come from is `readers.py`; the
-input pipelines (fast: batched tensor augmentation on the training device; classic: the seed's
-per-sample torchvision.transforms.v2) are `augment.py` and `loader.py`."""
+and the splits the trainer and evaluation index into. Where images come from is `readers/`; the
+input pipelines (fast: batched tensor augmentation on the training device; classic: a plain
+per-sample torchvision.transforms.v2 pipeline) are `augment.py` and `loader.py`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The training loss: cross-entropy on logits (the seed took it on softmax outputs), with label
+"""The training loss: cross-entropy on logits (never on softmax outputs), with label
 smoothing and optional class weights, summed over a micro-batch's real samples (zero-weight
 fillers masked out); the step divides by the global sample count.
 
@@ -6,7 +6,7 @@ Class weights scale each sample's loss by its own class's weight (w_y). torch's
 `cross_entropy(weight=...)` is not used for them: with label smoothing it also weights the smoothing
 term's classes, sum_c w_c (eps/K)(-log p_c), so every image, whatever its class, is pulled towards
 the rare classes. With FER's 1.5 % disgust (w = 9.5) that made the model answer "disgust" to
-everything for the first epochs (docs/recipe.md, run R1).
+everything for the first epochs (tools/recipe/README.md, run R1).
 
 Logit adjustment (Menon et al. 2021, "Long-tail learning via logit adjustment") adds
 tau x log(class prior) to the logits the loss sees. A rare class's logit is lowered in training

@@ -66,7 +66,7 @@ def plot_confusion(cm: np.ndarray | torch.Tensor, classes: list[str], path: Path
         fig.tight_layout()
         _save(fig, path)
     finally:
-        plt.close(fig)  # the seed leaked one figure per epoch
+        plt.close(fig)  # else pyplot keeps every figure: one more per epoch
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

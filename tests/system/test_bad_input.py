@@ -1,4 +1,4 @@
-"""Bad input -> one line naming the fix, and the right exit code (issue 12 item 6), as a table run in
+"""Bad input -> one line naming the fix, and the right exit code, as a table run in
 this process through the real command line (cli.main): config, launch environment, files, checkpoints
 and outputs. Each case checks before expensive work where it can, and writes nothing it should not.
 docs/reliability.md lists every row of the table (a test below checks it does)."""

@@ -200,7 +200,8 @@ def test_cold_build_memory_stays_bounded_against_a_warm_run(big_rgb, tmp_path):
     """800 RGB 256x256 images = a 157 MB cache. The decode-everything-then-save build this replaced
     peaked 324 MB above the warm run on this set (two copies in RAM); now the rank's process adds a
     few tens of MB (the leak audit's chunks; its result is cached for the warm run), far below the
-    issue's 0.4 GB bound and the old build's 324 MB, and each decode worker holds one chunk."""
+    0.4 GB bound this build is held to and the old build's 324 MB, and each decode worker holds one
+    chunk."""
     folder = tmp_path / "cache" / "decoded"
     cold, cold_own, cold_workers = _run_sampled(_cache_cmd(big_rgb, tmp_path / "cache"), folder)
     warm, warm_own, _ = _run_sampled(_cache_cmd(big_rgb, tmp_path / "cache"), folder)

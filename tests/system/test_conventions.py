@@ -1,4 +1,4 @@
-"""The ecosystem's conventions (issue 17): one JSON document with --json, the launcher's and W&B's
+"""The ecosystem's conventions: one JSON document with --json, the launcher's and W&B's
 settings honoured or refused, overrides anywhere, config keys generated from the config classes,
 TensorBoard event streams that survive a resume, and terminal output that reads well."""
 
@@ -274,7 +274,7 @@ def test_version_and_python_m(capsys):
     assert run(train_cmd("--version")).stdout.strip() == f"emotion-dist {__version__}"
 
 
-def test_config_keys_come_from_the_config_classes_and_readme_lists_them(capsys):
+def test_config_keys_come_from_the_config_classes_and_the_configuration_page_lists_them(capsys):
     keys = describe_keys()
     assert [k.key for k in keys] == list(Config().flat())
     assert all(len(k.help) > 10 for k in keys), [k.key for k in keys if len(k.help) <= 10]
@@ -283,9 +283,9 @@ def test_config_keys_come_from_the_config_classes_and_readme_lists_them(capsys):
     assert {k["key"]: k["default"] for k in listed}["train.lr"] == 0.002 and len(listed) == len(keys)
     assert cli_main(["config", "keys", "log.wandb_"]) == 0
     assert "log.wandb_entity" in capsys.readouterr().out
-    readme = (ROOT / "README.md").read_text()
-    table = readme.split("<!-- config-keys:begin -->\n", 1)[1].split("<!-- config-keys:end -->", 1)[0]
-    assert table == keys_markdown(), "regenerate README's table: emotion-dist config keys --markdown"
+    page = (ROOT / "docs/configuration.md").read_text()
+    table = page.split("<!-- config-keys:begin -->\n", 1)[1].split("<!-- config-keys:end -->", 1)[0]
+    assert table == keys_markdown(), "regenerate docs/configuration.md's table: emotion-dist config keys --markdown"
 
 
 def test_resume_says_what_changed_in_the_config(trained):

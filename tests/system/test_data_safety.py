@@ -1,4 +1,4 @@
-"""Never lose the user's data (issue 12): emotion-dist writes only what it owns, one run per run
+"""Never lose the user's data: emotion-dist writes only what it owns, one run per run
 directory, stop signals during data preparation, changed data on resume, odd batch shapes. Each
 data-loss case was reproduced on the code before this change (it deleted or overwrote the folder)."""
 

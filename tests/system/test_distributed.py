@@ -83,7 +83,7 @@ def test_distributed_evaluation_equals_single_process(tmp_path, fast_overrides):
 
 
 def test_early_stop_is_taken_by_every_rank_at_the_same_epoch(tmp_path, fast_overrides):
-    """The seed stopped on rank 0 only and hung the others: here every rank decides from the same
+    """An early stop decided on rank 0 alone would hang the others: here every rank decides from the same
     all-reduced validation figures, so both processes leave the loop together and exit 0."""
     args = without(fast_overrides, "train.epochs")
     args += ["train.epochs=40", "train.patience=1", "train.warmup_epochs=0"]

@@ -1,6 +1,6 @@
-"""The FER protocol pieces (issue 16): fer2013.csv / icml_face_data.csv and FER+ readers, label modes,
+"""The FER protocol pieces: fer2013.csv / icml_face_data.csv and FER+ readers, label modes,
 class mapping, soft-target loss, the leak audit, the balanced sampler, ten-crop TTA, ensembles and
-the seed summary. Small CSVs written in exactly the files' formats; everything in-process and fast."""
+the summary over seeds. Small CSVs written in exactly the files' formats; everything in-process and fast."""
 
 import json
 import logging
@@ -360,7 +360,7 @@ def test_ensemble_averages_model_probabilities():
     assert torch.allclose(tta.average([p, q]), torch.tensor([[0.4, 0.6], [0.3, 0.7]]))
 
 
-# ---------------------------------------------------------------- seed summary
+# ---------------------------------------------------------------- summary over seeds
 def _run(tmp_path, name, seed, acc, f1, count=3589):
     d = tmp_path / name
     d.mkdir()

@@ -1,4 +1,4 @@
-"""The FER protocol end to end (issue 16): fer2013.csv's PublicTest decides best.pt and PrivateTest is read
+"""The FER protocol end to end: fer2013.csv's PublicTest decides best.pt and PrivateTest is read
 once at the end; FER+ label modes train; an FER model initialises an FER+ one through the class mapping;
 the balanced sampler resumes mid-epoch exactly; evaluate with ten-crop TTA and an ensemble."""
 

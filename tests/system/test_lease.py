@@ -1,4 +1,4 @@
-"""The run-directory lease (issue 14 item 8), with real processes: a second job refused with one
+"""The run-directory lease, with real processes: a second job refused with one
 line, stale leases taken over (dead pid; no heartbeat, seen from another PID namespace), a restart
 of the same job taking over its own lease, racing starts with exactly one winner, release."""
 
@@ -133,8 +133,8 @@ def _unshare_works() -> bool:
 
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare -p (root or user namespaces)")
 def test_other_pid_namespace_trusts_the_heartbeat_not_the_pid(tmp_path):
-    """Seen from another PID namespace on the same host (the issue's two torchrun agents), the
-    holder's pid does not exist: a pid check would call a live job dead. Only the heartbeat counts:
+    """Seen from another PID namespace on the same host (two torchrun agents, each in a namespace of
+    its own), the holder's pid does not exist: a pid check would call a live job dead. Only the heartbeat counts:
     a live holder is refused to another job and to a second launch of its own job; once it is
     SIGKILLed, a restart of its job takes over as soon as the beats stop, before the staleness."""
     other_ns = ("unshare", "-p", "-f", "--mount-proc", "--kill-child")

@@ -148,7 +148,7 @@ def test_two_node_slurm_job_equals_one_node(two_node_jobs, reference, name):
 @pytest.mark.parametrize("name", ["torchrun", "srun"])
 def test_each_node_prepares_its_data_once(two_node_jobs, name):
     """run.cache_dir is node-local: each node builds its own cache once, its ranks sharing the work
-    (issue 15: one cache per node, built by the whole node), never once per rank: every image is
+    (one cache per node, built by the whole node), never once per rank: every image is
     opened on each node at most twice (a header read for its size, then the decode), and the
     other node's files are never read for it."""
     job = finished(two_node_jobs, name)

@@ -9,7 +9,7 @@ from emotion_dist.training.losses import Criterion
 
 def test_class_weight_scales_only_the_samples_own_loss_under_label_smoothing():
     """w_y x the smoothed loss. torch's weight= also weights the smoothing term by every class's
-    weight, which pulled every image towards the rarest class (docs/recipe.md, R1)."""
+    weight, which pulled every image towards the rarest class (tools/recipe/README.md, R1)."""
     torch.manual_seed(0)
     logits, y = torch.randn(6, 7), torch.tensor([0, 1, 2, 3, 4, 5])
     w = torch.tensor([0.5, 9.5, 1.0, 0.4, 0.8, 1.2, 1.1])

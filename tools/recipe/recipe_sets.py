@@ -1,8 +1,8 @@
-"""Write the synthetic face sets the default recipe is tuned and judged on (issue 19), in the Kaggle
+"""Write the synthetic face sets the default recipe is tuned and judged on, in the Kaggle
 layout (`train/train/<class>/*.jpg`, `test/test/<class>/*.jpg`) that `data.source=folder` reads.
 
-    python scripts/recipe_sets.py --out /tmp/recipe-sets            # every set
-    python scripts/recipe_sets.py --out /tmp/recipe-sets dev-101    # one set
+    python tools/recipe/recipe_sets.py --out /tmp/recipe-sets            # every set
+    python tools/recipe/recipe_sets.py --out /tmp/recipe-sets dev-101    # one set
 
 Development sets (the recipe was tuned on these only) and held-out sets (measured, never tuned on)
 use seeds that nothing else in the project uses (the tests and fixtures use 0, 1, 3, 5, 6, 11; the
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from emotion_dist.data.readers import synthetic  # noqa: E402
 from emotion_dist.utils.fsutil import atomic_write_json  # noqa: E402

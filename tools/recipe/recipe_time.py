@@ -1,6 +1,6 @@
 """What the default recipe's wall time would be on a quiet machine, from the pieces it is made of.
 
-    python scripts/recipe_time.py --batch 32 64 --repeats 40
+    python tools/recipe/recipe_time.py --batch 32 64 --repeats 40
 
 On a shared machine a whole run's wall time mostly measures the neighbours. This times the pieces
 many times over and keeps the fastest repetition of each (contention only ever adds time): one
@@ -8,7 +8,7 @@ training step (fast-pipeline augmentation + forward + backward + AdamW) per batc
 evaluation forward, and drawing synthetic faces. `--estimate` then adds them up for a run:
 drawing train + test, E epochs of training and validation, the final test pass. What it leaves out
 (process start, imports, decoding the JPEGs, checkpoint writes, plots) is measured by comparing
-with a real run on a quiet machine; recipe.md says by how much.
+with a real run on a quiet machine; README.md here says by how much.
 
 Not imported by the package: a tool of the recipe's own.
 """
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def fastest(fn, repeats: int) -> float:

@@ -1,7 +1,7 @@
-"""Train a recipe on recipe sets and record test accuracy, macro-F1 and time (issue 19).
+"""Train a recipe on recipe sets and record test accuracy, macro-F1 and time.
 
-    python scripts/recipe_eval.py --label baseline --sets dev-101 -- train.epochs=20
-    python scripts/recipe_eval.py --table                      # the results so far, as markdown
+    python tools/recipe/recipe_eval.py --label baseline --sets dev-101 -- train.epochs=20
+    python tools/recipe/recipe_eval.py --table                      # the results so far, as markdown
 
 Each (label, set) trains `launch/train.py --config CONFIG data.source=folder data.root=SET` under
 `nice -n 10` with OMP_NUM_THREADS unset (training uses every core), a fresh decode cache (so the
@@ -28,7 +28,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from recipe_sets import BY_NAME, write_set  # noqa: E402  (same folder)
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--sets-dir", default="/tmp/recipe/sets")
     p.add_argument("--work", default="/tmp/recipe/runs")
-    p.add_argument("--results", default=str(ROOT / "docs" / "recipe_runs.jsonl"))
+    p.add_argument("--results", default=str(Path(__file__).with_name("runs.jsonl")))
     p.add_argument("--keep", action="store_true", help="keep checkpoints and the decode cache")
     p.add_argument("--no-extras", action="store_true", help="skip the evaluate passes after training (flip TTA, probe set)")
     p.add_argument("--table", action="store_true", help="print the results as a markdown table and exit")
