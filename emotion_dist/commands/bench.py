@@ -294,7 +294,7 @@ def _bench(cfg, env, args, workdir: Path) -> dict:
     peak, peak_source = known_peak(name) or (measured, f"a {str(dtype).removeprefix('torch.')} matmul measured in "
                                                        f"this run")
     if args.ultralytics:
-        results += compare_with_ultralytics(cfg, env, ds, args, workdir)
+        results += compare_with_ultralytics(cfg, env, ds, args=args, workdir=workdir)
 
     by = {r["row"][1]: r for r in results}
     for key in "ce":
@@ -325,7 +325,7 @@ def _bench(cfg, env, args, workdir: Path) -> dict:
     return summary
 
 
-def compare_with_ultralytics(cfg, env, ds, args, workdir: Path) -> list[dict]:
+def compare_with_ultralytics(cfg, env, ds, *, args, workdir: Path) -> list[dict]:
     """Same images (our train/val split as folders), image size, batch, epochs and compile mode:
     epoch time and final validation accuracy of ultralytics' classification trainer against ours."""
     from emotion_dist.training.build import build_trainer

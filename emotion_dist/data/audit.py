@@ -127,7 +127,7 @@ def equal_pairs(ga: np.ndarray, gb: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return i, order[np.repeat(lo, counts) + within]
 
 
-def near_pairs(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], max_hamming: int,
+def near_pairs(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], *, max_hamming: int,
                min_corr: float, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All (i, j, hash distance) of fingerprints a and b within max_hamming bits and min_corr."""
     (ha, ua), (hb, ub) = a, b
@@ -159,7 +159,7 @@ class Audit:
                 f"also appear in val or test ({what})")
 
 
-def _side(a: str, b: str, i: np.ndarray, j: np.ndarray, ids: dict, examples: int, dist=None) -> dict:
+def _side(a: str, b: str, i: np.ndarray, j: np.ndarray, *, ids: dict, examples: int, dist=None) -> dict:
     """Matching pairs, the images of each split involved, and a few examples [id_a, id_b(, distance)]."""
     out = {"pairs": int(len(i)), a: int(len(np.unique(i))), b: int(len(np.unique(j))), "examples": []}
     for k in range(min(examples, len(i))):
@@ -174,7 +174,7 @@ def _plain(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
-def audit(images: dict[str, np.ndarray], ids: Optional[dict[str, Sequence]] = None,
+def audit(images: dict[str, np.ndarray], ids: Optional[dict[str, Sequence]] = None, *,
           max_hamming: int = NEAR_MAX_HAMMING, min_corr: float = NEAR_MIN_CORR, examples: int = 5) -> Audit:
     """Duplicates between every pair of the given splits ("train", "val", "test"; a missing or
     empty split is left out). `images[s]` is N x C x H x W uint8 in the split's position order;
@@ -190,12 +190,12 @@ def audit(images: dict[str, np.ndarray], ids: Optional[dict[str, Sequence]] = No
             continue
         ga, gb = groups[a], groups[b]
         ei, ej = equal_pairs(ga, gb)
-        ni, nj, nd = near_pairs(prints[a], prints[b], max_hamming, min_corr)
+        ni, nj, nd = near_pairs(prints[a], prints[b], max_hamming=max_hamming, min_corr=min_corr)
         keep = ga[ni] != gb[nj]  # identical pixels are counted as exact, not near
         ni, nj, nd = ni[keep], nj[keep], nd[keep]
         pairs[f"{a}-{b}"] = {
-            "exact": _side(a, b, ei, ej, ids, examples),
-            "near": _side(a, b, ni, nj, ids, examples, nd),
+            "exact": _side(a, b, ei, ej, ids=ids, examples=examples),
+            "near": _side(a, b, ni, nj, ids=ids, examples=examples, dist=nd),
         }
         if a == "train":
             leaked += [ei, ni]

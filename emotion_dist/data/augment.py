@@ -68,7 +68,7 @@ def augment_params(index: torch.Tensor, seed: int, epoch: int, strength: float =
 class BatchTransform:
     """uint8 N x C x S x S (any device) -> normalized float N x C x size x size on `device`."""
 
-    def __init__(self, channels: int, size: int, device: torch.device, seed: int, augment_warmup_epochs: float = 0.0):
+    def __init__(self, channels: int, size: int, device: torch.device, seed: int, *, augment_warmup_epochs: float = 0.0):
         mean, std = normalization(channels)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
@@ -153,7 +153,7 @@ class DeviceSplit:
 class ClassicDataset(torch.utils.data.Dataset):
     """The classic per-sample pipeline: PIL decode from disk + torchvision.transforms.v2."""
 
-    def __init__(self, split: Split, channels: int, size: int, train: bool, seed: int, strength: float = 1.0):
+    def __init__(self, split: Split, *, channels: int, size: int, train: bool, seed: int, strength: float = 1.0):
         """`strength`: augment_strength of the epoch this dataset serves (one is built per epoch)."""
         from torchvision.transforms import v2
 

@@ -39,7 +39,7 @@ def remap_rows(src: torch.Tensor, own: torch.Tensor, mapping: Sequence[Optional[
     return out
 
 
-def remap_head(state: dict, own: dict, src_classes: Sequence[str], dst_classes: Sequence[str],
+def remap_head(state: dict, own: dict, *, src_classes: Sequence[str], dst_classes: Sequence[str],
                keys: Sequence[str] = HEAD_KEYS) -> dict:
     """A checkpoint's weights with its classification head's rows permuted onto `dst_classes`
     (model.init_from from a FER model into FER+ and back); other tensors are returned as they are."""
@@ -61,8 +61,8 @@ def remap_probabilities(probs: torch.Tensor, mapping: Sequence[Optional[int]]) -
     return out
 
 
-def training_targets(split, labels: torch.Tensor, idx: torch.Tensor, keys: torch.Tensor, label_mode: str,
-                     seed: int, epoch: int) -> torch.Tensor:
+def training_targets(split, labels: torch.Tensor, idx: torch.Tensor, keys: torch.Tensor, *,
+                     label_mode: str, seed: int, epoch: int) -> torch.Tensor:
     """What a training batch is scored against: the class indices, or with FER+ votes (split.soft)
     a label drawn from each image's distribution (probability) or the distribution (crossentropy)."""
     if split.soft is None or label_mode == "majority":

@@ -79,7 +79,8 @@ class BatchSource:
     def epoch(self, steps: Iterable[Step], epoch: int) -> Iterator[tuple[Step, list[Batch]]]:
         steps = list(steps)
         if self.pipeline == "fast" and self.resident is not None:
-            return _resident_batches(self.resident, steps, epoch, self.transform, self._targets(epoch))
+            return _resident_batches(self.resident, steps, epoch=epoch, transform=self.transform,
+                                     targets=self._targets(epoch))
         if self.pipeline == "fast":
             return self._host_batches(steps, epoch)
         return self._classic_batches(steps, epoch)
@@ -91,8 +92,8 @@ class BatchSource:
             if split.soft is None or self.label_mode == "majority":  # class indices, wherever they are
                 return y.to(device, non_blocking=True)
             # FER+'s soft modes read the votes on the host (labels.training_targets)
-            return training_targets(split, y.cpu(), idx.cpu(), keys.cpu(), self.label_mode, self.seed,
-                                    epoch).to(device)
+            return training_targets(split, y.cpu(), idx.cpu(), keys.cpu(), label_mode=self.label_mode,
+                                    seed=self.seed, epoch=epoch).to(device)
 
         return targets
 
@@ -108,8 +109,8 @@ class BatchSource:
 
     def _classic_batches(self, steps: list[Step], epoch: int) -> Iterator[tuple[Step, list[Batch]]]:
         targets, device = self._targets(epoch), self.transform.device
-        dataset = ClassicDataset(self.split, self.channels, self.image_size, True, self.seed,
-                                 self.transform.strength(epoch))
+        dataset = ClassicDataset(self.split, channels=self.channels, size=self.image_size, train=True,
+                                 seed=self.seed, strength=self.transform.strength(epoch))
         dataset.epoch = epoch
         micro = [m.tolist() for s in steps for m in s.micro_batches]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=micro, num_workers=self.num_workers,
@@ -123,7 +124,7 @@ class BatchSource:
             yield step, out
 
 
-def _resident_batches(resident: DeviceSplit, steps: list[Step], epoch: int, transform: BatchTransform,
+def _resident_batches(resident: DeviceSplit, steps: list[Step], *, epoch: int, transform: BatchTransform,
                       targets) -> Iterator[tuple[Step, list[Batch]]]:
     if not steps:
         return

@@ -69,7 +69,7 @@ def decode_error(text: str) -> BaseException:
 
 
 # ---------------------------------------------------------------- the store, polled
-class Board:
+class StepStore:
     """The keys of one preparation step on the process group's store. Reads never block: a wait is
     a loop of `check`, so it answers stop signals, dead peers and its own limit."""
 
@@ -179,7 +179,7 @@ class Team:
     """The ranks of one node that build one cache together; the first of them leads. Members call
     the same methods in the same order (they run the same code); each call is one exchange."""
 
-    def __init__(self, board: Optional[Board], ranks: tuple[int, ...], rank: int, what: str = "the data"):
+    def __init__(self, board: Optional[StepStore], ranks: tuple[int, ...], rank: int, what: str = "the data"):
         self.board, self.ranks, self.rank, self.what = board, ranks, rank, what
         self.index = ranks.index(rank)
         self._steps = 0
@@ -298,11 +298,11 @@ class Preparation:
     def preparer_of(self, rank: int) -> int:
         return 0 if self.scope == "job" else self.topo.leader(self.topo.node_of(rank))
 
-    def _board(self, what: str) -> Board:
+    def _board(self, what: str) -> StepStore:
         self._steps += 1
-        return Board(self.store, f"emotion_dist/prepare/{self._steps}", self.topo, self.timeout_s, what, self.stale_s)
+        return StepStore(self.store, f"emotion_dist/prepare/{self._steps}", self.topo, self.timeout_s, what, self.stale_s)
 
-    def _step(self, what: str, body: Callable[[Optional[Board]], T]) -> T:
+    def _step(self, what: str, body: Callable[[Optional[StepStore]], T]) -> T:
         """Run `body` on every rank, then wait until every rank is done with it (a store barrier);
         the first failure anywhere ends the step on every rank with the same error."""
         if self.topo.world_size == 1:
@@ -333,7 +333,7 @@ class Preparation:
         `fn` at once and cache builds inside it are shared (Team); other nodes' ranks only read."""
         topo = self.topo
 
-        def body(board: Optional[Board]):
+        def body(board: Optional[StepStore]):
             if board is None:
                 with role(Team.solo() if together else None):
                     return fn()
@@ -372,7 +372,7 @@ class Preparation:
         topo = self.topo
         leaders = [topo.leader(n) for n in range(topo.num_nodes)]
 
-        def body(board: Optional[Board]) -> str:
+        def body(board: Optional[StepStore]) -> str:
             if topo.rank in leaders:
                 ensure_writable_dir(cache_dir, "run.cache_dir")
                 remove_stale_temps(cache_dir)
@@ -391,7 +391,7 @@ class Preparation:
 
         return self._step("run.cache_dir", body)
 
-    def _probe_shared(self, board: Board, cache_dir: Path, leaders: list[int]) -> str:
+    def _probe_shared(self, board: StepStore, cache_dir: Path, leaders: list[int]) -> str:
         topo = self.topo
         if topo.rank == 0:
             board.post("token", secrets.token_hex(8))

@@ -69,7 +69,7 @@ class Step:
 class ResumableSampler:
     keyed_by_draw = False  # a permutation draws each sample once: its index is key enough
 
-    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, grad_accum: int = 1):
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, *, seed: int, grad_accum: int = 1):
         self.n, self.batch_size, self.world, self.rank = n, batch_size, world, rank
         self.seed, self.grad_accum = seed, grad_accum
         self.epoch = 0
@@ -97,15 +97,15 @@ class ResumableSampler:
 
     def plan(self) -> list[Step]:
         """The rest of the epoch for this rank, from `consumed` on; pure (advance() moves on)."""
-        return plan_steps(self.order(), self.consumed, self.batch_size, self.world, self.rank, self.grad_accum,
-                          self.keyed_by_draw)
+        return plan_steps(self.order(), self.consumed, batch_size=self.batch_size, world=self.world, rank=self.rank,
+                          grad_accum=self.grad_accum, keyed_by_draw=self.keyed_by_draw)
 
     def advance(self, step: Step) -> None:
         """Call once a step is applied: a checkpoint written now resumes after it."""
         self.consumed += step.global_samples
 
 
-def plan_steps(order: torch.Tensor, consumed: int, batch_size: int, world: int, rank: int,
+def plan_steps(order: torch.Tensor, consumed: int, *, batch_size: int, world: int, rank: int,
                grad_accum: int = 1, keyed_by_draw: bool = False) -> list[Step]:
     """Walk `order` from `consumed` on in micro-batches of world x batch_size samples, each split into
     `world` contiguous shards, `grad_accum` micro-batches a step; the last one padded with fillers
@@ -135,9 +135,9 @@ class BalancedSampler(ResumableSampler):
 
     keyed_by_draw = True
 
-    def __init__(self, labels, batch_size: int, world: int, rank: int, seed: int, grad_accum: int = 1):
+    def __init__(self, labels, batch_size: int, world: int, rank: int, *, seed: int, grad_accum: int = 1):
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
-        super().__init__(len(self.labels), batch_size, world, rank, seed, grad_accum)
+        super().__init__(len(self.labels), batch_size, world, rank, seed=seed, grad_accum=grad_accum)
 
     def order(self) -> torch.Tensor:
         return balanced_order(self.labels, self.seed, self.epoch)

@@ -52,7 +52,7 @@ def init_from(model: torch.nn.Module, path: str, classes: list[str]) -> None:
     sd = inference_weights(state)
     own = model.state_dict()
     if state.get("class_names") and state["class_names"] != classes:
-        sd = remap_head(sd, own, state["class_names"], classes)
+        sd = remap_head(sd, own, src_classes=state["class_names"], dst_classes=classes)
     fitting = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     missing, unexpected = model.load_state_dict(fitting, strict=False)
     shape_mismatch = sorted(k for k in sd if k in own and own[k].shape != sd[k].shape)
@@ -92,9 +92,11 @@ def build_trainer(cfg: Config, env: process_group.DistEnv, *, ds: Datasets | Non
     optimizer = strategy.build_optimizer(model, lr, t.weight_decay)
     scheduler = ProgressLR(optimizer, t.warmup_epochs, t.epochs)
     scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
-    sampler = (BalancedSampler(ds.train.targets(), t.batch_size, env.world_size, env.rank, t.seed, t.grad_accum)
+    sampler = (BalancedSampler(ds.train.targets(), t.batch_size, env.world_size, env.rank, seed=t.seed,
+                               grad_accum=t.grad_accum)
                if t.sampler == "balanced" else
-               ResumableSampler(len(ds.train), t.batch_size, env.world_size, env.rank, t.seed, t.grad_accum))
+               ResumableSampler(len(ds.train), t.batch_size, env.world_size, env.rank, seed=t.seed,
+                                grad_accum=t.grad_accum))
     weights = class_weights(ds, t.class_weights).to(env.device) if t.class_weights != "none" else None
     offsets = (t.logit_adjust * class_log_prior(ds)).to(env.device) if t.logit_adjust else None
 
@@ -133,7 +135,8 @@ def build_trainer(cfg: Config, env: process_group.DistEnv, *, ds: Datasets | Non
             env.world_size, t.grad_accum, global_batch, ds.root, len(ds.train), len(ds.val),
             len(ds.test) if ds.test else 0, len(ds.classes), "".join(f" | {n}" for n in notes),
         )
-    transform = BatchTransform(ds.channels, cfg.data.image_size, env.device, t.seed, t.augment_warmup_epochs)
+    transform = BatchTransform(ds.channels, cfg.data.image_size, env.device, t.seed,
+                               augment_warmup_epochs=t.augment_warmup_epochs)
     batches = BatchSource(split=ds.train, transform=transform, pipeline=cfg.data.pipeline, channels=ds.channels,
                           image_size=cfg.data.image_size, seed=t.seed, num_workers=cfg.data.num_workers,
                           label_mode=ds.label_mode, resident=place_on_device(ds.train, cfg.data, env.device))

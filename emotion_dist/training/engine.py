@@ -111,7 +111,7 @@ class Trainer:
             self.logger.log({"type": "epoch", **row})
             self.save(is_best)
             if self.env.is_main:
-                save_epoch_plots(self.logger, self.cfg.run.dir, p.history, cm, self.ds.classes)
+                save_epoch_plots(self.logger, self.cfg.run.dir, history=p.history, cm=cm, classes=self.ds.classes)
             if p.max_steps_reached(t.max_steps):
                 break
         if p.out_of_patience(t.patience):

@@ -84,7 +84,7 @@ class Evaluator:
             padded = torch.cat([chunk, torch.zeros(batch_size - real, dtype=torch.int64)])
             x_u8, y, _ = gather_uint8(split, padded)
             with autocast(env.device, self.precision):
-                scores = _scores(models, x_u8, self.transform, tta, class_maps)
+                scores = _scores(models, x_u8, transform=self.transform, mode=tta, class_maps=class_maps)
             if real:
                 scores, y = scores[:real], y[:real].to(env.device)
                 loss_sum += F.cross_entropy(scores, y, reduction="sum").double()
@@ -104,7 +104,7 @@ def stop_if_requested(env: process_group.DistEnv) -> None:
         raise Interrupted(interrupts.requested() or "a stop signal on another rank")
 
 
-def _scores(models, x_u8: torch.Tensor, transform: BatchTransform, mode: str, class_maps) -> torch.Tensor:
+def _scores(models, x_u8: torch.Tensor, *, transform: BatchTransform, mode: str, class_maps) -> torch.Tensor:
     """Logits (one model, one view), or the log of class probabilities averaged over views and models."""
     if mode == "none" and len(models) == 1 and not class_maps:
         return models[0](transform.eval(x_u8)).float()
@@ -114,7 +114,7 @@ def _scores(models, x_u8: torch.Tensor, transform: BatchTransform, mode: str, cl
     return tta.log_probabilities(tta.average(probs))
 
 
-def save_epoch_plots(logger, run_dir: Path, history: list[dict], cm: torch.Tensor, classes: list[str]) -> None:
+def save_epoch_plots(logger, run_dir: Path, *, history: list[dict], cm: torch.Tensor, classes: list[str]) -> None:
     """Rank 0: the learning curves and the validation confusion matrix, rewritten each epoch."""
     logger.best_effort(plot_curves, history, Path(run_dir) / "curves.png")
     logger.best_effort(plot_confusion, cm.cpu(), classes, Path(run_dir) / "confusion_val.png", "validation")

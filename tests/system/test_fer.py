@@ -202,7 +202,7 @@ def test_class_mapping_fer_to_ferplus_head_and_probabilities():
            "backbone.0.w": torch.ones(2)}
     own = {"classify.linear.weight": torch.full((8, 3), -1.0), "classify.linear.bias": torch.full((8,), -1.0),
            "backbone.0.w": torch.zeros(2)}
-    out = remap_head(src, own, FER_CLASSES, FERPLUS_CLASSES)
+    out = remap_head(src, own, src_classes=FER_CLASSES, dst_classes=FERPLUS_CLASSES)
     assert out["classify.linear.bias"].tolist() == [6, 3, 5, 4, 0, 1, 2, -1]  # contempt keeps its fresh row
     assert out["classify.linear.weight"][1].tolist() == [3, 3, 3] and out["backbone.0.w"] is src["backbone.0.w"]
     probs = torch.tensor([[0.1, 0.0, 0.2, 0.3, 0.1, 0.1, 0.2]])

@@ -90,7 +90,8 @@ def test_resident_batches_equal_host_batches(grad_accum, keyed_by_draw, label_mo
     split = _split()
     transform = BatchTransform(1, 32, CPU, seed=5)
     resident = DeviceSplit(split, CPU)
-    steps = plan_steps(torch.randperm(len(split)), 3, 8, 1, 0, grad_accum, keyed_by_draw)
+    steps = plan_steps(torch.randperm(len(split)), 3, batch_size=8, world=1, rank=0, grad_accum=grad_accum,
+                       keyed_by_draw=keyed_by_draw)
     assert steps[-1].real[-1] < 8  # the ragged end is padded
     source = BatchSource(split=split, transform=transform, label_mode=label_mode)
     host = list(source.epoch(steps, 2))

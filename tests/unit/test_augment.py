@@ -48,14 +48,15 @@ def test_augmentation_warmup_starts_clean_and_reaches_the_full_transform(ds):
     assert abs(p["flip"].float().mean().item() - 0.25) < 0.02
     assert p["angle"].abs().max() <= 7.5 and p["crop"].min() >= 0.9 - 1e-6 and (p["brightness"] - 1).abs().max() <= 0.1 + 1e-6
     # the classic pipeline warms up alike: strength 0 is its evaluation transform
-    clean, plain = ClassicDataset(ds.train, 1, 64, True, 0, strength=0.0), ClassicDataset(ds.train, 1, 64, False, 0)
+    clean, plain = (ClassicDataset(ds.train, channels=1, size=64, train=True, seed=0, strength=0.0),
+                    ClassicDataset(ds.train, channels=1, size=64, train=False, seed=0))
     assert torch.equal(clean[3][0], plain[3][0])
 
 
 def test_same_label_stream_fast_and_classic(ds):
     sampler = ResumableSampler(len(ds.train), 8, 1, 0, seed=0)
     steps = sampler.plan()[:5]
-    classic = ClassicDataset(ds.train, 1, 64, True, 0)
+    classic = ClassicDataset(ds.train, channels=1, size=64, train=True, seed=0)
     loader = torch.utils.data.DataLoader(classic, batch_sampler=[s.micro_batches[0].tolist() for s in steps])
     for step, (_, y_classic, i_classic) in zip(steps, loader):
         _, y_fast, i_fast = gather_uint8(ds.train, step.micro_batches[0])
@@ -66,7 +67,7 @@ def test_fast_and_classic_batches_match_statistically(ds):
     pos = torch.arange(len(ds.train))
     x, y, idx = gather_uint8(ds.train, pos)
     fast = BatchTransform(1, 64, torch.device("cpu"), 0).train(x, idx, 0)
-    classic = ClassicDataset(ds.train, 1, 64, True, 0)
+    classic = ClassicDataset(ds.train, channels=1, size=64, train=True, seed=0)
     slow = torch.stack([classic[int(i)][0] for i in pos])
     assert fast.shape == slow.shape == (len(pos), 1, 64, 64)
     assert abs(fast.mean().item() - slow.mean().item()) < 0.15
