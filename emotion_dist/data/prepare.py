@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 from emotion_dist import errors
-from emotion_dist.distributed import interrupts, liveness
+from emotion_dist.distributed import interrupts, liveness, topology
+from emotion_dist.distributed.topology import Topology
 from emotion_dist.errors import DataError, Interrupted, TrainingAborted, UserError, one_line
 from emotion_dist.utils.fsutil import ensure_writable_dir, remove_stale_temps, temp_path
-from emotion_dist.distributed.topology import Topology
 
 log = logging.getLogger("emotion_dist")
 T = TypeVar("T")
@@ -286,8 +286,6 @@ class Preparation:
 
     @classmethod
     def start(cls, cfg, env=None) -> "Preparation":
-        from emotion_dist.distributed import topology
-
         topo = env.topology if env is not None and env.topology is not None else topology.detect(
             env.local_rank if env is not None else 0)
         store = _default_store() if topo.world_size > 1 else None

@@ -9,24 +9,40 @@ from pathlib import Path
 
 import torch
 
-from emotion_dist.distributed import process_group
+from emotion_dist.config import Config, ConfigError, save_config
 from emotion_dist.data.augment import BatchTransform
+from emotion_dist.data.datasets import (
+    Datasets,
+    class_log_prior,
+    class_weights,
+    dataset_root,
+    load_datasets,
+    normalization,
+)
+from emotion_dist.data.labels import remap_head
+from emotion_dist.data.loader import BatchSource, place_on_device
+from emotion_dist.data.prepare import Preparation
+from emotion_dist.data.sampler import BalancedSampler, ResumableSampler
+from emotion_dist.distributed import process_group
+from emotion_dist.model import build_model
 from emotion_dist.modelio import CheckpointMeta, inference_weights, load_checkpoint
-from emotion_dist.training.checkpoint import CheckpointFiles, Checkpointer, check_resumable
-from emotion_dist.config import Config, ConfigError
-from emotion_dist.data.datasets import Datasets, class_log_prior, class_weights, dataset_root, load_datasets, normalization
+from emotion_dist.training.checkpoint import Checkpointer, CheckpointFiles, check_resumable
 from emotion_dist.training.ema import ModelEMA
 from emotion_dist.training.engine import Trainer
-from emotion_dist.utils.fsutil import ensure_writable_dir
-from emotion_dist.data.loader import BatchSource, place_on_device
 from emotion_dist.training.loggers import build_logger
 from emotion_dist.training.losses import Criterion
-from emotion_dist.model import build_model
-from emotion_dist.data.sampler import BalancedSampler, ResumableSampler
 from emotion_dist.training.schedule import ProgressLR
+from emotion_dist.training.state import (
+    EMAState,
+    EpochSums,
+    RngStates,
+    StoredUnderKey,
+    TrainProgress,
+    WeightsAndOptimizer,
+)
 from emotion_dist.training.strategy import make_strategy
-from emotion_dist.training.state import EMAState, EpochSums, RngStates, StoredUnderKey, TrainProgress, WeightsAndOptimizer
 from emotion_dist.training.validation import Evaluator
+from emotion_dist.utils.fsutil import ensure_writable_dir
 
 log = logging.getLogger("emotion_dist")
 
@@ -35,8 +51,6 @@ def prepare_data(cfg: Config, env: process_group.DistEnv, check_classes: bool = 
     """The data set, prepared (generated, downloaded: one rank; decoded into the cache: the preparing
     node's ranks together) once per node or once per job (prepare.py), then read by every rank.
     Waiting ranks poll the store, never bounded by dist.timeout_s."""
-    from emotion_dist.data.prepare import Preparation
-
     ensure_writable_dir(Path(cfg.run.cache_dir), "run.cache_dir")
     prep = Preparation.start(cfg, env)
     root = prep.once("the dataset", lambda: dataset_root(cfg))
@@ -46,8 +60,6 @@ def prepare_data(cfg: Config, env: process_group.DistEnv, check_classes: bool = 
 def init_from(model: torch.nn.Module, path: str, classes: list[str]) -> None:
     """Fine-tuning: load the weights that fit (strict=False, a new head allowed) and say what did not.
     A head trained on other class names or order (FER's 7 -> FER+'s 8) has its rows mapped by emotion."""
-    from emotion_dist.data.labels import remap_head
-
     state = load_checkpoint(path)
     sd = inference_weights(state)
     own = model.state_dict()
@@ -124,8 +136,6 @@ def build_trainer(cfg: Config, env: process_group.DistEnv, *, ds: Datasets | Non
                           num_nodes=env.topology.num_nodes if env.topology else 1, strategy=cfg.dist.strategy,
                           run_id=checkpointer.run_id)
     if env.is_main:
-        from emotion_dist.config import save_config
-
         save_config(cfg, run_dir / "config.yaml")
         log.info(
             "launcher %s | world size %d | backend %s | device %s | precision %s | strategy %s | %s | batch %d per "

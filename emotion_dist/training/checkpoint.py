@@ -25,8 +25,10 @@ from typing import Optional
 
 import torch
 
-from emotion_dist.modelio import FORMAT_VERSION, CheckpointMeta, load_checkpoint, read_meta
+from emotion_dist.distributed import process_group
 from emotion_dist.errors import CheckpointError, ConfigError, DataError
+from emotion_dist.modelio import FORMAT_VERSION, CheckpointMeta, load_checkpoint, read_meta
+from emotion_dist.training.state import CheckpointInterval
 from emotion_dist.utils.fsutil import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
 log = logging.getLogger("emotion_dist")
@@ -259,8 +261,6 @@ class Checkpointer:
     register, plan (at start, before anything is written), load_planned, save and due."""
 
     def __init__(self, files: Optional[CheckpointFiles], env, every_steps: int = 0):
-        from emotion_dist.training.state import CheckpointInterval
-
         self.files, self.env = files, env  # files: rank 0 only
         self.interval = CheckpointInterval(every_steps)
         self.components: dict = {}
@@ -294,8 +294,6 @@ class Checkpointer:
 
     def save(self, meta: CheckpointMeta, step: int, is_best: bool = False) -> Optional[str]:
         """Collective. Returns an error line when rank 0 could not write (all ranks get it), else None."""
-        from emotion_dist.distributed import process_group
-
         state = self.state_dict()
         error = None
         if self.files is not None:
@@ -311,8 +309,6 @@ class Checkpointer:
         """Collective, before anything is written to the run directory: rank 0 decides fresh start or
         which checkpoint to resume (refusing, on every rank, to mix two runs in one directory or to
         resume onto changed data: `check(state, path)` may raise). Returns the checkpoint path or None."""
-        from emotion_dist.distributed import process_group
-
         self.planned = process_group.rank0_decides(lambda: self._plan(resume, check))
         return self.planned
 

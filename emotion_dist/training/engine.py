@@ -15,26 +15,24 @@ from typing import Optional
 import torch
 from torch import nn
 
-from emotion_dist.distributed import process_group
-from emotion_dist.distributed import interrupts
-from emotion_dist.distributed import liveness
-from emotion_dist.training.amp import autocast
-from emotion_dist.errors import Interrupted, TrainingAborted
-from emotion_dist.modelio import CheckpointMeta, inference_weights, load_checkpoint
-from emotion_dist.training.checkpoint import Checkpointer
 from emotion_dist.config import Config, config_diff, config_from_dict
 from emotion_dist.data.datasets import Datasets, write_data_report
+from emotion_dist.data.loader import Batch, BatchSource
+from emotion_dist.data.sampler import ResumableSampler, Step
+from emotion_dist.distributed import interrupts, liveness, process_group
+from emotion_dist.distributed.lease import RunDirLease
+from emotion_dist.errors import Interrupted, TrainingAborted
+from emotion_dist.modelio import CheckpointMeta, inference_weights, load_checkpoint
+from emotion_dist.training.amp import autocast
+from emotion_dist.training.checkpoint import Checkpointer
 from emotion_dist.training.diagnostics import SampleIdLog, entered_phase, inject_fault
 from emotion_dist.training.ema import ModelEMA
-from emotion_dist.distributed.lease import RunDirLease
-from emotion_dist.data.loader import Batch, BatchSource
 from emotion_dist.training.loggers import RunLogger
 from emotion_dist.training.losses import Criterion
 from emotion_dist.training.metrics import plot_confusion
-from emotion_dist.data.sampler import ResumableSampler, Step
 from emotion_dist.training.schedule import ProgressLR
-from emotion_dist.training.strategy import Strategy
 from emotion_dist.training.state import EpochSums, TrainProgress
+from emotion_dist.training.strategy import Strategy
 from emotion_dist.training.validation import Evaluator, save_epoch_plots
 
 log = logging.getLogger("emotion_dist")

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
+from emotion_dist.distributed.env_settings import wandb_api_key_present
+from emotion_dist.errors import ConfigError
 from emotion_dist.utils.fsutil import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger("emotion_dist")
@@ -406,9 +408,6 @@ class RunLogger:
 def check_trackers(cfg) -> None:
     """Before any expensive work: the trackers the config asks for can start (one line if not)."""
     import importlib.util
-
-    from emotion_dist.distributed.env_settings import wandb_api_key_present
-    from emotion_dist.errors import ConfigError
 
     if cfg.log.wandb != "off" and importlib.util.find_spec("wandb") is None:
         raise ConfigError(f"log.wandb={cfg.log.wandb} needs the wandb package; pip install 'emotion-dist[all]' "

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emotion_dist.utils.fsutil import atomic_write_bytes
+
 
 def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Rows = true class, columns = predicted class (int64, on the inputs' device)."""
@@ -91,8 +93,6 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 def _save(fig, path: Path) -> None:
     import io
-
-    from emotion_dist.utils.fsutil import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

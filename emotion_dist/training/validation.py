@@ -9,25 +9,24 @@ saves what it must, and the resumed run redoes the pass."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from emotion_dist.data.augment import BatchTransform, gather_uint8
+from emotion_dist.data.datasets import Split
+from emotion_dist.data.labels import remap_probabilities
+from emotion_dist.data.sampler import eval_shard
 from emotion_dist.distributed import interrupts, process_group
 from emotion_dist.errors import Interrupted
 from emotion_dist.inference import tta
 from emotion_dist.training.amp import autocast
-from emotion_dist.data.augment import BatchTransform, gather_uint8
-from emotion_dist.data.datasets import Split
-from emotion_dist.data.labels import remap_probabilities
 from emotion_dist.training.diagnostics import evaluation_batch
 from emotion_dist.training.metrics import confusion_matrix, plot_confusion, plot_curves, summarize
-from emotion_dist.data.sampler import eval_shard
 from emotion_dist.training.strategy import broadcast_buffers
-
 
 STOP_CHECK_BATCHES = 4  # evaluation batches between two agreements on a stop signal
 
