@@ -10,8 +10,8 @@ import json
 import sys
 
 from emotion_dist.distributed import process_group
-from emotion_dist.training.build import build_trainer, prepare_data
 from emotion_dist.distributed.env_settings import resolve_config
+from emotion_dist.training.build import build_trainer, prepare_data
 
 
 def main() -> int:

@@ -7,9 +7,9 @@ import sys
 import torch
 
 from emotion_dist.distributed import process_group
-from emotion_dist.training.build import build_trainer
-from emotion_dist.model import build_model
 from emotion_dist.distributed.env_settings import resolve_config
+from emotion_dist.model import build_model
+from emotion_dist.training.build import build_trainer
 from emotion_dist.training.validation import Evaluator
 
 

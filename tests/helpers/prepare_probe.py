@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from emotion_dist.distributed import process_group  # noqa: E402
-from emotion_dist.data import prepare  # noqa: E402
 from emotion_dist.config import load_config  # noqa: E402
+from emotion_dist.data import prepare  # noqa: E402
+from emotion_dist.distributed import process_group  # noqa: E402
 from emotion_dist.errors import ConfigError, Interrupted, TrainingAborted  # noqa: E402
 from emotion_dist.training.loggers import setup_logging  # noqa: E402
 

@@ -6,9 +6,9 @@ import sys
 import torch
 
 from emotion_dist.distributed import process_group
-from emotion_dist.training.build import build_trainer
-from emotion_dist.modelio import load_checkpoint
 from emotion_dist.distributed.env_settings import resolve_config
+from emotion_dist.modelio import load_checkpoint
+from emotion_dist.training.build import build_trainer
 
 
 def main() -> int:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 from emotion_dist import cli
 from emotion_dist.distributed import interrupts
-from conftest import ROOT
 
 REL = (ROOT / "docs/reliability.md").read_text()
 

@@ -6,7 +6,6 @@ import math
 import sys
 
 import pytest
-
 from conftest import run
 
 pytestmark = pytest.mark.slow

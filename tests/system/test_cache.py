@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, env_for_child, run
 from PIL import Image
 
-from conftest import ROOT, env_for_child, run
+from emotion_dist.commands.data import descendants, proc_field
 from emotion_dist.data.cache import FileDecoder, build, cache_key, content_key
 from emotion_dist.data.datasets import decode_all
-from emotion_dist.commands.data import descendants, proc_field
 
 CLI = [sys.executable, "-m", "emotion_dist.cli"]
 

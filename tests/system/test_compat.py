@@ -6,9 +6,10 @@ import lzma
 import shutil
 import sys
 
-from emotion_dist.modelio import load_checkpoint
-from emotion_dist.data.readers.synthetic import generate
 from conftest import ROOT, run, train_cmd
+
+from emotion_dist.data.readers.synthetic import generate
+from emotion_dist.modelio import load_checkpoint
 
 FIXTURE = ROOT / "tests/fixtures/main-4051c8d-last.pt.xz"
 

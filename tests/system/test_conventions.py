@@ -12,12 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from conftest import ROOT, built_once, env_for_child, run, train_cmd
 
-from emotion_dist.cli import build_parser, main as cli_main, parse_args
+from emotion_dist.cli import build_parser, parse_args
+from emotion_dist.cli import main as cli_main
 from emotion_dist.config import Config, describe_keys, keys_markdown, load_config
 from emotion_dist.distributed.env_settings import apply_environment
 from emotion_dist.training.loggers import ConsoleSink, TimeLeft
-from conftest import ROOT, built_once, env_for_child, run, train_cmd
 
 ANSI = "\x1b"
 

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, cli_cmd, env_for_child, run, train_cmd, without
 
 from emotion_dist.modelio import load_checkpoint
-from conftest import ROOT, cli_cmd, env_for_child, run, train_cmd, without
 
 
 def tree_digest(folder: Path) -> str:

@@ -5,9 +5,9 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT, env_for_child, run, torchrun_cmd, train_cmd, without
 
 from emotion_dist.modelio import load_checkpoint
-from conftest import ROOT, env_for_child, run, torchrun_cmd, train_cmd, without
 
 pytestmark = pytest.mark.slow
 

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, run, torchrun_cmd, train_cmd
 from torch import nn
 
 from emotion_dist.modelio import load_checkpoint
 from emotion_dist.training.ema import ModelEMA
-from conftest import ROOT, run, torchrun_cmd, train_cmd
 
 
 def _model():

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-
-from emotion_dist.modelio import load_checkpoint
 from conftest import assert_same_training_state, cli_cmd, run, torchrun_cmd, train_cmd
 from fer_files import synthetic_fer
+
+from emotion_dist.modelio import load_checkpoint
 
 PER_CLASS = {"Training": 10, "PublicTest": 3, "PrivateTest": 3}  # x 7 emotions: 70 / 21 / 21 rows
 
@@ -86,7 +86,7 @@ def _sampler_ids(run_dir, epoch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2])  # world 1 is the same sampler code: test_fer.py resumes it in-process
+@pytest.mark.parametrize("world", [2])  # world 1 is the same sampler code: tests/unit/test_readers_fer.py resumes it in-process
 def test_balanced_sampler_resumes_mid_epoch_exactly(tmp_path, fer_files, world):
     csv, _ = fer_files
     args = lambda d, *x: _overrides(d, csv, "train.sampler=balanced", "train.epochs=2", "train.eval_test=false", *x)

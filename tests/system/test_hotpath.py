@@ -9,20 +9,20 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
-from dataclasses import replace
 import torch
-
 from conftest import ROOT, env_for_child, run, torchrun_cmd, train_cmd
-from emotion_dist.data.augment import BatchTransform, DeviceSplit, gather_uint8
-from emotion_dist.modelio import load_checkpoint
+
 from emotion_dist.config import ConfigError, load_config
+from emotion_dist.data.augment import BatchTransform, DeviceSplit, gather_uint8
 from emotion_dist.data.datasets import Split
-from emotion_dist.errors import DataError
 from emotion_dist.data.loader import BatchSource, place_on_device
 from emotion_dist.data.sampler import plan_steps
+from emotion_dist.errors import DataError
+from emotion_dist.modelio import load_checkpoint
 
 CPU = torch.device("cpu")
 

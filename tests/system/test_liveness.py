@@ -9,9 +9,9 @@ import time
 from datetime import timedelta
 
 import torch.distributed as dist
+from conftest import ROOT
 
 from emotion_dist.distributed.liveness import KEY, Heartbeat
-from conftest import ROOT
 
 BEAT = """
 import sys, time

@@ -24,13 +24,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-
-from emotion_dist.modelio import load_checkpoint
-from conftest import ROOT, epoch_sample_ids, env_for_child, run, torchrun_cmd
 import nodes
+import pytest
+from conftest import ROOT, env_for_child, epoch_sample_ids, run, torchrun_cmd
 from nodes import TorchrunNode, free_port, hosts_file, torchrun_args
 from test_train import assert_same_training_state
+
+from emotion_dist.modelio import load_checkpoint
 
 pytestmark = pytest.mark.slow
 N_TRAIN = 160  # data.limit

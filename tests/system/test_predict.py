@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run
 from PIL import Image
 
-from conftest import run
 from emotion_dist import cli
 from emotion_dist.inference.predict import NO_FACE, UNREADABLE, png_written_by_us
 

@@ -10,9 +10,10 @@ import sys
 import time
 
 from conftest import ROOT, env_for_child, run, torchrun_cmd
-from emotion_dist.errors import DataError, Interrupted, TrainingAborted
+
 from emotion_dist.data.prepare import decode_error, encode_error
 from emotion_dist.distributed.topology import from_identities, host_name, node_identity
+from emotion_dist.errors import DataError, Interrupted, TrainingAborted
 
 PROBE = str(ROOT / "tests" / "helpers" / "prepare_probe.py")
 

@@ -11,12 +11,12 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, assert_same_training_state, env_for_child, run, torchrun_cmd, train_cmd, without
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from emotion_dist.config import Config, ConfigError, load_config
 from emotion_dist.modelio import load_checkpoint
-from emotion_dist.config import ConfigError, Config, load_config
-from conftest import ROOT, assert_same_training_state, env_for_child, run, torchrun_cmd, train_cmd, without
 
 
 @pytest.mark.slow

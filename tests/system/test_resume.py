@@ -5,9 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, assert_same_training_state, run, torchrun_cmd, train_cmd
 
 from emotion_dist.modelio import load_checkpoint
-from conftest import ROOT, assert_same_training_state, run, torchrun_cmd, train_cmd
 
 pytestmark = pytest.mark.slow
 ROUNDTRIP = str(ROOT / "tests" / "helpers" / "roundtrip.py")

@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT, epoch_sample_ids
 
 from emotion_dist.modelio import load_checkpoint
-from conftest import ROOT, epoch_sample_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 ONE_NODE = ("--nodes=1",)

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_same_training_state, run, train_cmd, without
 
 from emotion_dist.modelio import load_checkpoint
-from conftest import assert_same_training_state, run, train_cmd, without
 
 
 @pytest.mark.slow

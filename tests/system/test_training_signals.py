@@ -9,8 +9,8 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import ROOT, env_for_child, run, train_cmd, without
+
 from emotion_dist.modelio import load_checkpoint
 
 pytestmark = pytest.mark.slow

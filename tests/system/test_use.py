@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run, train_cmd
 from PIL import Image
 
 from emotion_dist.training.metrics import summarize
-from conftest import run, train_cmd
 
 skimage_data = pytest.importorskip("skimage.data")
 PHOTOS = Path(skimage_data.__file__).parent
@@ -158,8 +158,8 @@ def test_safetensors_export_loads_without_this_repo_format(trained, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from emotion_dist.modelio import load_checkpoint
     from emotion_dist.model import EmotionNet
+    from emotion_dist.modelio import load_checkpoint
 
     ckpt = trained / "run/checkpoints/last.pt"
     _cli("export", "--checkpoint", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "w.safetensors"))

@@ -12,8 +12,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, env_for_child, run
+
 from emotion_dist import cli
 from emotion_dist.inference.tracking import IoUTracker, iou
 

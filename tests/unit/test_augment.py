@@ -3,9 +3,15 @@
 import pytest
 import torch
 
-from emotion_dist.data.augment import (BatchTransform, ClassicDataset, augment_params, augment_strength, gather_uint8,
-                                  sample_uniforms)
 from emotion_dist.config import load_config
+from emotion_dist.data.augment import (
+    BatchTransform,
+    ClassicDataset,
+    augment_params,
+    augment_strength,
+    gather_uint8,
+    sample_uniforms,
+)
 from emotion_dist.data.datasets import load_datasets
 from emotion_dist.data.sampler import ResumableSampler, eval_shard
 

@@ -1,8 +1,8 @@
 """The checkpoint format as inference reads it: a file written in-process loads into EmotionNet."""
 
 import torch
-
 from conftest import write_checkpoint
+
 from emotion_dist.modelio import load_model
 
 

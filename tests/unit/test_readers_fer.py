@@ -1,5 +1,5 @@
 """The FER protocol pieces: fer2013.csv / icml_face_data.csv and FER+ readers, label modes,
-class mapping, soft-target loss, the leak audit, the balanced sampler, ten-crop TTA, ensembles and
+class mapping, the leak audit, the balanced sampler, ten-crop TTA, ensembles and
 the summary over seeds. Small CSVs written in exactly the files' formats; everything in-process and fast."""
 
 import json
@@ -9,16 +9,17 @@ import statistics
 import numpy as np
 import pytest
 import torch
+from fer_files import FER_HEADER, ICML_HEADER, pixels, write_fer
 
-from emotion_dist.data import audit as A
-from emotion_dist.inference import tta
 from emotion_dist.cli import main as cli_main
 from emotion_dist.config import ConfigError, load_config
-from emotion_dist.errors import DataError
-from emotion_dist.data.readers.fer import FER_CLASSES, FERPLUS_CLASSES, FERPLUS_HEADER, ferplus_label, read_fer_csv
+from emotion_dist.data import audit as A
 from emotion_dist.data.labels import class_mapping, draw_labels, remap_head, remap_probabilities
+from emotion_dist.data.readers.fer import FER_CLASSES, FERPLUS_CLASSES, FERPLUS_HEADER, ferplus_label, read_fer_csv
 from emotion_dist.data.sampler import BalancedSampler, ResumableSampler
-from fer_files import FER_HEADER, ICML_HEADER, pixels, write_fer
+from emotion_dist.errors import DataError
+from emotion_dist.inference import tta
+
 
 def face(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (48, 48), dtype=np.uint8)

@@ -1,3 +1,6 @@
+"""EmotionNet: logits in train and eval mode, in_channels honoured, the image sizes it takes and the
+one-line error naming the nearest valid size, and its parameter count."""
+
 import pytest
 import torch
 
