@@ -229,8 +229,8 @@ def _run(args) -> int:
 
         return run_data_cache(args.config, args.overrides)
     if args.command == "data":
-        from emotion_dist.distributed import interrupts
         from emotion_dist.data.readers.synthetic import generate
+        from emotion_dist.distributed import interrupts
 
         check_json_out(args)
         interrupts.install()  # a stop signal mid-generation removes the temp folder and exits 0

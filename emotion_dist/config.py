@@ -13,9 +13,9 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 
 import yaml
 
-
 from emotion_dist.errors import ConfigError  # noqa: F401  (re-exported: `from .config import ConfigError` still works)
 from emotion_dist.utils.fsutil import atomic_write_bytes
+
 
 class InvalidImageSize(ValueError):
     pass

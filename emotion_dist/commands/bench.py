@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-from dataclasses import replace
 import os
 import resource
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROWS = "abcde"
@@ -153,8 +153,8 @@ def plan_steps(sampler, n: int) -> list:
 def run_bench(args) -> int:
     from emotion_dist.distributed import process_group
     from emotion_dist.errors import ConfigError
-    from emotion_dist.utils.output import check_json_out, emit, human, stdout_to_stderr
     from emotion_dist.training.strategy import check_world_size
+    from emotion_dist.utils.output import check_json_out, emit, human, stdout_to_stderr
 
     check_json_out(args)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="emotion-bench-"))
@@ -328,8 +328,8 @@ def _bench(cfg, env, args, workdir: Path) -> dict:
 def compare_with_ultralytics(cfg, env, ds, *, args, workdir: Path) -> list[dict]:
     """Same images (our train/val split as folders), image size, batch, epochs and compile mode:
     epoch time and final validation accuracy of ultralytics' classification trainer against ours."""
-    from emotion_dist.training.build import build_trainer
     from emotion_dist.errors import ConfigError
+    from emotion_dist.training.build import build_trainer
 
     if not Path(ds.train.files[int(ds.train.index[0])]).is_file():
         raise ConfigError(f"--ultralytics reads image files and {ds.root} holds none (a CSV data set); bench it "

@@ -4,8 +4,8 @@ same as one JSON document."""
 
 from __future__ import annotations
 
-from emotion_dist.modelio import load_checkpoint, read_meta
 from emotion_dist.config import apply_overrides, config_diff, config_from_dict, load_config, validate
+from emotion_dist.modelio import load_checkpoint, read_meta
 from emotion_dist.utils.output import MARKER, check_json_out, emit, human
 
 

@@ -71,9 +71,9 @@ class _MemoryPeaks:
 def run_data_cache(config_path, overrides) -> int:
     """Prepare the data and its decoded cache as training would (same config, same launchers,
     once per node or job), then report what it cost. Rank 0 prints."""
+    from emotion_dist.config import load_config
     from emotion_dist.distributed import process_group
     from emotion_dist.training.build import prepare_data
-    from emotion_dist.config import load_config
     from emotion_dist.training.loggers import setup_logging
 
     cfg, _ = load_config(config_path, overrides)

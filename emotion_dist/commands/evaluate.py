@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from emotion_dist.modelio import load_checkpoint, read_meta
 from emotion_dist.config import ConfigError, apply_overrides, config_from_dict, parse_override, validate
+from emotion_dist.modelio import load_checkpoint, read_meta
 from emotion_dist.utils.fsutil import atomic_write_json, guard_output, json_written_by_us
 
 REPORT_MARKER = "emotion_dist"  # top-level key of every JSON report emotion-dist writes
@@ -84,11 +84,11 @@ def run_evaluate(args) -> int:
         raise ConfigError(f"{args.checkpoint[0]} takes in_channels={meta.in_channels} images; drop "
                           f"model.in_channels={cfg.model.in_channels} (evaluate uses the checkpoint's)")
     out_dir = check_outputs(args)
+    from emotion_dist.data.augment import BatchTransform
     from emotion_dist.distributed import process_group
     from emotion_dist.inference import tta
-    from emotion_dist.data.augment import BatchTransform
-    from emotion_dist.training.build import prepare_data
     from emotion_dist.modelio import model_from_state
+    from emotion_dist.training.build import prepare_data
     from emotion_dist.training.loggers import setup_logging
     from emotion_dist.training.metrics import plot_confusion
     from emotion_dist.training.validation import Evaluator

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emotion_dist.model import EmotionNet
 from emotion_dist.modelio import load_model
 from emotion_dist.utils.fsutil import atomic_write_bytes, guard_output
-from emotion_dist.model import EmotionNet
 
 MAX_ONNX_DIFF = 1e-4
 SUFFIXES = {"onnx": ".onnx", "safetensors": ".safetensors"}

@@ -7,8 +7,8 @@ import argparse
 import logging
 import sys
 
-from emotion_dist.distributed import interrupts
 from emotion_dist.config import to_yaml
+from emotion_dist.distributed import interrupts
 from emotion_dist.distributed.env_settings import resolve_config
 from emotion_dist.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Interrupted, TrainingAborted, UserError
 from emotion_dist.utils.output import MARKER, check_json_out, emit, stdout_to_stderr
@@ -20,8 +20,8 @@ def hold_run_dir(cfg):
     """Rank 0, before any expensive work: one job per run directory (RunDirBusy names the holder)."""
     from pathlib import Path
 
-    from emotion_dist.training.checkpoint import check_run_dir
     from emotion_dist.distributed.lease import RunDirLease
+    from emotion_dist.training.checkpoint import check_run_dir
 
     check_run_dir(Path(cfg.run.dir))  # never a lease file in someone's folder
     return RunDirLease(cfg.run.dir, interval_s=cfg.run.lease_heartbeat_s, stale_after_s=cfg.run.lease_stale_s).acquire()
@@ -49,7 +49,6 @@ def run_training(config_path, overrides, out: argparse.Namespace | None = None) 
 
         check_trackers(cfg)
         from emotion_dist.distributed import process_group
-
         from emotion_dist.training.strategy import check_world_size
 
         info = process_group.detect_launch()

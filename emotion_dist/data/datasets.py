@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from emotion_dist.config import Config, ConfigError
-from emotion_dist.utils.fsutil import atomic_write_bytes
 from emotion_dist.data.readers.base import RawSplit
 from emotion_dist.data.readers.factory import get_reader
+from emotion_dist.utils.fsutil import atomic_write_bytes
 
 log = logging.getLogger("emotion_dist")
 

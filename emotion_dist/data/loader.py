@@ -17,12 +17,12 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from emotion_dist.data.augment import BatchTransform, ClassicDataset, DeviceSplit, gather_uint8
 from emotion_dist.config import DataConfig
+from emotion_dist.data.augment import BatchTransform, ClassicDataset, DeviceSplit, gather_uint8
 from emotion_dist.data.datasets import Split
-from emotion_dist.errors import DataError
 from emotion_dist.data.labels import training_targets
 from emotion_dist.data.sampler import Step
+from emotion_dist.errors import DataError
 
 log = logging.getLogger("emotion_dist")
 

@@ -23,7 +23,6 @@ from typing import Optional
 
 import torch
 
-
 SEED_MOD = 2**63  # torch.Generator takes 64-bit seeds; any config seed maps into range
 
 

@@ -20,12 +20,18 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from emotion_dist.distributed import interrupts
-from emotion_dist.utils import filekind
-from emotion_dist.errors import CheckpointError, ConfigError
-from emotion_dist.utils.fsutil import (atomic_write_bytes, atomic_write_json, disk_error, guard_output, json_written_by_us,
-                     remove_stale_temps)
 from emotion_dist.data.images import IMAGE_EXTS, printable, read_uint8
+from emotion_dist.distributed import interrupts
+from emotion_dist.errors import CheckpointError, ConfigError
+from emotion_dist.utils import filekind
+from emotion_dist.utils.fsutil import (
+    atomic_write_bytes,
+    atomic_write_json,
+    disk_error,
+    guard_output,
+    json_written_by_us,
+    remove_stale_temps,
+)
 
 MAX_DETECT_SIDE = 1024  # huge photos are searched downscaled; boxes are mapped back
 MIN_FACE_FRACTION = 1 / 16  # faces smaller than this share of the shorter side are too small to read

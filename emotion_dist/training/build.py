@@ -47,6 +47,10 @@ from emotion_dist.utils.fsutil import ensure_writable_dir
 log = logging.getLogger("emotion_dist")
 
 
+def plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def prepare_data(cfg: Config, env: process_group.DistEnv, check_classes: bool = True) -> Datasets:
     """The data set, prepared (generated, downloaded: one rank; decoded into the cache: the preparing
     node's ranks together) once per node or once per job (prepare.py), then read by every rank.
@@ -139,10 +143,10 @@ def build_trainer(cfg: Config, env: process_group.DistEnv, *, ds: Datasets | Non
         save_config(cfg, run_dir / "config.yaml")
         log.info(
             "launcher %s | world size %d | backend %s | device %s | precision %s | strategy %s | %s | batch %d per "
-            "process x %d processes x %d accumulation = %d global | data %s (%d train / %d val / %d test, %d classes)%s",
+            "process x %s x %d accumulation = %d global | data %s (%d train / %d val / %d test, %d classes)%s",
             env.launcher, env.world_size, env.backend, env.device, t.precision, cfg.dist.strategy,
             env.topology.describe() if env.topology else "1 node", t.batch_size,
-            env.world_size, t.grad_accum, global_batch, ds.root, len(ds.train), len(ds.val),
+            plural(env.world_size, "process", "processes"), t.grad_accum, global_batch, ds.root, len(ds.train), len(ds.val),
             len(ds.test) if ds.test else 0, len(ds.classes), "".join(f" | {n}" for n in notes),
         )
     transform = BatchTransform(ds.channels, cfg.data.image_size, env.device, t.seed,

@@ -50,7 +50,10 @@ def entered_phase(name: str) -> None:
 
 
 def evaluation_batch() -> None:
-    """EMOTION_DIST_EVAL_DELAY_S=SECONDS: each evaluation batch takes at least that long."""
+    """EMOTION_DIST_EVAL_DELAY_S=SECONDS: each evaluation batch takes at least that long; with
+    EMOTION_DIST_PHASE_FILE each is also marked there (`eval batch`), so a test counts the batches
+    run after its signal."""
+    entered_phase("eval batch")
     delay = os.environ.get("EMOTION_DIST_EVAL_DELAY_S")
     if delay:
         time.sleep(float(delay))

@@ -30,12 +30,20 @@ from emotion_dist.training.ema import ModelEMA
 from emotion_dist.training.loggers import RunLogger
 from emotion_dist.training.losses import Criterion
 from emotion_dist.training.metrics import plot_confusion
+from emotion_dist.training.pictures import VAL_ERRORS, save_epoch_plots, save_train_batch, save_val_errors
 from emotion_dist.training.schedule import ProgressLR
 from emotion_dist.training.state import EpochSums, TrainProgress
 from emotion_dist.training.strategy import Strategy
-from emotion_dist.training.validation import Evaluator, save_epoch_plots
+from emotion_dist.training.validation import Evaluator
 
 log = logging.getLogger("emotion_dist")
+
+
+def per_class_record(result: dict, *, epoch: int, step: int) -> dict:
+    """Validation precision, recall and F1 of each class, as one record (TensorBoard, W&B, metrics.jsonl)."""
+    figures = {f"{name}_{k}": v for name, m in result["per_class"].items()
+               for k, v in m.items() if k in ("precision", "recall", "f1")}
+    return {"type": "val_classes", "epoch": epoch, "step": step, **figures}
 
 
 def is_collective_failure(e: BaseException) -> bool:
@@ -70,6 +78,7 @@ class Trainer:
     epoch_sums: EpochSums  # the epoch's running loss/correct/samples, checkpointed
     lease: Optional[RunDirLease] = None  # rank 0's hold on run.dir; losing it stops every rank
     phase: str = "start-up"  # what the ranks were doing together, for the message when a peer is lost
+    stop_agreed: bool = False  # the ranks agreed on a stop signal at a step boundary
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -95,8 +104,10 @@ class Trainer:
         while p.epoch < t.epochs and not p.out_of_patience(t.patience):
             start = time.perf_counter()
             train_stats = self.train_one_epoch()
-            if train_stats is None:  # stopped at a step boundary; state saved
+            if train_stats is None and self.stop_agreed:  # stopped at a step boundary; state saved
                 return {"stopped": True, "global_step": p.global_step}
+            if train_stats is None:  # train.max_steps mid-epoch; state saved
+                break
             try:
                 val, cm = self.validate()
             except Interrupted as e:  # the epoch's training is saved; the resumed run redoes validation
@@ -107,9 +118,10 @@ class Trainer:
             is_best = p.end_epoch(row, val["macro_f1"])
             self.sampler.set_epoch(p.epoch)
             self.logger.log({"type": "epoch", **row})
+            self.logger.log(per_class_record(val, epoch=p.epoch, step=p.global_step))
             self.save(is_best)
             if self.env.is_main:
-                save_epoch_plots(self.logger, self.cfg.run.dir, history=p.history, cm=cm, classes=self.ds.classes)
+                self.epoch_pictures(val, cm, is_best)
             if p.max_steps_reached(t.max_steps):
                 break
         if p.out_of_patience(t.patience):
@@ -119,7 +131,8 @@ class Trainer:
         return self.finish()
 
     def train_one_epoch(self) -> Optional[dict]:
-        """One epoch from wherever the sampler stands; None when stopped mid-epoch (state saved)."""
+        """One epoch from wherever the sampler stands; None when it ends mid-epoch (a stop signal, or
+        train.max_steps), with the state saved."""
         p, env = self.progress, self.env
         self.sampler.set_epoch(p.epoch)
         self.model.train()
@@ -131,6 +144,9 @@ class Trainer:
         sums = self.epoch_sums.sums  # loss, correct, samples: updated in place, saved with every checkpoint
         window_t, window_n = time.perf_counter(), 0
         for i, (step, micro) in enumerate(self.batches.epoch(steps, p.epoch), start=total - len(steps) + 1):
+            if p.global_step == 0 and env.is_main:
+                save_train_batch(self.logger, self.cfg.run.dir, x=micro[0][0], y=micro[0][1],
+                                 transform=self.batches.transform, classes=self.ds.classes)
             self.phase = "the training step (forward/backward, gradient all-reduce)"
             self.scheduler.update(p.epoch + self.sampler.consumed / self.sampler.n)
             loss, correct, stop, applied = self.train_step(step, micro, inject_fault(env.rank, p.global_step + 1))
@@ -149,9 +165,14 @@ class Trainer:
             if stop or at_max:
                 p.last_loss = self.epoch_sums.running_loss()
                 self.logger.stop_progress()
-                why = "stop requested" if stop else f"train.max_steps={self.cfg.train.max_steps} reached"
-                self.logger.line(f"{why}: saving at step {p.global_step} (mid-epoch) and exiting")
+                if stop:
+                    signame = interrupts.requested() or "a signal on another rank"
+                    self.logger.line(f"stop requested ({signame}): saving at step {p.global_step} (mid-epoch) and exiting")
+                else:
+                    self.logger.line(f"train.max_steps={self.cfg.train.max_steps} reached: saving at step "
+                                     f"{p.global_step} (mid-epoch)")
                 self.save()
+                self.stop_agreed = stop
                 return None
             if self.checkpointer.due(p.global_step):
                 self.save()
@@ -226,7 +247,16 @@ class Trainer:
         self.phase = "validation (all-reduce of the confusion matrix)"
         entered_phase("validation")
         with self.ema.swapped() if self.ema else contextlib.nullcontext():
-            return self.evaluator.evaluate(self.model, self.ds.val)
+            return self.evaluator.evaluate(self.model, self.ds.val, mistakes=VAL_ERRORS)
+
+    def epoch_pictures(self, val: dict, cm: torch.Tensor, is_best: bool) -> None:
+        """Rank 0: the curves and confusion matrix each epoch, the mistakes when the best epoch changes."""
+        p, run_dir = self.progress, self.cfg.run.dir
+        save_epoch_plots(self.logger, run_dir, history=p.history, cm=cm, classes=self.ds.classes,
+                         best_epoch=p.best_epoch)
+        if is_best:
+            save_val_errors(self.logger, run_dir, split=self.ds.val, mistakes=val["mistakes"],
+                            classes=self.ds.classes, epoch=p.epoch)
 
     def stopped(self, e: Interrupted, phase: str, save: bool) -> dict:
         """A stop signal during `phase` (validation, the test pass): the training state is saved (or
@@ -242,14 +272,18 @@ class Trainer:
     def finish(self) -> dict:
         p, files = self.progress, self.checkpointer.files
         result = {"stopped": False, "global_step": p.global_step, "best_val_macro_f1": p.best_metric,
-                  "best_epoch": p.best_epoch, "early_stopped": p.out_of_patience(self.cfg.train.patience)}
+                  "best_epoch": p.best_epoch, "early_stopped": p.out_of_patience(self.cfg.train.patience),
+                  "max_steps_reached": p.max_steps_reached(self.cfg.train.max_steps)}
         if p.history:
             result["val_accuracy"] = p.history[-1]["val_accuracy"]
         best = f"{self.cfg.run.dir}/checkpoints/best.pt"
         has_best = process_group.broadcast_object(files is not None and files.best.is_file())
         if p.test_recorded:
             self.logger.line(f"already finished at epoch {p.epoch} (test pass recorded); nothing to do")
-        elif self.cfg.train.eval_test and self.ds.test is not None and has_best:
+        elif self.cfg.train.eval_test and self.ds.test is None:
+            self.logger.line(f"no test pass: {self.ds.root} has no test split (a test/ or val/ folder beside "
+                             f"train/); train.eval_test=false says so without this line")
+        elif self.cfg.train.eval_test and has_best:
             self.phase = "the test pass on best.pt"
             entered_phase("test pass")
             try:

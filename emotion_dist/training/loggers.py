@@ -91,10 +91,12 @@ class TimeLeft:
     """Time remaining in the epoch and in the run, from the steps this process has timed: rich's
     TimeRemainingColumn reads -:--:-- here (the progress task is new each epoch, and a log interval
     longer than its 30 s speed window leaves it no estimate). A whole epoch costs its steps plus the
-    validation after them, measured once an epoch has ended."""
+    validation after them, measured once an epoch has ended. With train.max_steps the run ends at
+    that optimizer step, and the estimate counts only the steps up to it."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
-        self.clock = clock
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_steps: int = 0):
+        self.clock, self.max_steps = clock, max_steps
+        self.global_step = 0
         self.epochs = self.epoch = self.total = self.first_done = 0
         self.t0 = self.last_step_t = 0.0
         self.per_step: Optional[float] = None
@@ -104,8 +106,10 @@ class TimeLeft:
         self.epoch, self.epochs, self.total, self.first_done = epoch, epochs, total_steps, done_steps
         self.t0 = self.last_step_t = self.clock()
 
-    def step(self, done_steps: int) -> None:
+    def step(self, done_steps: int, global_step: Optional[int] = None) -> None:
         self.last_step_t = self.clock()
+        if global_step is not None:
+            self.global_step = global_step
         if done_steps > self.first_done:
             self.per_step = (self.last_step_t - self.t0) / (done_steps - self.first_done)
 
@@ -116,9 +120,20 @@ class TimeLeft:
         """(seconds left in this epoch, seconds left in the run), or None before the first timed step."""
         if self.per_step is None:
             return None
-        epoch_left = (self.total - done_steps) * self.per_step + self.eval_s
-        later = max(self.epochs - self.epoch - 1, 0) * (self.total * self.per_step + self.eval_s)
-        return epoch_left, epoch_left + later
+        in_epoch = self.total - done_steps
+        later_epochs = max(self.epochs - self.epoch - 1, 0)
+        if self.max_steps:  # the run stops at train.max_steps, maybe mid-epoch and without validating
+            cap = max(self.max_steps - self.global_step, 0)
+            if cap < in_epoch:
+                return cap * self.per_step, cap * self.per_step
+            whole = min(later_epochs, (cap - in_epoch) // max(self.total, 1))
+            tail = cap - in_epoch - whole * self.total if whole < later_epochs else 0  # steps of a last, cut epoch
+            later_epochs = whole
+        else:
+            tail = 0
+        epoch_left = in_epoch * self.per_step + self.eval_s
+        run_left = epoch_left + later_epochs * (self.total * self.per_step + self.eval_s) + tail * self.per_step
+        return epoch_left, run_left
 
     def text(self, done_steps: int) -> str:
         left = self.remaining(done_steps)
@@ -134,11 +149,11 @@ class ConsoleSink(Sink):
     WIDTH = 9  # fixed column width: rows printed one at a time line up under the one header
 
     def __init__(self, stream: Optional[TextIO] = None, tty: Optional[bool] = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, max_steps: int = 0):
         self.stream = stream or human_stream()
         self.tty = self.stream.isatty() if tty is None else tty
         self.progress = self.task = None
-        self.time_left = TimeLeft(clock)
+        self.time_left = TimeLeft(clock, max_steps)
         self.header_printed = False
 
     def _console(self):
@@ -165,7 +180,7 @@ class ConsoleSink(Sink):
             self.progress = None
 
     def step(self, step_in_epoch: int, steps_in_epoch: int, record: dict) -> None:
-        self.time_left.step(step_in_epoch)
+        self.time_left.step(step_in_epoch, record.get("step"))
         info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['img_per_s']:,.0f} img/s"
         eta = self.time_left.text(step_in_epoch)
         info += f"  {eta}" if eta else ""
@@ -238,7 +253,8 @@ class WandbSink(Sink):
     """Weights & Biases; the run id lives in the run directory, so a resumed or requeued job
     continues the same W&B run. Project, entity, group and tags come from log.* (already merged with
     WANDB_PROJECT/ENTITY/RUN_GROUP/TAGS, see env_settings); the run's name and id from WANDB_NAME and
-    WANDB_RUN_ID when set, else the run directory's name and wandb_id.txt."""
+    WANDB_RUN_ID when set, else the run directory's name and wandb_id.txt; its files go to WANDB_DIR
+    when set, else into the run directory."""
 
     def __init__(self, run_dir: Path, log_cfg, config: dict, environ=None):
         import os
@@ -254,13 +270,15 @@ class WandbSink(Sink):
             atomic_write_text(id_file, run_id)
         tags = [t.strip() for t in log_cfg.wandb_tags.split(",") if t.strip()]
         self.run = wandb.init(project=log_cfg.wandb_project, entity=log_cfg.wandb_entity, group=log_cfg.wandb_group,
-                              tags=tags or None, id=run_id, resume="allow", mode=log_cfg.wandb, dir=str(run_dir),
+                              tags=tags or None, id=run_id, resume="allow", mode=log_cfg.wandb,
+                              dir=environ.get("WANDB_DIR") or str(run_dir),
                               config=config, name=environ.get("WANDB_NAME") or Path(run_dir).name)
 
     def log(self, record: dict, step: Optional[int]) -> None:
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "time"}
-        if record.get("type") == "test":  # its own keys, at the final step: never mixed into training's
-            numbers = {f"test/{k}": v for k, v in numbers.items() if k != "step"}
+        kind = record.get("type")
+        if kind not in ("step", "epoch"):  # test, val_classes: keys of their own, never mixed into training's
+            numbers = {f"{kind}/{k}": v for k, v in numbers.items() if k not in ("step", "epoch")}
         self.run.log(numbers, step=step)
 
     def image(self, key: str, path: Path, step: Optional[int]) -> None:
@@ -426,7 +444,7 @@ def build_logger(run_dir: Path, enabled: bool, cfg) -> RunLogger:
     if not enabled:
         return RunLogger(False, [])
     warnings = DiskWarnings()
-    sinks: list[Sink] = [ConsoleSink(), JsonlSink(Path(run_dir) / "metrics.jsonl", warnings)]
+    sinks: list[Sink] = [ConsoleSink(max_steps=cfg.train.max_steps), JsonlSink(Path(run_dir) / "metrics.jsonl", warnings)]
     if cfg.log.wandb != "off":
         sinks.append(WandbSink(run_dir, cfg.log, cfg.to_dict()))
     if cfg.log.tensorboard:

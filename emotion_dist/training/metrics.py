@@ -49,42 +49,73 @@ def _pyplot():
 
 
 def plot_confusion(cm: np.ndarray | torch.Tensor, classes: list[str], path: Path, title: str = "") -> None:
+    """Each cell: the fraction of the true class (the colour) over the image count."""
     plt = _pyplot()
     cm = np.asarray(cm.cpu() if torch.is_tensor(cm) else cm, dtype=np.float64)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(6.4, 5.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(7.2, 6.2), dpi=100)
     try:
         im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
         ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
         ax.set_yticks(range(len(classes)), classes)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(title or "normalized confusion matrix")
+        ax.set_title(title or "confusion matrix")
         for i in range(len(classes)):
             for j in range(len(classes)):
-                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                ax.text(j, i, f"{norm[i, j]:.2f}\n{int(cm[i, j])}", ha="center", va="center", fontsize=7,
                         color="white" if norm[i, j] > 0.5 else "black")
-        fig.colorbar(im, ax=ax)
+        fig.colorbar(im, ax=ax, label="fraction of the true class (count below)")
         fig.tight_layout()
         _save(fig, path)
     finally:
         plt.close(fig)  # else pyplot keeps every figure: one more per epoch
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
+def plot_curves(history: list[dict], path: Path, best_epoch: int = -1) -> None:
+    """Loss, accuracy, macro-F1 (train and validation) and the learning rate per epoch, with a mark
+    at the best epoch (the one best.pt holds)."""
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=100)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), dpi=100)
     try:
-        for ax, key in zip(axes, ("loss", "accuracy", "macro_f1")):
-            for split in ("train", "val"):
-                ys = [h.get(f"{split}_{key}") for h in history]
+        for ax, key in zip(axes, ("loss", "accuracy", "macro_f1", "lr")):
+            names = [key] if key == "lr" else [f"{split}_{key}" for split in ("train", "val")]
+            for name in names:
+                ys = [h.get(name) for h in history]
                 if any(y is not None for y in ys):
-                    ax.plot(epochs, [np.nan if y is None else y for y in ys], marker="o", label=split)
-            ax.set_title(key)
+                    ax.plot(epochs, [np.nan if y is None else y for y in ys], marker="o",
+                            label=name.split("_")[0] if key != "lr" else "lr")
+            if best_epoch > 0:
+                ax.axvline(best_epoch, color="tab:green", linestyle="--", linewidth=1, label=f"best (epoch {best_epoch})")
+            ax.set_title("learning rate" if key == "lr" else key)
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
-            ax.legend()
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_image_grid(images: np.ndarray, captions: list[str], path: Path, title: str, columns: int = 8) -> None:
+    """uint8 images (N x C x H x W, C 1 or 3) in a grid, each with its caption."""
+    plt = _pyplot()
+    n = len(images)
+    rows = max(1, -(-n // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), dpi=100, squeeze=False)
+    try:
+        for k, ax in enumerate(axes.flat):
+            ax.axis("off")
+            if k >= n:
+                continue
+            img = images[k]
+            if img.shape[0] == 1:
+                ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
+            else:
+                ax.imshow(np.transpose(img, (1, 2, 0)))
+            ax.set_title(captions[k], fontsize=7)
+        fig.suptitle(title, fontsize=9)
         fig.tight_layout()
         _save(fig, path)
     finally:

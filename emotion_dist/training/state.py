@@ -162,6 +162,7 @@ class TrainProgress:
     def end_step(self, applied: bool) -> None:
         """Count a finished step; a non-finite one (skipped on every rank) extends the bad streak."""
         self.global_step += 1
+        self.test_recorded = False  # trained further: the recorded test pass is of an earlier best.pt
         if applied:
             self.bad_steps = 0
         else:

@@ -1,5 +1,5 @@
-"""Evaluation: exact distributed evaluation of a split (an Evaluator, built once per run), the
-per-epoch validation plots, and the final test pass on best.pt. The test split is read only here,
+"""Evaluation: exact distributed evaluation of a split (an Evaluator, built once per run) and the
+final test pass on best.pt. The test split is read only here,
 once, at the end of training.
 
 A stop signal is agreed by all ranks every STOP_CHECK_BATCHES batches, so a long validation or test
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -25,7 +24,7 @@ from emotion_dist.errors import Interrupted
 from emotion_dist.inference import tta
 from emotion_dist.training.amp import autocast
 from emotion_dist.training.diagnostics import evaluation_batch
-from emotion_dist.training.metrics import confusion_matrix, plot_confusion, plot_curves, summarize
+from emotion_dist.training.metrics import confusion_matrix, summarize
 from emotion_dist.training.strategy import broadcast_buffers
 
 STOP_CHECK_BATCHES = 4  # evaluation batches between two agreements on a stop signal
@@ -44,7 +43,7 @@ class Evaluator:
     strategy: Optional[object] = None  # training/strategy.Strategy: after_eval() and loading weights
 
     def evaluate(self, model, split: Split, *, tta: str = "none", extra_models: Sequence = (),
-                 class_maps: Optional[Sequence] = None) -> tuple[dict, torch.Tensor]:
+                 class_maps: Optional[Sequence] = None, mistakes: int = 0) -> tuple[dict, torch.Tensor]:
         """Loss, count, accuracy, macro-F1 and per-class figures, and the confusion matrix.
 
         Unpadded contiguous shards, summed confusion matrix, with rank 0's BatchNorm statistics
@@ -52,8 +51,11 @@ class Evaluator:
         (FSDP all-gathers inside forward; a compiled model sees one shape): batches are padded with
         masked-out copies of a real image. tta ("none" | "flip" | "tencrop", see inference/tta.py)
         and extra_models (an ensemble) average class probabilities; class_maps[i] maps model i's
-        classes onto the split's (labels.class_mapping)."""
-        res, cm = self._confusion(model, split, tta=tta, extra_models=extra_models, class_maps=class_maps)
+        classes onto the split's (labels.class_mapping). `mistakes=k`: res["mistakes"] holds the k
+        most confident wrong predictions over all ranks, (position in the split, true, predicted,
+        probability), most confident first."""
+        res, cm = self._confusion(model, split, tta=tta, extra_models=extra_models, class_maps=class_maps,
+                                  mistakes=mistakes)
         res.update(summarize(cm.cpu(), self.classes))
         return res, cm
 
@@ -64,7 +66,7 @@ class Evaluator:
 
     @torch.no_grad()
     def _confusion(self, model, split: Split, *, tta: str, extra_models: Sequence,
-                   class_maps: Optional[Sequence]) -> tuple[dict, torch.Tensor]:
+                   class_maps: Optional[Sequence], mistakes: int = 0) -> tuple[dict, torch.Tensor]:
         env, batch_size, num_classes = self.env, self.batch_size, len(self.classes)
         models = [model, *extra_models]
         for m in models:
@@ -74,6 +76,7 @@ class Evaluator:
         n_batches = max(1, math.ceil(math.ceil(len(split) / env.world_size) / batch_size))
         cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=env.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        wrong: list[tuple[int, int, int, float]] = []
         for b in range(n_batches):
             if b and b % STOP_CHECK_BATCHES == 0:
                 stop_if_requested(env)
@@ -88,12 +91,28 @@ class Evaluator:
                 scores, y = scores[:real], y[:real].to(env.device)
                 loss_sum += F.cross_entropy(scores, y, reduction="sum").double()
                 cm += confusion_matrix(scores.argmax(1), y, num_classes)
+                if mistakes:
+                    wrong = _most_confident_wrong(wrong, scores, y, chunk, mistakes)
         if self.strategy is not None:
             self.strategy.after_eval(model)
         process_group.all_reduce_sum(cm)
         process_group.all_reduce_sum(loss_sum)
         n = int(cm.sum())
-        return {"loss": float(loss_sum) / max(n, 1), "count": n}, cm
+        res = {"loss": float(loss_sum) / max(n, 1), "count": n}
+        if mistakes:
+            everyone = [w for part in process_group.gather_objects(wrong) for w in part]
+            res["mistakes"] = sorted(everyone, key=lambda w: -w[3])[:mistakes]
+        return res, cm
+
+
+def _most_confident_wrong(kept: list, scores: torch.Tensor, y: torch.Tensor, positions: torch.Tensor,
+                          k: int) -> list[tuple[int, int, int, float]]:
+    """The k most confident wrong predictions among `kept` and this batch (scores: logits or log-probabilities)."""
+    probs = scores.float().softmax(1)
+    conf, pred = probs.max(1)
+    bad = (pred != y).nonzero().flatten().tolist()
+    rows = [(int(positions[i]), int(y[i]), int(pred[i]), float(conf[i])) for i in bad]
+    return sorted(kept + rows, key=lambda w: -w[3])[:k]
 
 
 def stop_if_requested(env: process_group.DistEnv) -> None:
@@ -111,9 +130,3 @@ def _scores(models, x_u8: torch.Tensor, *, transform: BatchTransform, mode: str,
     if class_maps:
         probs = [remap_probabilities(p, cmap) if cmap is not None else p for p, cmap in zip(probs, class_maps)]
     return tta.log_probabilities(tta.average(probs))
-
-
-def save_epoch_plots(logger, run_dir: Path, *, history: list[dict], cm: torch.Tensor, classes: list[str]) -> None:
-    """Rank 0: the learning curves and the validation confusion matrix, rewritten each epoch."""
-    logger.best_effort(plot_curves, history, Path(run_dir) / "curves.png")
-    logger.best_effort(plot_confusion, cm.cpu(), classes, Path(run_dir) / "confusion_val.png", "validation")

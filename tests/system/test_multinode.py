@@ -204,7 +204,7 @@ def test_two_node_job_preempted_checkpoints_requeues_and_resumes_on_two_nodes(cl
     log = job.log()
     assert info["JobState"] == "COMPLETED", log[-4000:]
     assert log.count("2 nodes (n[1-2])") == 2  # both runs on both nodes
-    saves = re.findall(r"stop requested: saving at step (\d+)", log)
+    saves = re.findall(r"stop requested \([^)]*\): saving at step (\d+)", log)
     assert saves == [str(stopped["global_step"])], log[-4000:]  # one agreed step boundary
     assert f"step {stopped['global_step']}, " in log and "(saved on world size 2 with ddp)" in log
     final = load_checkpoint(job.run_dir / "checkpoints/last.pt")

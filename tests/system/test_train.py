@@ -103,7 +103,7 @@ def test_fp16_gradscaler_accumulation_class_weights_and_clipping(tmp_path, fast_
     out = run(train_cmd(*fast_overrides, "train.epochs=2", "train.max_steps=16", "train.precision=fp16",
                         "train.grad_accum=2", "train.class_weights=balanced", "train.clip_grad_norm=1.0",
                         "train.logit_adjust=1.0", "train.augment_warmup_epochs=2"))
-    assert "precision fp16" in out.stdout and "8 per process x 1 processes x 2 accumulation = 16 global" in out.stdout
+    assert "precision fp16" in out.stdout and "8 per process x 1 process x 2 accumulation = 16 global" in out.stdout
     state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
     assert state["global_step"] == 16  # 167 images / (8 x 2) = 11 optimizer steps per epoch
     scaler = state["scaler_state_dict"]

@@ -40,3 +40,17 @@ def test_a_resumed_run_drops_the_steps_logged_after_its_checkpoint(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 5, 6] and kept[-1] == "not json"
     JsonlSink(path, DiskWarnings()).start(6)
     assert path.read_text().splitlines() == kept  # nothing past the step: the file is left as it is
+
+
+def test_time_left_stops_at_train_max_steps():
+    from emotion_dist.training.loggers import TimeLeft
+
+    now = [0.0]
+    t = TimeLeft(clock=lambda: now[0], max_steps=25)
+    t.epoch_start(epoch=0, epochs=10, total_steps=10, done_steps=0)
+    now[0] += 20.0
+    t.step(4, global_step=4)  # 5 s per step
+    t.eval_s = 6.0
+    assert t.remaining(4) == (6 * 5.0 + 6.0, 36.0 + 1 * (50.0 + 6.0) + 5 * 5.0)  # this epoch, one more, 5 steps
+    t.step(4, global_step=22)  # 3 steps left, fewer than the epoch's 6: the run ends mid-epoch
+    assert t.remaining(4) == (15.0, 15.0)
