@@ -232,7 +232,7 @@ def _run(args) -> int:
         from emotion_dist.distributed import interrupts
         from emotion_dist.data.readers.synthetic import generate
 
-        check_json_out(args)
+        check_json_out(args, data=[("--out", args.out)])  # never a file inside the set it writes
         interrupts.install()  # a stop signal mid-generation removes the temp folder and exits 0
         out = generate(args.out, args.train, args.test, args.seed)
         print(f"synthetic dataset ready: {out}", file=human(args))

@@ -23,8 +23,9 @@ import numpy as np
 from emotion_dist.distributed import interrupts
 from emotion_dist.utils import filekind
 from emotion_dist.errors import CheckpointError, ConfigError
-from emotion_dist.utils.fsutil import (atomic_write_bytes, atomic_write_json, disk_error, guard_output, json_written_by_us,
-                     remove_stale_temps)
+from emotion_dist.utils.fsutil import (atomic_write_bytes, atomic_write_our_json, disk_error, guard_output,
+                                       json_written_by_us, remove_stale_temps)
+from emotion_dist.utils.paths import check_outside_data
 from emotion_dist.data.images import IMAGE_EXTS, printable, read_uint8
 
 MAX_DETECT_SIDE = 1024  # huge photos are searched downscaled; boxes are mapped back
@@ -266,6 +267,7 @@ def iter_predictions(classifier: Classifier, files: list[Path], detect: bool = T
 def predict(classifier: Classifier, inputs: list[str], detect: bool = True, out_dir: Optional[str] = None):
     """Returns (faces, messages): one Face per face found, one message per file without a result."""
     files = iter_images(inputs)
+    check_outside_data(out_dir, input_data(inputs), option="--out")
     annotations = plan_annotations(files, out_dir) if out_dir else None
     faces, messages = [], []
     for _, found, message in iter_predictions(classifier, files, detect, annotations):
@@ -303,17 +305,28 @@ def write_annotated(img: np.ndarray, faces: list[Face], path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def check_json_out(path: Optional[str], suffixes: tuple[str, ...], inputs: list[Path], ours) -> Optional[Path]:
+def input_data(inputs: list[str]) -> list[tuple[str, Path]]:
+    """The photos, folders of photos and videos given: the user's data, which no output may lie
+    inside, be or contain (an --out folder holding an input photo would put the annotated copies
+    among the user's photos)."""
+    return [("the input folder" if Path(p).is_dir() else "the input", Path(p)) for p in inputs]
+
+
+def check_json_out(path: Optional[str], suffixes: tuple[str, ...], inputs: list[Path], ours,
+                   data: list[tuple[str, Path]] = ()) -> Optional[Path]:
     if not path:
         return None
     return guard_output(Path(path), what="predictions", suffixes=suffixes, inputs=inputs, ours=ours,
-                        option="--json-out")
+                        option="--json-out", data=data)
 
 
 def run_images(args) -> int:
     files = iter_images(args.inputs)
     model = Path(args.checkpoint)
-    json_out = check_json_out(args.json_out, (".json",), [model, model.with_suffix(".json")], json_written_by_us)
+    data = input_data(args.inputs)
+    json_out = check_json_out(args.json_out, (".json",), [model, model.with_suffix(".json")], json_written_by_us,
+                              data)
+    check_outside_data(args.out, data, option="--out")
     annotations = plan_annotations(files, args.out) if args.out else None
     if json_out:
         remove_stale_temps(json_out.parent)
@@ -339,5 +352,5 @@ def run_images(args) -> int:
     if args.json:
         print(json.dumps(document, indent=1), flush=True)
     if json_out:
-        atomic_write_json(json_out, document)
+        atomic_write_our_json(json_out, document)  # with its proof: a re-run may replace it
     return 0 if faces or not messages or interrupts.requested() else 1

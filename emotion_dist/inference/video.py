@@ -31,7 +31,8 @@ from emotion_dist.utils import filekind
 from emotion_dist.errors import ConfigError, DataError
 from emotion_dist.utils.fsutil import guard_output, remove_stale_temps, temp_path
 from emotion_dist.data.images import printable
-from emotion_dist.inference.predict import MARK, NO_FACE, classify_faces, draw, face_record, load_classifier
+from emotion_dist.inference.predict import (MARK, NO_FACE, classify_faces, draw, face_record, input_data,
+                                            load_classifier)
 from emotion_dist.inference.tracking import IoUTracker
 
 VIDEO_EXTS = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts"})
@@ -310,16 +311,17 @@ def _check_outputs(args, source: Source) -> tuple[Optional[Path], Optional[Path]
                           "--csv FILE.csv)")
     model = Path(args.checkpoint)
     inputs = [model, model.with_suffix(".json")] + ([Path(source)] if isinstance(source, str) else [])
+    data = input_data([source]) if isinstance(source, str) and "://" not in source else []  # no output may be it
     out = json_out = None
     if args.out:
         out = guard_output(Path(args.out), what="an annotated video", suffixes=(".mp4",), inputs=inputs,
-                           ours=mp4_written_by_us)
+                           ours=mp4_written_by_us, data=data)
     if args.json_out:
         json_out = guard_output(Path(args.json_out), what="JSON Lines records", suffixes=(".jsonl",), inputs=inputs,
-                                ours=jsonl_written_by_us, option="--json-out")
+                                ours=jsonl_written_by_us, option="--json-out", data=data)
     if args.csv and args.csv != "-":
         guard_output(Path(args.csv), what="CSV records", suffixes=(".csv",), inputs=inputs, ours=csv_written_by_us,
-                     option="--csv")
+                     option="--csv", data=data)
     for path in (out, json_out, Path(args.csv) if args.csv and args.csv != "-" else None):
         if path:
             remove_stale_temps(path.parent)
