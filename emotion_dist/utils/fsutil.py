@@ -1,10 +1,11 @@
 """Files emotion-dist writes, and the rule that it never touches a file it did not write.
 
-A leaf module (imports only `errors`): atomic writes (temp file, fsync, `os.replace`), the one temp
-file name every writer uses (so leftovers of a killed process can be recognised and removed at the
-next start), checks that a folder can be written before expensive work, and the guard every output
-path goes through (never the input, never a folder, never a file of another kind, never a file
-emotion-dist did not write).
+A leaf module (imports only `errors` and `utils.paths`): atomic writes (temp file, fsync,
+`os.replace`), the one temp file name every writer uses (naming its writer, so that a leftover of a
+killed process is provably ours and removed at the next start, and nothing else ever is), checks that
+a folder can be written before expensive work, the guard every output path goes through (never the
+data, never the input, never a folder, never a file of another kind, never a file emotion-dist did
+not write), and the digest that proves a JSON document is emotion-dist's own.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def _astronaut() -> Path:
 def place(tmp_path, unit_checkpoint):
     """A data tree, a FER CSV alone in its folder and one in a busy folder, photos, a video, a
     checkpoint that records its data.root, and a symlink into the data tree."""
-    from tests.conftest import write_checkpoint
+    from conftest import write_checkpoint
 
     data = tmp_path / "data"
     (data / "train/train/happy").mkdir(parents=True)
