@@ -23,8 +23,8 @@ import numpy as np
 from emotion_dist.distributed import interrupts
 from emotion_dist.utils import filekind
 from emotion_dist.errors import CheckpointError, ConfigError
-from emotion_dist.utils.fsutil import (atomic_write_bytes, atomic_write_our_json, disk_error, guard_output,
-                                       json_written_by_us, remove_stale_temps)
+from emotion_dist.utils.fsutil import (atomic_write_bytes, atomic_write_our_json, content_digest, disk_error,
+                                       guard_output, json_written_by_us, remove_stale_temps)
 from emotion_dist.utils.paths import check_outside_data
 from emotion_dist.data.images import IMAGE_EXTS, printable, read_uint8
 
@@ -201,12 +201,24 @@ def iter_images(inputs: list[str]) -> list[Path]:
     return files
 
 
+PNG_DIGEST = "emotion-dist-digest"  # a PNG text chunk: the keyed digest of the pixels (utils/fsutil.py)
+
+
+def _pixels_digest(pixels: np.ndarray) -> str:
+    return content_digest([f"{pixels.shape}|{pixels.dtype}|".encode(), np.ascontiguousarray(pixels).tobytes()])
+
+
 def png_written_by_us(path: Path) -> bool:
+    """An annotated copy predict wrote, unchanged since: its mark, and the digest of its pixels."""
+    import hmac
+
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return img.format == "PNG" and img.text.get("Software") == MARK
+            if img.format != "PNG" or img.text.get("Software") != MARK:
+                return False
+            return hmac.compare_digest(str(img.text.get(PNG_DIGEST, "")), _pixels_digest(np.asarray(img)))
     except Exception:
         return False
 
@@ -298,10 +310,12 @@ def write_annotated(img: np.ndarray, faces: list[Face], path: Path) -> None:
 
     canvas = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
     draw(canvas, [f.box for f in faces], [f"{f.label} {f.probability:.2f}" for f in faces])
+    rgb = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)
     info = PngInfo()
     info.add_text("Software", MARK)
+    info.add_text(PNG_DIGEST, _pixels_digest(rgb))
     buf = io.BytesIO()
-    Image.fromarray(cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)).save(buf, "PNG", pnginfo=info)
+    Image.fromarray(rgb).save(buf, "PNG", pnginfo=info)
     atomic_write_bytes(path, buf.getvalue())
 
 

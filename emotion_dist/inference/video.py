@@ -29,7 +29,7 @@ import numpy as np
 from emotion_dist.distributed import interrupts
 from emotion_dist.utils import filekind
 from emotion_dist.errors import ConfigError, DataError
-from emotion_dist.utils.fsutil import guard_output, remove_stale_temps, temp_path
+from emotion_dist.utils.fsutil import content_digest, guard_output, remove_stale_temps, temp_path
 from emotion_dist.data.images import printable
 from emotion_dist.inference.predict import (MARK, NO_FACE, classify_faces, draw, face_record, input_data,
                                             load_classifier)
@@ -43,9 +43,29 @@ FALLBACK_FPS = 30.0  # when a camera or container reports none
 PROGRESS_EVERY_S = 5.0
 CSV_COLUMNS = ["frame", "time", "track", "x", "y", "w", "h", "label", "probability"]
 JSONL_KEYS = {"frame", "time", "track", "box", "label", "probabilities"}
-# A trailing MP4 'free' box (players skip it) marks the videos predict wrote, so a re-run may replace them
-_MARK_PAYLOAD = MARK.encode()
-MP4_MARK = struct.pack(">I", 8 + len(_MARK_PAYLOAD)) + b"free" + _MARK_PAYLOAD
+# A trailing MP4 'free' box (players skip it) marks the videos predict wrote, so a re-run may replace
+# them: the mark and the keyed digest (utils/fsutil.py) of every byte before the box, so a user's video
+# that merely ends in the same words, or our video edited since, is not taken for ours
+_MARK_PAYLOAD = MARK.encode() + b" "
+_DIGEST_LEN = len(content_digest([]))
+MP4_MARK = struct.pack(">I", 8 + len(_MARK_PAYLOAD) + _DIGEST_LEN) + b"free" + _MARK_PAYLOAD  # then the digest
+MP4_TRAILER_LEN = len(MP4_MARK) + _DIGEST_LEN
+
+
+def _file_digest(f, size: int) -> str:
+    """The keyed digest of a file's first `size` bytes, read in 1 MiB chunks."""
+    f.seek(0)
+
+    def chunks():
+        left = size
+        while left > 0:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                return
+            left -= len(chunk)
+            yield chunk
+
+    return content_digest(chunks())
 
 Source = Union[int, str]
 
@@ -185,13 +205,19 @@ class VideoSource:
 
 
 def mp4_written_by_us(path: Path) -> bool:
+    """A video predict wrote, unchanged since (or an empty file: nothing to lose)."""
+    import hmac
+
     try:
         with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() < len(MP4_MARK):
-                return f.tell() == 0
-            f.seek(-len(MP4_MARK), os.SEEK_END)
-            return f.read() == MP4_MARK
+            size = f.seek(0, os.SEEK_END)
+            if size < MP4_TRAILER_LEN:
+                return size == 0
+            f.seek(-MP4_TRAILER_LEN, os.SEEK_END)
+            trailer = f.read()
+            if not trailer.startswith(MP4_MARK):
+                return False
+            return hmac.compare_digest(trailer[len(MP4_MARK):], _file_digest(f, size - MP4_TRAILER_LEN).encode())
     except OSError:
         return False
 
@@ -240,8 +266,10 @@ class AnnotatedVideo:
         if not self.frames:
             self.tmp.unlink(missing_ok=True)
             return
-        with open(self.tmp, "ab") as f:
-            f.write(MP4_MARK)
+        with open(self.tmp, "r+b") as f:
+            digest = _file_digest(f, f.seek(0, os.SEEK_END))
+            f.seek(0, os.SEEK_END)
+            f.write(MP4_MARK + digest.encode())
             f.flush()
             os.fsync(f.fileno())
         os.replace(self.tmp, self.path)

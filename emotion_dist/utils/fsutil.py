@@ -273,6 +273,15 @@ DIGEST_KEY = "emotion_dist_digest"
 _DIGEST_HMAC_KEY = b"emotion-dist: a document this program wrote, unchanged"
 
 
+def content_digest(chunks: Iterable[bytes]) -> str:
+    """The keyed digest (see DIGEST_KEY) of some content: how the PNGs and videos emotion-dist
+    writes prove they are its own and unchanged."""
+    h = hmac.new(_DIGEST_HMAC_KEY, digestmod=hashlib.sha256)
+    for chunk in chunks:
+        h.update(chunk)
+    return "hmac-sha256:" + h.hexdigest()
+
+
 def _json_digest(obj: dict) -> str:
     body = json.dumps({k: v for k, v in obj.items() if k != DIGEST_KEY}, sort_keys=True, separators=(",", ":"))
     return "hmac-sha256:" + hmac.new(_DIGEST_HMAC_KEY, body.encode(), hashlib.sha256).hexdigest()

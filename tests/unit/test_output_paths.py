@@ -167,3 +167,48 @@ def test_predict_json_out_carries_the_proof_and_is_replaced_by_a_rerun(tmp_path,
     assert main(argv) == 0 and json_written_by_us(out)
     assert main(argv) == 0 and json_written_by_us(out)
     capsys.readouterr()
+
+
+def _clip(path: Path) -> Path:
+    import cv2
+    import numpy as np
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 5, (64, 48))
+    for i in range(3):
+        writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
+    writer.release()
+    return path
+
+
+def test_annotated_pngs_and_videos_are_replaced_only_when_their_digest_proves_them_ours(tmp_path, unit_checkpoint,
+                                                                                        capsys):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from emotion_dist.inference.predict import MARK, png_written_by_us
+    from emotion_dist.inference.video import mp4_written_by_us
+
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    png = ann / "astronaut_pred.png"
+    info = PngInfo()
+    info.add_text("Software", MARK)  # the mark alone, as a user's editor may have kept it
+    Image.new("RGB", (8, 8)).save(png, pnginfo=info)
+    before = png.read_bytes()
+    images = ["predict", "--checkpoint", str(unit_checkpoint), str(_astronaut()), "--out", str(ann)]
+    assert main(images) == 2 and png.read_bytes() == before
+    png.unlink()
+    assert main(images) == 0 and png_written_by_us(png)
+    assert main(images) == 0 and png_written_by_us(png)  # ours: replaced
+
+    clip = _clip(tmp_path / "clip.mp4")
+    out = tmp_path / "clip_pred.mp4"
+    video = ["predict", "--checkpoint", str(unit_checkpoint), str(clip), "--no-detect", "--out", str(out)]
+    assert main(video) == 0 and mp4_written_by_us(out)
+    assert main(video) == 0 and mp4_written_by_us(out)  # ours: replaced
+    edited = out.read_bytes()
+    edited = edited[:100] + bytes([edited[100] ^ 1]) + edited[101:]  # one byte changed: the user's now
+    out.write_bytes(edited)
+    assert not mp4_written_by_us(out)
+    assert main(video) == 2 and out.read_bytes() == edited
+    capsys.readouterr()
