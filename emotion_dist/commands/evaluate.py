@@ -9,7 +9,7 @@ from pathlib import Path
 
 from emotion_dist.modelio import load_checkpoint, read_meta
 from emotion_dist.config import ConfigError, apply_overrides, config_from_dict, parse_override, validate
-from emotion_dist.utils.fsutil import atomic_write_our_json, guard_output, json_written_by_us
+from emotion_dist.utils.fsutil import atomic_write_json, guard_output, json_written_by_us, with_proof
 from emotion_dist.utils.paths import check_outside_data, data_paths
 
 REPORT_MARKER = "emotion_dist"  # top-level key of every JSON report emotion-dist writes
@@ -124,12 +124,13 @@ def run_evaluate(args) -> int:
             plot_confusion(cm.cpu(), ds.classes, png, f"{args.split}: {Path(names[0]).name}"
                            + (f" + {len(names) - 1} more" if len(names) > 1 else ""))
             report["confusion_png"] = str(png)
+            report = with_proof(report)  # printed and written alike; the proof lets a re-run replace the file
             to_stdout = args.json or args.json_out == "-"
             print_table(report, sys.stderr if to_stdout else sys.stdout)
             if to_stdout:
                 print(json.dumps(report, indent=1), flush=True)
             if args.json_out and args.json_out != "-":
-                atomic_write_our_json(Path(args.json_out), report)  # with its proof: a re-run may replace it
+                atomic_write_json(Path(args.json_out), report)
         ok = True
         return 0
     finally:

@@ -23,8 +23,8 @@ import numpy as np
 from emotion_dist.distributed import interrupts
 from emotion_dist.utils import filekind
 from emotion_dist.errors import CheckpointError, ConfigError
-from emotion_dist.utils.fsutil import (atomic_write_bytes, atomic_write_our_json, content_digest, disk_error,
-                                       guard_output, json_written_by_us, remove_stale_temps)
+from emotion_dist.utils.fsutil import (atomic_write_bytes, atomic_write_json, content_digest, disk_error,
+                                       guard_output, json_written_by_us, remove_stale_temps, with_proof)
 from emotion_dist.utils.paths import check_outside_data
 from emotion_dist.data.images import IMAGE_EXTS, printable, read_uint8
 
@@ -362,9 +362,10 @@ def run_images(args) -> int:
             messages.append(f"stopped by {interrupts.requested()} after {done} of {len(files)} files")
             print(messages[-1], file=sys.stderr, flush=True)
             break
-    document = {"emotion_dist": "predict", "faces": [asdict(f) for f in faces], "messages": messages}
+    # printed and written alike, with the proof that lets a re-run replace the file
+    document = with_proof({"emotion_dist": "predict", "faces": [asdict(f) for f in faces], "messages": messages})
     if args.json:
         print(json.dumps(document, indent=1), flush=True)
     if json_out:
-        atomic_write_our_json(json_out, document)  # with its proof: a re-run may replace it
+        atomic_write_json(json_out, document)
     return 0 if faces or not messages or interrupts.requested() else 1

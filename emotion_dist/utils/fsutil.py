@@ -241,14 +241,14 @@ def guard_output(path: Path, *, what: str, suffixes: Iterable[str], inputs: Iter
     file that `ours` does not recognise as emotion-dist's own output. The parent folder must exist."""
     from emotion_dist.utils.paths import check_outside_data
 
-    check_outside_data(path, data, option=option)
     path = Path(path)
     suffixes = tuple(suffixes)
-    if path.is_dir():
-        raise ConfigError(f"{option} {path} is a folder; give a file name ending in {' or '.join(suffixes)}")
     for src in inputs:
         if same_file(path, src):
             raise ConfigError(f"{option} {path} is the input file itself; choose another output name")
+    check_outside_data(path, data, option=option)
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give a file name ending in {' or '.join(suffixes)}")
     if suffixes and path.suffix.lower() not in suffixes:
         raise ConfigError(f"{option} {path} does not end in {' or '.join(suffixes)}; refusing to write {what} "
                           f"under another kind of name")
@@ -288,14 +288,10 @@ def _json_digest(obj: dict) -> str:
 
 
 def with_proof(obj: dict) -> dict:
-    """`obj` as JSON reads it back (string keys), with its digest."""
+    """`obj` as JSON reads it back (string keys), with its digest: the document a command prints
+    (--json) and writes (--json-out), the same in both places."""
     canonical = json.loads(json.dumps(obj))
     return {**canonical, DIGEST_KEY: _json_digest(canonical)}
-
-
-def atomic_write_our_json(path: Path, obj: dict, indent: Optional[int] = 1) -> None:
-    """A JSON document that a later run may replace: written with its proof (see DIGEST_KEY)."""
-    atomic_write_json(path, with_proof(obj), indent)
 
 
 def json_written_by_us(path: Path, marker_key: str = "emotion_dist") -> bool:

@@ -53,13 +53,13 @@ def strict_json(obj):
 
 def emit(args, document: dict) -> None:
     """Print (--json) and/or write (--json-out) the command's JSON document."""
-    from emotion_dist.utils.fsutil import atomic_write_our_json
+    from emotion_dist.utils.fsutil import atomic_write_json, with_proof
 
-    document = strict_json(document)
+    document = with_proof(strict_json(document))  # the proof that a re-run may replace the file
     if getattr(args, "json", False):
         print(json.dumps(document, indent=1, allow_nan=False), flush=True)
     if getattr(args, "json_out", None):
-        atomic_write_our_json(Path(args.json_out), document)  # with its proof: a re-run may replace it
+        atomic_write_json(Path(args.json_out), document)
 
 
 @contextlib.contextmanager

@@ -103,11 +103,12 @@ REFUSED = [
     ("predict --json-out inside an input folder", ["predict", "--checkpoint", "{CK}", "{T}/photos", "--json-out",
                                                    "{T}/photos/p.json"], "--json-out {T}/photos/p.json",
      "the input folder {T}/photos"),
+    # a video's outputs, and a data folder given as a video's output file: inputs are named as such
     ("video --out is the input video", ["predict", "--checkpoint", "{CK}", "{T}/clip.mp4", "--out", "{T}/clip.mp4"],
-     "--out {T}/clip.mp4", "the input {T}/clip.mp4"),
+     "--out {T}/clip.mp4", "is the input file itself"),
     ("video --csv through .. is the input video", ["predict", "--checkpoint", "{CK}", "{T}/clip.mp4", "--csv",
                                                    "{T}/photos/../clip.mp4"], "--csv {T}/photos/../clip.mp4",
-     "the input {T}/clip.mp4"),
+     "is the input file itself"),
 ]
 
 
@@ -119,7 +120,8 @@ def test_an_output_in_the_data_is_refused_in_one_line_before_anything_is_written
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err
     assert len(err) == 1 and err[0].startswith("error: "), err
-    assert output.format(**place) in err[0] and data.format(**place) in err[0] and RULE in err[0], err[0]
+    assert output.format(**place) in err[0] and data.format(**place) in err[0], err[0]
+    assert RULE in err[0] or "is the input file itself" in data, err[0]
     assert _tree(tmp_path) == before, f"{case}: something was written"
 
 
