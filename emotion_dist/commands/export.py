@@ -29,17 +29,19 @@ def is_our_export(path: Path) -> bool:
 
 def trained_on(checkpoint: str) -> list:
     """The data the checkpoint was trained on, as its config records it (data.root, data.ferplus):
-    the one data root export knows. Read with the checkpoint loader (weights_only); a file it cannot
-    read gives no data here (loading it for the export says why, in one line)."""
+    the one data root export knows. Only absolute paths: a relative one was relative to a working
+    folder nobody recorded. Read with the checkpoint loader (weights_only); a file it cannot read
+    gives no data here (loading it for the export says why, in one line)."""
     from emotion_dist.errors import UserError
     from emotion_dist.modelio import load_checkpoint
     from emotion_dist.utils.paths import data_paths
 
     try:
         data = load_checkpoint(checkpoint).get("config", {}).get("data", {})
-        return data_paths(data.get("root"), data.get("ferplus")) if isinstance(data, dict) else []
+        found = data_paths(data.get("root"), data.get("ferplus")) if isinstance(data, dict) else []
     except (UserError, AttributeError, TypeError):
         return []
+    return [(key, path) for key, path in found if path.is_absolute()]
 
 
 def output_path(checkpoint: str, fmt: str, out: str | None) -> Path:
