@@ -78,8 +78,13 @@ def make_temp_dir(path: Path) -> Path:
     record first: only a folder that holds it is ever removed as a stale temp."""
     tmp = temp_path(path)
     tmp.mkdir(parents=True)
-    (tmp / TEMP_DIR_OWNER).write_text(tmp.name)
+    claim_temp_dir(tmp)
     return tmp
+
+
+def claim_temp_dir(tmp: Path) -> None:
+    """Mark a folder under a temp name as ours (a finished one moved aside to be removed)."""
+    (Path(tmp) / TEMP_DIR_OWNER).write_text(Path(tmp).name)
 
 
 def release_temp_dir(tmp: Path) -> None:

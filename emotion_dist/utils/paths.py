@@ -28,8 +28,11 @@ from emotion_dist.errors import ConfigError
 PathLike = Union[str, os.PathLike]
 
 
-def _resolved(path: PathLike) -> Path:
-    return Path(os.path.expanduser(os.fspath(path))).resolve()
+def _resolved(path: PathLike, named: str) -> Path:
+    try:
+        return Path(os.path.expanduser(os.fspath(path))).resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop, a name too long
+        raise ConfigError(f"{named} is not a usable path ({e}); fix it") from None
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -65,9 +68,9 @@ def check_outside_data(output: Optional[PathLike], data: Iterable[tuple[str, Pat
     `option` names the output as the user gave it (`run.dir`, `--out`); `fix` says what to do."""
     if output is None or os.fspath(output) in ("", "-"):
         return
-    out = _resolved(output)
+    out = _resolved(output, _named(option, output))
     for what, given in data:
-        d = _resolved(given)
+        d = _resolved(given, _named(what, given))
         if out == d:
             how = "is"
         elif _inside(out, d):
