@@ -129,7 +129,7 @@ ACCEPTED = [
     ("run.dir beside data.root", ["train", "--print-config", "data.source=folder", "data.root={D}", "run.dir={T}/run"]),
     ("run.dir in a busy folder that holds the CSV", ["train", "--print-config", "data.root={T}/home/fer2013.csv",
                                                      "run.dir={T}/home/run"]),
-    ("synthetic default: data inside run.cache_dir", ["train", "--print-config", f"run.cache_dir={{T}}/cache"]),
+    ("synthetic default: data inside run.cache_dir", ["train", "--print-config", "run.cache_dir={T}/cache"]),
 ]
 
 
