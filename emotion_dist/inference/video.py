@@ -29,7 +29,8 @@ import numpy as np
 from emotion_dist.distributed import interrupts
 from emotion_dist.utils import filekind
 from emotion_dist.errors import ConfigError, DataError
-from emotion_dist.utils.fsutil import content_digest, guard_output, remove_stale_temps, temp_path
+from emotion_dist.utils.fsutil import (content_digest, guard_output, record_output, recorded_output, remove_stale_temps,
+                                       temp_path)
 from emotion_dist.data.images import printable
 from emotion_dist.inference.predict import (MARK, NO_FACE, classify_faces, draw, face_record, input_data,
                                             load_classifier)
@@ -223,19 +224,23 @@ def mp4_written_by_us(path: Path) -> bool:
 
 
 def jsonl_written_by_us(path: Path) -> bool:
+    """Records predict wrote (its record of the file matches: utils/fsutil.record_output), or an
+    empty file (nothing to lose)."""
     try:
         with open(path, "rb") as f:
             first = f.readline()
-        return not first or JSONL_KEYS <= set(json.loads(first))
+        return not first or (JSONL_KEYS <= set(json.loads(first)) and recorded_output(path))
     except (OSError, ValueError, TypeError):
         return False
 
 
 def csv_written_by_us(path: Path) -> bool:
+    """As jsonl_written_by_us, for the CSV records."""
     try:
         with open(path, "rb") as f:
             first = f.readline()
-        return not first or first.decode("utf-8", "replace").startswith(",".join(CSV_COLUMNS))
+        return not first or (first.decode("utf-8", "replace").startswith(",".join(CSV_COLUMNS))
+                             and recorded_output(path))
     except OSError:
         return False
 
@@ -287,6 +292,7 @@ class StreamFile:
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.path)
+        record_output(self.path)  # the proof that a re-run may replace it
 
 
 class Records:

@@ -287,6 +287,50 @@ def content_digest(chunks: Iterable[bytes]) -> str:
     return "hmac-sha256:" + h.hexdigest()
 
 
+def file_digest(path: Path) -> str:
+    """The keyed digest of a whole file, read in 1 MiB chunks."""
+    with open(path, "rb") as f:
+        return content_digest(iter(lambda: f.read(1 << 20), b""))
+
+
+# Files streamed as they are made (JSON Lines and CSV records of a video) have no room for a proof
+# inside them that would leave their format as it is: for those emotion-dist keeps a record in a folder
+# of its own, one small JSON per output (its resolved path and the digest of its content), written
+# after the file is complete. A file is ours when its record names it and its content still matches.
+def outputs_record_dir() -> Path:
+    """Where those records go: $EMOTION_DIST_STATE_DIR, else $XDG_STATE_HOME/emotion-dist (by default
+    ~/.local/state/emotion-dist), in `outputs/`."""
+    base = os.environ.get("EMOTION_DIST_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "emotion-dist")
+    return Path(base) / "outputs"
+
+
+def _output_record(path: Path) -> tuple[Path, str]:
+    real = str(Path(path).resolve())
+    return outputs_record_dir() / f"{hashlib.sha256(real.encode('utf-8', 'surrogateescape')).hexdigest()[:32]}.json", real
+
+
+def record_output(path: Path) -> None:
+    """Record a finished output as emotion-dist's own. Where the record cannot be written (a
+    read-only home), the file is complete all the same; a later run will only refuse to replace it."""
+    record, real = _output_record(path)
+    try:
+        atomic_write_json(record, {"emotion_dist": "output", "path": real, "digest": file_digest(path)})
+    except OSError as e:
+        log.debug("could not record %s as emotion-dist's own (%s)", path, e)
+
+
+def recorded_output(path: Path) -> bool:
+    """A file emotion-dist recorded as its own (record_output) and nobody changed since."""
+    record, real = _output_record(path)
+    try:
+        rec = json.loads(record.read_text())
+        return (isinstance(rec, dict) and rec.get("path") == real
+                and hmac.compare_digest(str(rec.get("digest")), file_digest(path)))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+
+
 def _json_digest(obj: dict) -> str:
     body = json.dumps({k: v for k, v in obj.items() if k != DIGEST_KEY}, sort_keys=True, separators=(",", ":"))
     return "hmac-sha256:" + hmac.new(_DIGEST_HMAC_KEY, body.encode(), hashlib.sha256).hexdigest()

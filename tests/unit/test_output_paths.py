@@ -214,3 +214,29 @@ def test_annotated_pngs_and_videos_are_replaced_only_when_their_digest_proves_th
     assert not mp4_written_by_us(out)
     assert main(video) == 2 and out.read_bytes() == edited
     capsys.readouterr()
+
+
+def test_video_records_are_replaced_only_when_emotion_dist_recorded_them_as_its_own(tmp_path, unit_checkpoint,
+                                                                                    monkeypatch, capsys):
+    from emotion_dist.inference.video import CSV_COLUMNS, csv_written_by_us, jsonl_written_by_us
+
+    monkeypatch.setenv("EMOTION_DIST_STATE_DIR", str(tmp_path / "state"))
+    clip = _clip(tmp_path / "clip.mp4")
+    jsonl, csv = tmp_path / "rec.jsonl", tmp_path / "rec.csv"
+    theirs_jsonl = json.dumps({"frame": 0, "time": 0, "track": 1, "box": [0, 0, 1, 1], "label": "mine",
+                               "probabilities": {}}) + "\n"
+    theirs_csv = ",".join(CSV_COLUMNS) + ",my,columns\n1,2,3\n"
+    jsonl.write_text(theirs_jsonl)  # the same keys and columns, written by someone else
+    csv.write_text(theirs_csv)
+    argv = ["predict", "--checkpoint", str(unit_checkpoint), str(clip), "--no-detect"]
+    assert main([*argv, "--json-out", str(jsonl)]) == 2 and jsonl.read_text() == theirs_jsonl
+    assert main([*argv, "--csv", str(csv)]) == 2 and csv.read_text() == theirs_csv
+    jsonl.unlink()
+    csv.unlink()
+    for _ in range(2):  # the second run replaces the first one's files
+        assert main([*argv, "--json-out", str(jsonl), "--csv", str(csv)]) == 0
+        assert jsonl_written_by_us(jsonl) and csv_written_by_us(csv)
+    assert list((tmp_path / "state" / "outputs").glob("*.json"))
+    csv.write_text(csv.read_text() + "an edit\n")  # the user's now
+    assert main([*argv, "--csv", str(csv)]) == 2 and csv.read_text().endswith("an edit\n")
+    capsys.readouterr()
