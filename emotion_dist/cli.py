@@ -232,7 +232,7 @@ def _run(args) -> int:
         from emotion_dist.data.readers.synthetic import generate
         from emotion_dist.distributed import interrupts
 
-        check_json_out(args)
+        check_json_out(args, data=[("--out", args.out)])  # never a file inside the set it writes
         interrupts.install()  # a stop signal mid-generation removes the temp folder and exits 0
         out = generate(args.out, args.train, args.test, args.seed)
         print(f"synthetic dataset ready: {out}", file=human(args))
@@ -270,8 +270,9 @@ def _run(args) -> int:
 
 def _config_keys(args) -> int:
     from emotion_dist.config import describe_keys, format_default, keys_markdown
-    from emotion_dist.utils.output import MARKER, emit, human
+    from emotion_dist.utils.output import MARKER, check_json_out, emit, human
 
+    check_json_out(args)  # never over a JSON file emotion-dist cannot prove it wrote
     rows = [k for k in describe_keys() if k.key.startswith(args.prefix)]
     if not rows:
         return _fail(f"no config key starts with {args.prefix!r}; the sections are data, model, train, dist, run, "

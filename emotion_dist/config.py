@@ -15,6 +15,7 @@ import yaml
 
 from emotion_dist.errors import ConfigError  # noqa: F401  (re-exported: `from .config import ConfigError` still works)
 from emotion_dist.utils.fsutil import atomic_write_bytes
+from emotion_dist.utils.paths import check_outside_data, data_paths
 
 
 class InvalidImageSize(ValueError):
@@ -395,6 +396,10 @@ def validate(cfg: Config) -> None:
     _check(cfg.ckpt.keep >= 1, f"ckpt.keep={cfg.ckpt.keep} must be >= 1")
     _check(cfg.log.every_steps >= 1, f"log.every_steps={cfg.log.every_steps} must be >= 1")
     _check(bool(cfg.run.dir), "run.dir must not be empty")
+    # the run's files and the cache never go into the data (data.root, data.ferplus; see utils/paths.py):
+    # refused here, before any process group starts or anything is written
+    for key in ("run.dir", "run.cache_dir"):
+        check_outside_data(getattr(cfg.run, key.split(".")[1]), data_paths(d.root, d.ferplus), option=key)
     _check(cfg.run.lease_heartbeat_s > 0, f"run.lease_heartbeat_s={cfg.run.lease_heartbeat_s} must be > 0")
     _check(cfg.run.lease_stale_s >= 3 * cfg.run.lease_heartbeat_s,
            f"run.lease_stale_s={cfg.run.lease_stale_s} must be at least 3 x run.lease_heartbeat_s")

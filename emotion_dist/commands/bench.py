@@ -155,10 +155,14 @@ def run_bench(args) -> int:
     from emotion_dist.errors import ConfigError
     from emotion_dist.training.strategy import check_world_size
     from emotion_dist.utils.output import check_json_out, emit, human, stdout_to_stderr
+    from emotion_dist.utils.paths import check_outside_data, data_paths
 
     check_json_out(args)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="emotion-bench-"))
-    cfg = bench_config(args, workdir)
+    cfg = bench_config(args, workdir)  # validates run.dir (in the workdir) against data.root
+    data = data_paths(cfg.data.root, cfg.data.ferplus)
+    check_json_out(args, data=data)
+    check_outside_data(workdir, data, option="--workdir")
     info = process_group.detect_launch()
     process_group.check_launch(cfg, info)
     check_world_size(cfg.dist.strategy, info.world_size)

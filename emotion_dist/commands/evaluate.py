@@ -9,7 +9,8 @@ from pathlib import Path
 
 from emotion_dist.config import ConfigError, apply_overrides, config_from_dict, parse_override, validate
 from emotion_dist.modelio import load_checkpoint, read_meta
-from emotion_dist.utils.fsutil import atomic_write_json, guard_output, json_written_by_us
+from emotion_dist.utils.fsutil import atomic_write_json, guard_output, json_written_by_us, with_proof
+from emotion_dist.utils.paths import check_outside_data, data_paths
 
 REPORT_MARKER = "emotion_dist"  # top-level key of every JSON report emotion-dist writes
 
@@ -36,13 +37,16 @@ def report_dir(args) -> Path:
     return Path(args.checkpoint[0]).resolve().parent.parent / "eval"
 
 
-def check_outputs(args) -> Path:
-    """Before any work: the JSON report path and the plot folder."""
+def check_outputs(args, cfg=None) -> Path:
+    """Before any work: the JSON report path and the plot folder (neither inside the data that
+    `cfg` reads)."""
+    data = data_paths(cfg.data.root, cfg.data.ferplus) if cfg is not None else []
     if args.json_out and args.json_out != "-":
         guard_output(Path(args.json_out), what="the JSON report", suffixes=(".json",),
                      inputs=[Path(c) for c in args.checkpoint], ours=lambda p: json_written_by_us(p, REPORT_MARKER),
-                     option="--json-out")
+                     option="--json-out", data=data)
     out = report_dir(args)
+    check_outside_data(out, data, option="--out")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the confusion-matrix PNG")
     return out
@@ -83,7 +87,7 @@ def run_evaluate(args) -> int:
     if any(parse_override(o)[0] == "model.in_channels" for o in args.overrides) and cfg.model.in_channels != meta.in_channels:
         raise ConfigError(f"{args.checkpoint[0]} takes in_channels={meta.in_channels} images; drop "
                           f"model.in_channels={cfg.model.in_channels} (evaluate uses the checkpoint's)")
-    out_dir = check_outputs(args)
+    out_dir = check_outputs(args, cfg)
     from emotion_dist.data.augment import BatchTransform
     from emotion_dist.distributed import process_group
     from emotion_dist.inference import tta
@@ -121,6 +125,7 @@ def run_evaluate(args) -> int:
             plot_confusion(cm.cpu(), ds.classes, png, f"{args.split}: {Path(names[0]).name}"
                            + (f" + {len(names) - 1} more" if len(names) > 1 else ""))
             report["confusion_png"] = str(png)
+            report = with_proof(report)  # printed and written alike; the proof lets a re-run replace the file
             to_stdout = args.json or args.json_out == "-"
             print_table(report, sys.stderr if to_stdout else sys.stdout)
             if to_stdout:

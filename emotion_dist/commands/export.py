@@ -27,16 +27,36 @@ def is_our_export(path: Path) -> bool:
         return False
 
 
+def trained_on(checkpoint: str) -> list:
+    """The data the checkpoint was trained on, as its config records it (data.root, data.ferplus):
+    the one data root export knows. Only absolute paths: a relative one was relative to a working
+    folder nobody recorded. Read with the checkpoint loader (weights_only); a file it cannot read
+    gives no data here (loading it for the export says why, in one line)."""
+    from emotion_dist.errors import UserError
+    from emotion_dist.modelio import load_checkpoint
+    from emotion_dist.utils.paths import data_paths
+
+    try:
+        data = load_checkpoint(checkpoint).get("config", {}).get("data", {})
+        found = data_paths(data.get("root"), data.get("ferplus")) if isinstance(data, dict) else []
+    except (UserError, AttributeError, TypeError):
+        return []
+    return [(key, path) for key, path in found if path.is_absolute()]
+
+
 def output_path(checkpoint: str, fmt: str, out: str | None) -> Path:
-    """Where the export goes, checked before any work: never the checkpoint, never a file of another
-    kind or one emotion-dist did not write; a folder means a file named after the checkpoint in it."""
+    """Where the export goes, checked before any work: never the checkpoint, never inside the data
+    it was trained on, never a file of another kind or one emotion-dist did not write; a folder
+    means a file named after the checkpoint in it."""
     suffix = SUFFIXES[fmt]
     path = Path(out) if out else Path(checkpoint).with_suffix(suffix)
     if path.is_dir() or (out and out.endswith(("/", "\\"))):
         path = path / Path(checkpoint).with_suffix(suffix).name
-    guard_output(path, what=f"the {fmt} export", suffixes=(suffix,), inputs=[Path(checkpoint)], ours=is_our_export)
+    data = trained_on(checkpoint)
+    guard_output(path, what=f"the {fmt} export", suffixes=(suffix,), inputs=[Path(checkpoint)], ours=is_our_export,
+                 data=data)
     guard_output(path.with_suffix(".json"), what="the sidecar", suffixes=(".json",), inputs=[Path(checkpoint)],
-                 ours=lambda p: is_our_export(path), option="--out (its sidecar)")
+                 ours=lambda p: is_our_export(path), option="--out (its sidecar)", data=data)
     return path
 
 

@@ -12,6 +12,7 @@ from emotion_dist.distributed import interrupts
 from emotion_dist.distributed.env_settings import resolve_config
 from emotion_dist.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Interrupted, TrainingAborted, UserError
 from emotion_dist.utils.output import MARKER, check_json_out, emit, stdout_to_stderr
+from emotion_dist.utils.paths import data_paths
 
 log = logging.getLogger("emotion_dist")
 
@@ -44,7 +45,7 @@ def run_training(config_path, overrides, out: argparse.Namespace | None = None) 
             sys.stdout.write(to_yaml(cfg))
             return EXIT_OK
         interrupts.install()  # from here on: a signal during data preparation stops cleanly too
-        check_json_out(out)
+        check_json_out(out, data=data_paths(cfg.data.root, cfg.data.ferplus))
         from emotion_dist.training.loggers import check_trackers
 
         check_trackers(cfg)

@@ -27,11 +27,14 @@ from emotion_dist.utils import filekind
 from emotion_dist.utils.fsutil import (
     atomic_write_bytes,
     atomic_write_json,
+    content_digest,
     disk_error,
     guard_output,
     json_written_by_us,
     remove_stale_temps,
+    with_proof,
 )
+from emotion_dist.utils.paths import check_outside_data
 
 MAX_DETECT_SIDE = 1024  # huge photos are searched downscaled; boxes are mapped back
 MIN_FACE_FRACTION = 1 / 16  # faces smaller than this share of the shorter side are too small to read
@@ -206,12 +209,24 @@ def iter_images(inputs: list[str]) -> list[Path]:
     return files
 
 
+PNG_DIGEST = "emotion-dist-digest"  # a PNG text chunk: the keyed digest of the pixels (utils/fsutil.py)
+
+
+def _pixels_digest(pixels: np.ndarray) -> str:
+    return content_digest([f"{pixels.shape}|{pixels.dtype}|".encode(), np.ascontiguousarray(pixels).tobytes()])
+
+
 def png_written_by_us(path: Path) -> bool:
+    """An annotated copy predict wrote, unchanged since: its mark, and the digest of its pixels."""
+    import hmac
+
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return img.format == "PNG" and img.text.get("Software") == MARK
+            if img.format != "PNG" or img.text.get("Software") != MARK:
+                return False
+            return hmac.compare_digest(str(img.text.get(PNG_DIGEST, "")), _pixels_digest(np.asarray(img)))
     except Exception:
         return False
 
@@ -272,6 +287,7 @@ def iter_predictions(classifier: Classifier, files: list[Path], detect: bool = T
 def predict(classifier: Classifier, inputs: list[str], detect: bool = True, out_dir: Optional[str] = None):
     """Returns (faces, messages): one Face per face found, one message per file without a result."""
     files = iter_images(inputs)
+    check_outside_data(out_dir, input_data(inputs), option="--out")
     annotations = plan_annotations(files, out_dir) if out_dir else None
     faces, messages = [], []
     for _, found, message in iter_predictions(classifier, files, detect, annotations):
@@ -302,24 +318,37 @@ def write_annotated(img: np.ndarray, faces: list[Face], path: Path) -> None:
 
     canvas = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
     draw(canvas, [f.box for f in faces], [f"{f.label} {f.probability:.2f}" for f in faces])
+    rgb = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)
     info = PngInfo()
     info.add_text("Software", MARK)
+    info.add_text(PNG_DIGEST, _pixels_digest(rgb))
     buf = io.BytesIO()
-    Image.fromarray(cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)).save(buf, "PNG", pnginfo=info)
+    Image.fromarray(rgb).save(buf, "PNG", pnginfo=info)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def check_json_out(path: Optional[str], suffixes: tuple[str, ...], inputs: list[Path], ours) -> Optional[Path]:
+def input_data(inputs: list[str]) -> list[tuple[str, Path]]:
+    """The photos, folders of photos and videos given: the user's data, which no output may lie
+    inside, be or contain (an --out folder holding an input photo would put the annotated copies
+    among the user's photos)."""
+    return [("the input folder" if Path(p).is_dir() else "the input", Path(p)) for p in inputs]
+
+
+def check_json_out(path: Optional[str], suffixes: tuple[str, ...], inputs: list[Path], ours,
+                   data: list[tuple[str, Path]] = ()) -> Optional[Path]:
     if not path:
         return None
     return guard_output(Path(path), what="predictions", suffixes=suffixes, inputs=inputs, ours=ours,
-                        option="--json-out")
+                        option="--json-out", data=data)
 
 
 def run_images(args) -> int:
     files = iter_images(args.inputs)
     model = Path(args.checkpoint)
-    json_out = check_json_out(args.json_out, (".json",), [model, model.with_suffix(".json")], json_written_by_us)
+    data = input_data(args.inputs)
+    json_out = check_json_out(args.json_out, (".json",), [model, model.with_suffix(".json")], json_written_by_us,
+                              data)
+    check_outside_data(args.out, data, option="--out")
     annotations = plan_annotations(files, args.out) if args.out else None
     if json_out:
         remove_stale_temps(json_out.parent)
@@ -341,7 +370,8 @@ def run_images(args) -> int:
             messages.append(f"stopped by {interrupts.requested()} after {done} of {len(files)} files")
             print(messages[-1], file=sys.stderr, flush=True)
             break
-    document = {"emotion_dist": "predict", "faces": [asdict(f) for f in faces], "messages": messages}
+    # printed and written alike, with the proof that lets a re-run replace the file
+    document = with_proof({"emotion_dist": "predict", "faces": [asdict(f) for f in faces], "messages": messages})
     if args.json:
         print(json.dumps(document, indent=1), flush=True)
     if json_out:

@@ -29,10 +29,17 @@ import numpy as np
 from emotion_dist.data.images import printable
 from emotion_dist.distributed import interrupts
 from emotion_dist.errors import ConfigError, DataError
-from emotion_dist.inference.predict import MARK, NO_FACE, classify_faces, draw, face_record, load_classifier
+from emotion_dist.inference.predict import MARK, NO_FACE, classify_faces, draw, face_record, input_data, load_classifier
 from emotion_dist.inference.tracking import IoUTracker
 from emotion_dist.utils import filekind
-from emotion_dist.utils.fsutil import guard_output, remove_stale_temps, temp_path
+from emotion_dist.utils.fsutil import (
+    content_digest,
+    guard_output,
+    record_output,
+    recorded_output,
+    remove_stale_temps,
+    temp_path,
+)
 
 VIDEO_EXTS = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts"})
 DEFAULT_SMOOTH = 5  # processed frames averaged per track (1 = raw probabilities)
@@ -42,9 +49,29 @@ FALLBACK_FPS = 30.0  # when a camera or container reports none
 PROGRESS_EVERY_S = 5.0
 CSV_COLUMNS = ["frame", "time", "track", "x", "y", "w", "h", "label", "probability"]
 JSONL_KEYS = {"frame", "time", "track", "box", "label", "probabilities"}
-# A trailing MP4 'free' box (players skip it) marks the videos predict wrote, so a re-run may replace them
-_MARK_PAYLOAD = MARK.encode()
-MP4_MARK = struct.pack(">I", 8 + len(_MARK_PAYLOAD)) + b"free" + _MARK_PAYLOAD
+# A trailing MP4 'free' box (players skip it) marks the videos predict wrote, so a re-run may replace
+# them: the mark and the keyed digest (utils/fsutil.py) of every byte before the box, so a user's video
+# that merely ends in the same words, or our video edited since, is not taken for ours
+_MARK_PAYLOAD = MARK.encode() + b" "
+_DIGEST_LEN = len(content_digest([]))
+MP4_MARK = struct.pack(">I", 8 + len(_MARK_PAYLOAD) + _DIGEST_LEN) + b"free" + _MARK_PAYLOAD  # then the digest
+MP4_TRAILER_LEN = len(MP4_MARK) + _DIGEST_LEN
+
+
+def _file_digest(f, size: int) -> str:
+    """The keyed digest of a file's first `size` bytes, read in 1 MiB chunks."""
+    f.seek(0)
+
+    def chunks():
+        left = size
+        while left > 0:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                return
+            left -= len(chunk)
+            yield chunk
+
+    return content_digest(chunks())
 
 Source = Union[int, str]
 
@@ -184,31 +211,41 @@ class VideoSource:
 
 
 def mp4_written_by_us(path: Path) -> bool:
+    """A video predict wrote, unchanged since (or an empty file: nothing to lose)."""
+    import hmac
+
     try:
         with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() < len(MP4_MARK):
-                return f.tell() == 0
-            f.seek(-len(MP4_MARK), os.SEEK_END)
-            return f.read() == MP4_MARK
+            size = f.seek(0, os.SEEK_END)
+            if size < MP4_TRAILER_LEN:
+                return size == 0
+            f.seek(-MP4_TRAILER_LEN, os.SEEK_END)
+            trailer = f.read()
+            if not trailer.startswith(MP4_MARK):
+                return False
+            return hmac.compare_digest(trailer[len(MP4_MARK):], _file_digest(f, size - MP4_TRAILER_LEN).encode())
     except OSError:
         return False
 
 
 def jsonl_written_by_us(path: Path) -> bool:
+    """Records predict wrote (its record of the file matches: utils/fsutil.record_output), or an
+    empty file (nothing to lose)."""
     try:
         with open(path, "rb") as f:
             first = f.readline()
-        return not first or JSONL_KEYS <= set(json.loads(first))
+        return not first or (JSONL_KEYS <= set(json.loads(first)) and recorded_output(path))
     except (OSError, ValueError, TypeError):
         return False
 
 
 def csv_written_by_us(path: Path) -> bool:
+    """As jsonl_written_by_us, for the CSV records."""
     try:
         with open(path, "rb") as f:
             first = f.readline()
-        return not first or first.decode("utf-8", "replace").startswith(",".join(CSV_COLUMNS))
+        return not first or (first.decode("utf-8", "replace").startswith(",".join(CSV_COLUMNS))
+                             and recorded_output(path))
     except OSError:
         return False
 
@@ -239,8 +276,10 @@ class AnnotatedVideo:
         if not self.frames:
             self.tmp.unlink(missing_ok=True)
             return
-        with open(self.tmp, "ab") as f:
-            f.write(MP4_MARK)
+        with open(self.tmp, "r+b") as f:
+            digest = _file_digest(f, f.seek(0, os.SEEK_END))
+            f.seek(0, os.SEEK_END)
+            f.write(MP4_MARK + digest.encode())
             f.flush()
             os.fsync(f.fileno())
         os.replace(self.tmp, self.path)
@@ -258,6 +297,7 @@ class StreamFile:
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.path)
+        record_output(self.path)  # the proof that a re-run may replace it
 
 
 class Records:
@@ -310,16 +350,17 @@ def _check_outputs(args, source: Source) -> tuple[Optional[Path], Optional[Path]
                           "--csv FILE.csv)")
     model = Path(args.checkpoint)
     inputs = [model, model.with_suffix(".json")] + ([Path(source)] if isinstance(source, str) else [])
+    data = input_data([source]) if isinstance(source, str) and "://" not in source else []  # no output may be it
     out = json_out = None
     if args.out:
         out = guard_output(Path(args.out), what="an annotated video", suffixes=(".mp4",), inputs=inputs,
-                           ours=mp4_written_by_us)
+                           ours=mp4_written_by_us, data=data)
     if args.json_out:
         json_out = guard_output(Path(args.json_out), what="JSON Lines records", suffixes=(".jsonl",), inputs=inputs,
-                                ours=jsonl_written_by_us, option="--json-out")
+                                ours=jsonl_written_by_us, option="--json-out", data=data)
     if args.csv and args.csv != "-":
         guard_output(Path(args.csv), what="CSV records", suffixes=(".csv",), inputs=inputs, ours=csv_written_by_us,
-                     option="--csv")
+                     option="--csv", data=data)
     for path in (out, json_out, Path(args.csv) if args.csv and args.csv != "-" else None):
         if path:
             remove_stale_temps(path.parent)

@@ -1,6 +1,6 @@
 """The output convention every command follows: `--json` prints exactly one JSON document on stdout
 and nothing else (human output goes to stderr), `--json-out FILE` writes the same document to a file
-(atomically; only over a JSON file emotion-dist wrote). Each document carries the marker key
+(atomically; only over a JSON file emotion-dist can prove it wrote: its digest, utils/fsutil.py). Each document carries the marker key
 `emotion_dist` naming the command that wrote it. (predict and evaluate apply the same convention in
 their own modules; predict streams JSON Lines for a video.)"""
 
@@ -24,15 +24,15 @@ def add_output_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--json-out", default=None, metavar="FILE", help=f"also write {what} as JSON to FILE")
 
 
-def check_json_out(args, inputs: Iterable[Path] = ()) -> Optional[Path]:
-    """Before any work: refuse (one line) a --json-out path that is a folder, an input, or a file
-    emotion-dist did not write."""
+def check_json_out(args, inputs: Iterable[Path] = (), data: Iterable[tuple[str, Path]] = ()) -> Optional[Path]:
+    """Before any work: refuse (one line) a --json-out path that is a folder, an input, inside the
+    `data` (see utils/paths.py), or a file emotion-dist cannot prove it wrote."""
     from emotion_dist.utils.fsutil import guard_output, json_written_by_us
 
     if not getattr(args, "json_out", None):
         return None
     return guard_output(Path(args.json_out), what="the JSON document", suffixes=(".json",), inputs=list(inputs),
-                        ours=json_written_by_us, option="--json-out")
+                        ours=json_written_by_us, option="--json-out", data=data)
 
 
 def human(args):
@@ -53,9 +53,9 @@ def strict_json(obj):
 
 def emit(args, document: dict) -> None:
     """Print (--json) and/or write (--json-out) the command's JSON document."""
-    from emotion_dist.utils.fsutil import atomic_write_json
+    from emotion_dist.utils.fsutil import atomic_write_json, with_proof
 
-    document = strict_json(document)
+    document = with_proof(strict_json(document))  # the proof that a re-run may replace the file
     if getattr(args, "json", False):
         print(json.dumps(document, indent=1, allow_nan=False), flush=True)
     if getattr(args, "json_out", None):

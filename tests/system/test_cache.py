@@ -20,6 +20,7 @@ from PIL import Image
 from emotion_dist.commands.data import descendants, proc_field
 from emotion_dist.data.cache import FileDecoder, build, cache_key, content_key
 from emotion_dist.data.datasets import decode_all
+from emotion_dist.utils.fsutil import HOST, TEMP_MARKER
 
 CLI = [sys.executable, "-m", "emotion_dist.cli"]
 
@@ -54,7 +55,7 @@ def _cache_cmd(data: Path, cache_dir: Path, *extra: str) -> list[str]:
 
 
 def _temps(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.glob(".*.tmp.*")) if folder.is_dir() else []
+    return sorted(p.name for p in folder.glob(f".*.{TEMP_MARKER}.*")) if folder.is_dir() else []
 
 
 def _caches(folder: Path) -> list[str]:
@@ -217,7 +218,7 @@ def test_cold_build_memory_stays_bounded_against_a_warm_run(big_rgb, tmp_path):
 # ---------------------------------------------------------------- interrupted builds
 def _start_and_wait_for_temp(cmd: list[str], folder: Path) -> subprocess.Popen:
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for_child(), cwd=ROOT)
-    while not any(n.endswith(f".{p.pid}") for n in _temps(folder)):
+    while not any(f".{TEMP_MARKER}.{HOST}.{p.pid}." in n for n in _temps(folder)):
         assert p.poll() is None, p.communicate()
         time.sleep(0.002)
     return p

@@ -6,6 +6,7 @@ from conftest import ROOT
 
 from emotion_dist.modelio import load_checkpoint
 from emotion_dist.training.checkpoint import CheckpointFiles
+from emotion_dist.utils.fsutil import TEMP_MARKER, remove_stale_temps
 
 
 def _state(step: int) -> dict:
@@ -28,5 +29,9 @@ def test_crash_between_temp_write_and_rename_keeps_previous(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code])
     assert proc.returncode == -9
     assert load_checkpoint(target)["global_step"] == 1
-    leftovers = [p.name for p in target.parent.iterdir() if ".tmp" in p.name]
+    leftovers = [p for p in target.parent.iterdir() if TEMP_MARKER in p.name]
     assert leftovers  # the torn temp file is there, but never under the real name
+    # its writer was killed: provably gone, so the next start's cleanup removes it (and nothing else)
+    (target.parent / "notes.tmp1").write_bytes(b"the user's")
+    assert remove_stale_temps(target.parent) == leftovers
+    assert (target.parent / "notes.tmp1").read_bytes() == b"the user's" and target.is_file()

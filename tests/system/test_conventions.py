@@ -19,6 +19,7 @@ from emotion_dist.cli import main as cli_main
 from emotion_dist.config import Config, describe_keys, keys_markdown, load_config
 from emotion_dist.distributed.env_settings import apply_environment
 from emotion_dist.training.loggers import ConsoleSink, TimeLeft
+from emotion_dist.utils.fsutil import DIGEST_KEY
 
 ANSI = "\x1b"
 
@@ -115,8 +116,9 @@ def test_json_for_ckpt_inspect_summarize_and_data(trained, tmp_path, capsys, res
 
     assert cli_main(["data", "synthetic", "--out", str(tmp_path / "syn"), "--train", "14", "--test", "7", "--json"]) == 0
     out, err = capsys.readouterr()
-    assert json.loads(out) == {"emotion_dist": "data synthetic", "root": str(tmp_path / "syn"), "train": 14,
-                               "test": 7, "seed": 0}
+    doc = json.loads(out)
+    assert doc.pop(DIGEST_KEY).startswith("hmac-sha256:")  # the proof that it is emotion-dist's own
+    assert doc == {"emotion_dist": "data synthetic", "root": str(tmp_path / "syn"), "train": 14, "test": 7, "seed": 0}
     assert "synthetic dataset ready" in err
 
     foreign = tmp_path / "notes.json"

@@ -14,6 +14,9 @@ import pytest
 from conftest import ROOT, cli_cmd, env_for_child, run, train_cmd, without
 
 from emotion_dist.modelio import load_checkpoint
+from emotion_dist.utils.fsutil import HOST, TEMP_MARKER
+
+DEAD_PID = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # no process can have it
 
 
 def tree_digest(folder: Path) -> str:
@@ -111,13 +114,18 @@ def test_one_run_per_run_dir_and_stray_files_are_never_counted_or_deleted(tmp_pa
     ckpts = a / "checkpoints"
     for junk in ("step-00000001.pt", "step-99999999.pt"):
         (ckpts / junk).write_bytes(b"not ours")
-    (ckpts / ".last.pt.tmp4242").write_bytes(b"x" * 100)  # a killed write of an earlier version
-    (ckpts / ".last.pt.tmp.otherhost.7").write_bytes(b"x" * 100)
+    # temp files of killed writes of ours (this host, a dead pid; another host): under the lease, both go
+    (ckpts / f".last.pt.{TEMP_MARKER}.{HOST}.{DEAD_PID}.1.0123abcd").write_bytes(b"x" * 100)
+    (ckpts / f".last.pt.{TEMP_MARKER}.otherhost.7.1.0123abcd").write_bytes(b"x" * 100)
+    # an earlier version's temp names: nothing proves who wrote them, so they stay
+    (ckpts / ".last.pt.tmp4242").write_bytes(b"x" * 100)
+    (ckpts / "report.tmp1").write_bytes(b"mine")
     out = run(train_cmd(*fast_overrides, "train.max_steps=8", "ckpt.every_steps=2", "ckpt.keep=1"))
     assert f"resumed from {ckpts / 'last.pt'}: epoch 1, step 4" in out.stdout  # not the stray step-99999999.pt
     assert "removed 2 temp file(s) left by a killed write" in out.stdout
     names = sorted(p.name for p in ckpts.iterdir())
-    assert names == ["last.pt", "step-00000001.pt", "step-00000008.pt", "step-99999999.pt"], names
+    assert names == [".last.pt.tmp4242", "last.pt", "report.tmp1", "step-00000001.pt", "step-00000008.pt",
+                     "step-99999999.pt"], names
     assert (ckpts / "step-00000001.pt").read_bytes() == b"not ours"
 
 
@@ -138,7 +146,7 @@ def test_a_stop_signal_while_data_is_prepared_exits_0_and_leaves_no_temp(tmp_pat
     proc = subprocess.Popen(train_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env_for_child(), cwd=ROOT)
     deadline = time.monotonic() + 120
-    while not (cache.is_dir() and any(".tmp." in p.name for p in cache.iterdir())):
+    while not (cache.is_dir() and any(TEMP_MARKER in p.name for p in cache.iterdir())):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
     time.sleep(0.3)

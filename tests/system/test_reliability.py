@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from emotion_dist.config import Config, ConfigError, load_config
 from emotion_dist.modelio import load_checkpoint
+from emotion_dist.utils.fsutil import TEMP_MARKER
 
 
 @pytest.mark.slow
@@ -89,7 +90,7 @@ def test_full_disk_keeps_the_previous_checkpoint(small_disk, base_overrides, on_
     assert "checkpoint write at step 42 failed (No space left on device)" in out.stdout + out.stderr
     state = load_checkpoint(small_disk / "run/checkpoints/last.pt")  # intact and loadable
     assert state["epoch"] == 1 and state["global_step"] == 21
-    assert not [p for p in (small_disk / "run/checkpoints").iterdir() if ".tmp" in p.name]
+    assert not [p for p in (small_disk / "run/checkpoints").iterdir() if TEMP_MARKER in p.name]
     if on_error == "stop":
         assert "ckpt.on_error=stop" in out.stderr
     else:

@@ -20,7 +20,7 @@ from emotion_dist.data.readers.base import register
 from emotion_dist.data.readers.folder import FolderReader
 from emotion_dist.distributed import interrupts
 from emotion_dist.errors import DataError
-from emotion_dist.utils.fsutil import remove_stale_temps, temp_path
+from emotion_dist.utils.fsutil import claim_temp_dir, make_temp_dir, release_temp_dir, remove_stale_temps, temp_path
 
 CLASSES = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
 # FER2013 train counts: disgust is rare, happy common.
@@ -150,7 +150,7 @@ def generate(out: str | os.PathLike, n_train: int, n_test: int, seed: int = 0) -
     check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out.parent)
-    tmp = temp_path(out)
+    tmp = make_temp_dir(out)  # with its owner record: a killed run's leftover is provably ours
     try:
         for split_id, (split, total) in enumerate((("train", n_train), ("test", n_test))):
             index = 0
@@ -165,7 +165,9 @@ def generate(out: str | os.PathLike, n_train: int, n_test: int, seed: int = 0) -
         if out.exists():  # empty, or a synthetic set of another spec: moved aside, then removed
             old = temp_path(out.with_name(out.name + "-old"))
             os.replace(out, old)
+            claim_temp_dir(old)  # a removal cut short is finished by the next start
             shutil.rmtree(old)
+        release_temp_dir(tmp)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
