@@ -34,6 +34,7 @@ MARGIN = 0.15
 MARK = "emotion-dist predict"  # in the PNGs and videos it writes, so a re-run may replace them
 UNREADABLE = "unreadable (not an image, truncated or unsupported format)"
 NO_FACE = "no face found (use --no-detect for images that are already face crops)"
+SIDECAR_KEYS = ("classes", "image_size", "data_size", "in_channels", "normalization")  # what a model is run with
 EXPORT_FIX = "re-run emotion-dist export --format onnx to write the model and its sidecar again"
 
 
@@ -102,6 +103,9 @@ def read_sidecar(model: Path) -> dict:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{printable(sidecar)} holds {type_name(meta)}, not the sidecar of an export; "
                               f"{EXPORT_FIX}")
+    missing = [k for k in SIDECAR_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{printable(sidecar)} lacks {', '.join(missing)}; {EXPORT_FIX}")
     problems = meta_problems(meta, classes_key="classes", data_size_required=True)
     if problems:
         raise CheckpointError(f"sidecar {printable(sidecar)}: {problems[0]}; {EXPORT_FIX}")
