@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from emotion_dist.errors import CheckpointError
+from emotion_dist.config import config_from_dict
+from emotion_dist.errors import CheckpointError, ConfigError
 from emotion_dist.model import EmotionNet
 from emotion_dist.modelmeta import (CHANNELS, channel_problems, class_problems, meta_problems, short, size_problems,
                                     type_name)
@@ -86,8 +87,7 @@ FIRST_CONV, HEAD = "backbone.0.conv.weight", "classify.linear.weight"  # they fi
 WEIGHT_KEYS = ("model_state_dict", "ema_state_dict")
 
 
-FIX = ("the file was edited or damaged: use the checkpoint as emotion-dist train wrote it "
-       "(runs/NAME/checkpoints/best.pt), or check another with emotion-dist ckpt inspect")
+FIX = "the file was edited or damaged: use the checkpoint as emotion-dist train wrote it (runs/NAME/checkpoints/best.pt)"
 
 
 def require_metadata(state: dict, path) -> None:
@@ -118,6 +118,7 @@ def checkpoint_findings(state: dict, path: str | os.PathLike = "checkpoint") -> 
     where, fix = f"checkpoint {path}", FIX
     findings = [f"{where}: {p}{_trained_size(state) if p.startswith('image_size=') else ''}; {fix}"
                 for p in meta_problems(state, classes_key="class_names", data_size_required=False)]
+    findings += [f"{where}: {p}; {fix}" for p in config_problems(state.get("config", {}))]
     classes, channels = state.get("class_names"), state.get("in_channels")
     n_classes = len(classes) if not class_problems(classes, "class_names") else None
     channels = channels if not channel_problems(channels) else None
@@ -127,6 +128,17 @@ def checkpoint_findings(state: dict, path: str | os.PathLike = "checkpoint") -> 
         findings += [f"{where}: {p}" for p in weight_problems(state[key], key, n_classes=n_classes,
                                                                 channels=channels, path=path)]
     return findings
+
+
+def config_problems(config) -> list[str]:
+    """The training run's settings, which evaluate and `ckpt inspect` rebuild a Config from."""
+    if not isinstance(config, dict):
+        return [f"config is {type_name(config)} ({short(config)}), not the training run's settings (a dict)"]
+    try:
+        config_from_dict(config)
+    except ConfigError as e:
+        return [f"config holds an invalid setting ({e})"]
+    return []
 
 
 def _shape(t) -> str:

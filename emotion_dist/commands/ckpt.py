@@ -18,7 +18,7 @@ def describe(path: str, config_path: str | None, overrides: list[str], state: di
     """The checkpoint's metadata and the config diff (checkpoint -> current), as one JSON-able dict."""
     state = load_checkpoint(path) if state is None else state
     meta = read_meta(state, path)
-    sampler = state.get("sampler", {})
+    sampler = state.get("sampler") if isinstance(state.get("sampler"), dict) else {}
     saved = config_from_dict(meta.config)
     if config_path:
         current, _ = load_config(config_path, [*overrides, "run.resume=never"])
@@ -26,7 +26,9 @@ def describe(path: str, config_path: str | None, overrides: list[str], state: di
         current = config_from_dict(meta.config)
         apply_overrides(current, [*overrides, "run.resume=never", "model.init_from=null"])
         validate(current)
-    last = (state.get("history") or [{}])[-1]
+    train = meta.config.get("train") if isinstance(meta.config.get("train"), dict) else {}
+    history = state.get("history")
+    last = history[-1] if isinstance(history, list) and history and isinstance(history[-1], dict) else {}
     return {
         MARKER: "ckpt inspect", "checkpoint": str(path), "format_version": meta.format_version,
         "epoch": state.get("epoch"), "samples_into_next_epoch": sampler.get("consumed", 0),
@@ -38,8 +40,8 @@ def describe(path: str, config_path: str | None, overrides: list[str], state: di
         "parameters": sum(v.numel() for k, v in state["model_state_dict"].items()
                           if "running" not in k and "num_batches" not in k),
         "run_id": meta.run_id,
-        "ema": {"decay": meta.config.get("train", {}).get("ema_decay"), "updates": state["ema_updates"]}
-        if "ema_state_dict" in state else None,
+        "ema": {"decay": train.get("ema_decay"), "updates": state.get("ema_updates")}
+        if state.get("ema_state_dict") else None,
         "last_epoch": {k: last.get(k) for k in ("val_accuracy", "val_macro_f1")} if last else None,
         "config_diff": [{"key": k, "checkpoint": a, "current": b} for k, a, b in config_diff(saved, current)],
         "checked": f"metadata, {len(state['model_state_dict'])} tensors fit EmotionNet(in_channels={meta.in_channels}, "
@@ -50,7 +52,9 @@ def describe(path: str, config_path: str | None, overrides: list[str], state: di
 
 
 def _f(value) -> str:
-    return "nan" if value is None else f"{value:.4f}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.4f}"
+    return "nan" if value is None else repr(value)
 
 
 def print_description(d: dict, file) -> None:

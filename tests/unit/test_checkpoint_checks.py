@@ -56,6 +56,7 @@ CASES = {
                                                       if k != "classify.linear.bias"}},
                         "model_state_dict does not fit EmotionNet(in_channels=1, 7 classes): missing classify.linear.bias"),
     "NaN weights": (lambda: {"model_state_dict": nan_weights()}, "non-finite weights: NaN in backbone.0.conv.weight"),
+    "config 5": (lambda: {"config": 5}, "config is an int (5), not the training run's settings"),
     "inf weights": (lambda: {"model_state_dict": {**gray_weights(), "classify.linear.bias": torch.full((7,), math.inf)}},
                     "non-finite weights: inf in classify.linear.bias"),
 }
