@@ -122,11 +122,14 @@ def checkpoint_findings(state: dict, path: str | os.PathLike = "checkpoint") -> 
     classes, channels = state.get("class_names"), state.get("in_channels")
     n_classes = len(classes) if not class_problems(classes, "class_names") else None
     channels = channels if not channel_problems(channels) else None
-    for key in WEIGHT_KEYS:
-        if key == "ema_state_dict" and not state.get(key):  # no EMA kept: the model's weights are used
-            continue
-        findings += [f"{where}: {p}" for p in weight_problems(state[key], key, n_classes=n_classes,
-                                                                channels=channels, path=path)]
+    # the weights inference runs (the EMA when kept) first: the metadata is compared with them, and
+    # the model they show is the reference for the other dict (so a mismatch is reported once)
+    keys = ["ema_state_dict", "model_state_dict"] if state.get("ema_state_dict") else ["model_state_dict"]
+    reference = None
+    for key in keys:
+        problems, reference = weight_problems(state[key], key, n_classes=n_classes, channels=channels, path=path,
+                                              reference=reference)
+        findings += [f"{where}: {p}" for p in problems]
     return findings
 
 
@@ -158,35 +161,39 @@ def reference_shapes(in_channels: int, num_classes: int) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def weight_problems(weights, key: str, *, n_classes: Optional[int], channels: Optional[int], path) -> list[str]:
+def weight_problems(weights, key: str, *, n_classes: Optional[int], channels: Optional[int], path,
+                    reference: Optional[tuple[int, int]] = None) -> tuple[list[str], Optional[tuple[int, int]]]:
     """One weight dict (model_state_dict or ema_state_dict) against the EmotionNet the metadata
     describes: a dict of tensors, the head's class count and the first conv's channels as the
     metadata says, every tensor present with the model's shape (all of them named in one line),
-    and every float tensor finite."""
+    and every float tensor finite. Returns the problems and the (in_channels, classes) it was
+    compared with; given a `reference`, the metadata is not compared again and that model is used."""
     fix = FIX
     if not isinstance(weights, dict):
-        return [f"{key} is {type_name(weights)} ({short(weights)}), not a dict of tensors; {fix}"]
+        return [f"{key} is {type_name(weights)} ({short(weights)}), not a dict of tensors; {fix}"], reference
     wrong = [k for k, v in weights.items() if not isinstance(k, str) or not torch.is_tensor(v)]
     if wrong:
         k = wrong[0]
         return [f"{key}[{short(k)}] is {type_name(weights[k])}, not a tensor"
-                f"{f' ({len(wrong)} entries are not tensors)' if len(wrong) > 1 else ''}; {fix}"]
+                f"{f' ({len(wrong)} entries are not tensors)' if len(wrong) > 1 else ''}; {fix}"], reference
     problems = []
-    head, conv = weights.get(HEAD), weights.get(FIRST_CONV)
-    heads = head.shape[0] if head is not None and head.ndim == 2 else None
-    takes = conv.shape[1] if conv is not None and conv.ndim == 4 else None
-    if heads is not None and n_classes is not None and heads != n_classes:
-        problems.append(f"class_names lists {n_classes} classes but {key} has a {heads}-way head ({HEAD} "
-                        f"{_shape(head)}); class_names must name the head's {heads} outputs in order (the classes "
-                        f"it was trained on); to train on other classes, fine-tune with model.init_from={path}")
-    if takes is not None and channels is not None and takes != channels:
-        problems.append(f"in_channels={channels} but {key}'s first convolution takes {takes} channel(s) "
-                        f"({FIRST_CONV} {_shape(conv)}); set in_channels={takes} ({CHANNELS.get(takes, '?')}), "
-                        f"the channels it was trained with")
-    # the reference: the metadata's model, with the class count and channels the weights themselves
-    # show when those were already reported above (so one wrong key is not reported twice)
-    ref_channels = takes if takes in CHANNELS else channels or 1
-    ref_classes = heads if heads else n_classes or 7
+    if reference is None:
+        head, conv = weights.get(HEAD), weights.get(FIRST_CONV)
+        heads = head.shape[0] if head is not None and head.ndim == 2 and head.shape[0] > 0 else None
+        takes = conv.shape[1] if conv is not None and conv.ndim == 4 else None
+        if heads is not None and n_classes is not None and heads != n_classes:
+            problems.append(f"class_names lists {n_classes} classes but {key} has a {heads}-way head ({HEAD} "
+                            f"{_shape(head)}); class_names must name the head's {heads} outputs in order (the "
+                            f"classes it was trained on); to train on other classes, fine-tune with "
+                            f"model.init_from={path}")
+        if takes is not None and channels is not None and takes != channels:
+            problems.append(f"in_channels={channels} but {key}'s first convolution takes {takes} channel(s) "
+                            f"({FIRST_CONV} {_shape(conv)}); set in_channels={takes} ({CHANNELS.get(takes, '?')}), "
+                            f"the channels it was trained with")
+        # the metadata's model, with the class count and channels the weights themselves show when
+        # those were reported above (so one wrong key is not reported again as wrong shapes)
+        reference = (takes if takes in CHANNELS else channels or 1, heads or n_classes or 7)
+    ref_channels, ref_classes = reference
     ref = reference_shapes(ref_channels, ref_classes)
     missing = [k for k in ref if k not in weights]
     unexpected = [k for k in weights if k not in ref]
@@ -207,7 +214,7 @@ def weight_problems(weights, key: str, *, n_classes: Optional[int], channels: Op
                         f"{f' and {len(bad) - 1} more tensor(s)' if len(bad) > 1 else ''}; the run diverged or "
                         f"the file was damaged: use an earlier checkpoint of the run (checkpoints/step-*.pt, "
                         f"checked with emotion-dist ckpt inspect) or train again with a lower train.lr")
-    return problems
+    return problems, reference
 
 
 def check_checkpoint(state: dict, path: str | os.PathLike = "checkpoint") -> None:
