@@ -217,7 +217,7 @@ def _model(seed: int, gain: float = 1.25) -> EmotionNet:
     """EmotionNet whose activations neither vanish nor explode (PyTorch's default init makes them
     vanish through the 20-odd layers, so every output is the head's bias): weights N(0, gain^2/fan_in).
     gain 1.25 gives logits of tens to hundreds, as a trained model's, where a float32 graph can differ
-    from PyTorch by more than the old absolute bound of 1e-4."""
+    from PyTorch by more than an absolute bound of 1e-4 allows."""
     from torch import nn
 
     torch.manual_seed(seed)
