@@ -23,6 +23,7 @@ import numpy as np
 from emotion_dist.data.images import IMAGE_EXTS, printable, read_uint8
 from emotion_dist.distributed import interrupts
 from emotion_dist.errors import CheckpointError, ConfigError
+from emotion_dist.modelmeta import meta_problems, type_name
 from emotion_dist.utils import filekind
 from emotion_dist.utils.fsutil import (
     atomic_write_bytes,
@@ -42,6 +43,7 @@ MARGIN = 0.15
 MARK = "emotion-dist predict"  # in the PNGs and videos it writes, so a re-run may replace them
 UNREADABLE = "unreadable (not an image, truncated or unsupported format)"
 NO_FACE = "no face found (use --no-detect for images that are already face crops)"
+SIDECAR_KEYS = ("classes", "image_size", "data_size", "in_channels", "normalization")  # what a model is run with
 EXPORT_FIX = "re-run emotion-dist export --format onnx to write the model and its sidecar again"
 
 
@@ -97,7 +99,8 @@ class TorchClassifier(Classifier):
 
 
 def read_sidecar(model: Path) -> dict:
-    """The JSON export writes next to an .onnx model (classes, sizes, normalization), checked."""
+    """The JSON export writes next to an .onnx model (classes, sizes, normalization), checked as a
+    checkpoint's metadata is (modelmeta): one line naming the first wrong key."""
     sidecar = model.with_suffix(".json")
     try:
         meta = json.loads(sidecar.read_bytes())
@@ -106,18 +109,42 @@ def read_sidecar(model: Path) -> dict:
                               f"{EXPORT_FIX}") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{printable(sidecar)} is not readable JSON ({e}); {EXPORT_FIX}") from None
-    try:
-        channels = meta["in_channels"]
-        ok = (isinstance(meta["classes"], list) and meta["classes"] and all(isinstance(c, str) for c in meta["classes"])
-              and all(isinstance(meta[k], int) and meta[k] > 0 for k in ("image_size", "data_size"))
-              and channels in (1, 3)
-              and all(len(meta["normalization"][k]) == channels for k in ("mean", "std")))
-    except (KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise CheckpointError(f"{printable(sidecar)} lacks classes, image_size, data_size, in_channels or "
-                              f"normalization, or holds wrong types; {EXPORT_FIX}")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{printable(sidecar)} holds {type_name(meta)}, not the sidecar of an export; "
+                              f"{EXPORT_FIX}")
+    missing = [k for k in SIDECAR_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{printable(sidecar)} lacks {', '.join(missing)}; {EXPORT_FIX}")
+    problems = meta_problems(meta, classes_key="classes", data_size_required=True)
+    if problems:
+        raise CheckpointError(f"sidecar {printable(sidecar)}: {problems[0]}; {EXPORT_FIX}")
     return meta
+
+
+def check_graph(session, meta: dict, model: Path) -> str:
+    """The ONNX graph's input (N x C x H x W) and output (N x classes) against its sidecar, once at
+    load (not per image); returns the input's name."""
+    sidecar = printable(model.with_suffix(".json"))
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) < 1:
+        raise CheckpointError(f"{printable(model)} has {len(inputs)} inputs and {len(outputs)} outputs, not the one "
+                              f"image input and logits output of an emotion-dist export; {EXPORT_FIX}")
+    shape, out = list(inputs[0].shape), list(outputs[0].shape)
+    fixed = lambda dim: isinstance(dim, int) and not isinstance(dim, bool)  # noqa: E731  (a named axis is dynamic)
+    differ = "the two files are from different exports"
+    if len(shape) != 4:
+        raise CheckpointError(f"{printable(model)} takes input {shape}, not N x C x H x W images; {EXPORT_FIX}")
+    if fixed(shape[1]) and shape[1] != meta["in_channels"]:
+        raise CheckpointError(f"{sidecar} says in_channels={meta['in_channels']} but {printable(model)} takes "
+                              f"{shape[1]}-channel images (input {shape}); {differ}: {EXPORT_FIX}")
+    size = meta["image_size"]
+    if any(fixed(d) and d != size for d in shape[2:]):
+        raise CheckpointError(f"{sidecar} says image_size={size} but {printable(model)} takes {shape[2]}x{shape[3]} "
+                              f"images (input {shape}); {differ}: {EXPORT_FIX}")
+    if len(out) != 2 or (fixed(out[1]) and out[1] != len(meta["classes"])):
+        raise CheckpointError(f"{printable(model)} outputs {out} but its sidecar lists {len(meta['classes'])} "
+                              f"classes; {differ}: {EXPORT_FIX}")
+    return inputs[0].name
 
 
 class OnnxClassifier(Classifier):
@@ -131,13 +158,10 @@ class OnnxClassifier(Classifier):
         except Exception as e:  # InvalidProtobuf, InvalidGraph, Fail: onnxruntime's own classes
             raise CheckpointError(f"{printable(path)} is not a loadable ONNX model ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:100]}); it may be truncated: {EXPORT_FIX}") from None
-        outputs = self.session.get_outputs()[0].shape
-        if len(outputs) != 2 or (isinstance(outputs[1], int) and outputs[1] != len(self.classes)):
-            raise CheckpointError(f"{printable(path)} outputs {outputs} but its sidecar lists {len(self.classes)} "
-                                  f"classes; the two files are from different exports: {EXPORT_FIX}")
+        self.input_name = check_graph(self.session, self.meta, path)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"images": x})[0]
+        return self.session.run(None, {self.input_name: x})[0]
 
 
 def load_classifier(path: str) -> Classifier:

@@ -27,7 +27,7 @@ import torch
 
 from emotion_dist.distributed import process_group
 from emotion_dist.errors import CheckpointError, ConfigError, DataError
-from emotion_dist.modelio import FORMAT_VERSION, CheckpointMeta, load_checkpoint, read_meta
+from emotion_dist.modelio import FORMAT_VERSION, CheckpointMeta, check_checkpoint, load_checkpoint, read_meta
 from emotion_dist.training.state import CheckpointInterval
 from emotion_dist.utils.fsutil import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
@@ -170,7 +170,8 @@ class CheckpointFiles:
     def newest_loadable(self) -> Optional[tuple[Path, dict]]:
         """The newest checkpoint of this run that loads, reading as few files as possible: last.pt
         unless a step file is newer (its name says so: a failed last.pt write leaves one behind) or
-        it is unreadable; then step files newest first. Unreadable ones are skipped with a warning."""
+        it is unreadable or unsound (NaN weights, wrong shapes); then step files newest first. Those
+        skipped are named in a warning."""
         last = self._try(self.last) if self.last.is_file() and self._mine(self.last) else None
         last_step = last[1].get("global_step", 0) if last else -1
         for path in reversed(self.step_files()):
@@ -186,8 +187,12 @@ class CheckpointFiles:
 
     @staticmethod
     def _try(path: Path) -> Optional[tuple[Path, dict]]:
+        """The file and its state when it loads and passes every check a model is run with (shapes,
+        metadata, finite weights: a NaN last.pt is skipped like a truncated one), else None."""
         try:
-            return path, load_checkpoint(path)
+            state = load_checkpoint(path)
+            check_checkpoint(state, path)
+            return path, state
         except CheckpointError as e:
             log.warning("skipping checkpoint: %s", e)
             return None

@@ -1,5 +1,6 @@
-"""What a model path holds, told from its first bytes: a PyTorch checkpoint, an ONNX model, or
-something else (an image, a text file, nothing). A leaf module (imports only `errors`, never torch).
+"""What a model path holds, told from its first bytes: a PyTorch checkpoint, an ONNX model, a
+safetensors file (weights only), or something else (an image, a text file, nothing). A leaf module
+(imports only `errors`, never torch).
 
 Without this a JPEG or a text file given as `--checkpoint` reached torch.load and was called
 "pickled objects ... refused", and a .pt named .onnx reached onnxruntime's InvalidProtobuf.
@@ -12,7 +13,8 @@ from pathlib import Path
 
 from emotion_dist.errors import CheckpointError
 
-TORCH, ONNX = "a PyTorch checkpoint", "an ONNX model"
+TORCH, ONNX, SAFETENSORS = "a PyTorch checkpoint", "an ONNX model", "a safetensors file"
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors format's own limit on its JSON header
 _MAGIC = [
     (b"PK\x03\x04", TORCH),  # torch.save's zip format
     (b"\x80\x02\x8a\x0a", TORCH),  # torch.save's legacy format: pickle protocol 2, then its magic number
@@ -47,6 +49,8 @@ def kind(path: str | os.PathLike) -> str:
         raise CheckpointError(f"checkpoint {path} cannot be read ({e.strerror or e})") from None
     if not head:
         return "an empty file"
+    if _is_safetensors(head, path):  # first: its first 8 bytes are a length, and may look like a magic number
+        return SAFETENSORS
     for magic, what in _MAGIC:
         if head.startswith(magic):
             return what
@@ -61,6 +65,17 @@ def kind(path: str | os.PathLike) -> str:
     return "an unknown file"
 
 
+def _is_safetensors(head: bytes, path: Path) -> bool:
+    """safetensors: an 8-byte little-endian header length, then that many bytes of JSON (`{...}`)."""
+    if len(head) < 10 or head[8:9] != b"{":
+        return False
+    size = int.from_bytes(head[:8], "little")
+    try:
+        return 2 <= size <= MAX_SAFETENSORS_HEADER and 8 + size <= path.stat().st_size
+    except OSError:
+        return False
+
+
 def require(path: str | os.PathLike, accept: tuple[str, ...] = (TORCH, ONNX)) -> str:
     """The kind of a model file, or one line naming what it is instead and what to give. An
     unknown file passes when TORCH is accepted (torch.load then says whether it is truncated)."""
@@ -71,6 +86,11 @@ def require(path: str | os.PathLike, accept: tuple[str, ...] = (TORCH, ONNX)) ->
         return TORCH
     if what == ONNX:
         raise CheckpointError(f"{path} is an ONNX model; this command needs the .pt checkpoint it was exported from")
+    if what == SAFETENSORS:
+        raise CheckpointError(
+            f"{path} is a safetensors file: weights only (emotion-dist export --format safetensors writes one), "
+            f"without the classes, image size and normalisation a model is run with; give the .pt checkpoint "
+            f"it was exported from (runs/NAME/checkpoints/best.pt){' or its ONNX export' if ONNX in accept else ''}")
     if what == TORCH:
         raise CheckpointError(f"{path} is a PyTorch checkpoint, not an ONNX model; give it as is or export it "
                               f"with emotion-dist export --format onnx")

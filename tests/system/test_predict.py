@@ -83,7 +83,7 @@ def test_image_and_model_errors_are_one_line(tiny_model, photos, tmp_path, capfd
         (str(bad / "trunc.onnx"), astro): "is not a loadable ONNX model",
         (str(bad / "nosidecar.onnx"), astro): "nosidecar.json (classes, sizes) is missing",
         (str(bad / "brokenjson.onnx"), astro): "brokenjson.json is not readable JSON",
-        (str(bad / "fewkeys.onnx"), astro): "fewkeys.json lacks classes",
+        (str(bad / "fewkeys.onnx"), astro): "fewkeys.json lacks image_size, data_size, in_channels, normalization",
         (str(bad / "notes.pt"), astro): "is a text file, not a model",
         (str(bad / "photo.pt"), astro): "is a JPEG image, not a model",
         (str(bad / "empty.pt"), astro): "is an empty file, not a model",

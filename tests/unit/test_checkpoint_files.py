@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from conftest import write_checkpoint
 
 from emotion_dist.errors import CheckpointError
 from emotion_dist.modelio import load_checkpoint
@@ -40,11 +41,12 @@ def test_future_format_version_is_a_clear_error(tmp_path):
 
 
 def test_truncated_last_is_skipped_by_auto_resume(tmp_path):
-    ck = CheckpointFiles(tmp_path, keep=3)
-    ck.save(_state(4), 4)
-    ck.save(_state(8), 8)
+    ck = CheckpointFiles(tmp_path / "run", keep=3)
+    real = load_checkpoint(write_checkpoint(tmp_path / "model.pt"))  # auto-resume takes only a sound checkpoint
+    ck.save({**real, "global_step": 4}, 4)
+    ck.save({**real, "global_step": 8}, 8)
     data = ck.last.read_bytes()
     ck.last.write_bytes(data[: len(data) // 2])
-    (tmp_path / "checkpoints" / "step-00000008.pt").write_bytes(b"")
+    (tmp_path / "run/checkpoints/step-00000008.pt").write_bytes(b"")
     path, state = ck.newest_loadable()
     assert path.name == "step-00000004.pt" and state["global_step"] == 4

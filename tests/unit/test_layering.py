@@ -1,7 +1,7 @@
 """The package's architecture, as its imports: each module imports only from its own sub-package or
 from a layer below it, there are no import cycles, and nothing but `cli` imports `commands/`.
 
-    cli -> commands -> training -> inference -> data -> modelio -> model -> distributed -> config -> utils
+    cli -> commands -> training -> inference -> data -> modelio -> modelmeta -> model -> distributed -> config -> utils
     -> errors
 """
 
@@ -19,6 +19,7 @@ LAYERS = [  # top to bottom; a module may import its own layer's package or any 
     {"inference"},
     {"data"},
     {"modelio"},
+    {"modelmeta"},
     {"model"},
     {"distributed"},
     {"config"},
