@@ -249,8 +249,15 @@ def _run(args) -> int:
         return run_predict(args)
     if args.command == "export":
         from emotion_dist.commands.export import export
+        from emotion_dist.distributed import interrupts
+        from emotion_dist.errors import Interrupted
 
-        path = export(args.checkpoint, args.format, args.out)
+        interrupts.install()  # a stop signal ends the export at its next phase, before anything is written
+        try:
+            path = export(args.checkpoint, args.format, args.out)
+        except Interrupted as e:
+            print(f"stopped by {e.signame} before the export was written; nothing written", file=sys.stderr, flush=True)
+            return 0
         print(f"exported {path} (+ {path.with_suffix('.json').name})")
         return 0
     if args.command == "bench":

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from emotion_dist.distributed import interrupts
+from emotion_dist.errors import Interrupted
 from emotion_dist.modelio import load_checkpoint, read_meta
 from emotion_dist.config import ConfigError, apply_overrides, config_from_dict, parse_override, validate
 from emotion_dist.utils.fsutil import atomic_write_json, guard_output, json_written_by_us
@@ -76,7 +78,28 @@ def class_maps(data_classes: list[str], metas) -> list:
     return maps
 
 
+def stop_between_batches(model) -> None:
+    """A stop signal ends the pass at the next batch: the check runs before each forward.
+    validation.evaluate is shared with the training loop, whose ranks agree on a stop at their
+    own safe points; here nothing is saved, so any rank may leave at its next batch (all of them
+    received the signal from the launcher)."""
+    model.register_forward_pre_hook(lambda module, inputs: interrupts.check())
+
+
 def run_evaluate(args) -> int:
+    """A stop signal (SIGTERM, SIGINT, SIGUSR1) before the last batch: one line, exit 0, no report
+    and no confusion matrix written (figures over part of a split would pass for the split's).
+    One that comes after it lets the finished report be written (well under a second)."""
+    interrupts.install()
+    try:
+        return _evaluate(args)
+    except Interrupted as e:
+        print(f"stopped by {e.signame} before the evaluation finished; no report or confusion matrix written",
+              file=sys.stderr, flush=True)
+        return 0
+
+
+def _evaluate(args) -> int:
     loaded = load_models(args.checkpoint)
     state, meta = loaded[0]
     cfg = checkpoint_config(state, args.overrides)
@@ -93,6 +116,7 @@ def run_evaluate(args) -> int:
     from emotion_dist.training.metrics import plot_confusion
     from emotion_dist.training.validation import evaluate_split
 
+    interrupts.check()  # after the checkpoints and the heavy imports, before the process group
     info = process_group.detect_launch()
     env = process_group.init_distributed(cfg, info)
     setup_logging(env.rank, sys.stderr)
@@ -104,6 +128,9 @@ def run_evaluate(args) -> int:
         if split is None:
             raise ConfigError(f"{ds.root} has no test split (test/ or val/ folder); pass --split val or data.root=PATH")
         models = [model_from_state(s, p).to(env.device) for (s, _), p in zip(loaded, args.checkpoint)]  # no DDP
+        for m in models:
+            stop_between_batches(m)
+        interrupts.check()
         transform = BatchTransform(ds.channels, cfg.data.image_size, env.device, cfg.train.seed)
         res, cm = evaluate_split(models[0], split, transform, env, ds.classes, cfg.train.batch_size,
                                  cfg.train.precision, tta=args.tta, extra_models=models[1:],

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emotion_dist.distributed import interrupts
 from emotion_dist.modelio import load_model
 from emotion_dist.utils.fsutil import atomic_write_bytes, guard_output
 from emotion_dist.model import EmotionNet
@@ -43,6 +44,7 @@ def output_path(checkpoint: str, fmt: str, out: str | None) -> Path:
 def export(checkpoint: str, fmt: str, out: str | None = None) -> Path:
     path = output_path(checkpoint, fmt, out)
     model, meta = load_model(checkpoint)
+    interrupts.check()  # a stop signal between phases: Interrupted, nothing written
     if fmt == "safetensors":
         from safetensors.torch import save
 
@@ -55,10 +57,12 @@ def export(checkpoint: str, fmt: str, out: str | None = None) -> Path:
                           output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
                           opset_version=17, dynamo=False)
         data = buf.getvalue()
+        interrupts.check()
         diff = onnx_max_diff(model, data, c, s)  # verified before anything is written
         if diff > MAX_ONNX_DIFF:
             raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.2e} (> {MAX_ONNX_DIFF}); export refused")
         meta["onnx_max_abs_diff"] = diff
+    interrupts.check()  # the last point at which nothing is written; the two writes take milliseconds
     atomic_write_bytes(path, data)
     atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
     return path
