@@ -127,6 +127,9 @@ def _evaluate(args) -> int:
         split = ds.test if args.split == "test" else ds.val
         if split is None:
             raise ConfigError(f"{ds.root} has no test split (test/ or val/ folder); pass --split val or data.root=PATH")
+        if not len(split):
+            raise ConfigError(f"the {args.split} split of {ds.root} holds no images; evaluate another split "
+                              f"(--split) or data set (data.root=PATH)")
         models = [model_from_state(s, p).to(env.device) for (s, _), p in zip(loaded, args.checkpoint)]  # no DDP
         for m in models:
             stop_between_batches(m)
