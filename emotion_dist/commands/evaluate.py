@@ -135,6 +135,9 @@ def _evaluate(args) -> int:
             stop_between_batches(m)
         interrupts.check()
         transform = BatchTransform(ds.channels, cfg.data.image_size, env.device, cfg.train.seed)
+        if env.is_main:  # on stderr: with --json, stdout holds the report alone
+            print(f"evaluating {len(split)} {args.split} images (TTA {args.tta}, {len(models)} model(s), "
+                  f"{env.world_size} process(es))", file=sys.stderr, flush=True)
         res, cm = evaluate_split(models[0], split, transform, env, ds.classes, cfg.train.batch_size,
                                  cfg.train.precision, tta=args.tta, extra_models=models[1:],
                                  class_maps=maps if any(m is not None for m in maps) else None)
