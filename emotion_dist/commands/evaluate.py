@@ -78,12 +78,12 @@ def class_maps(data_classes: list[str], metas) -> list:
     return maps
 
 
-def stop_between_batches(model) -> None:
-    """A stop signal ends the pass at the next batch: the check runs before each forward.
-    validation.evaluate is shared with the training loop, whose ranks agree on a stop at their
-    own safe points; here nothing is saved, so any rank may leave at its next batch (all of them
-    received the signal from the launcher)."""
-    model.register_forward_pre_hook(lambda module, inputs: interrupts.check())
+def stop_between_batches(model, world_size: int) -> None:
+    """One process: a stop signal ends the pass at its next forward (the check runs before each).
+    Several: the ranks must leave together, or one waits in the next collective for a rank that
+    left; the evaluation loop agrees on a stop between batches for them (training/validation.py)."""
+    if world_size == 1:
+        model.register_forward_pre_hook(lambda module, inputs: interrupts.check())
 
 
 def run_evaluate(args) -> int:
@@ -132,7 +132,7 @@ def _evaluate(args) -> int:
                               f"(--split) or data set (data.root=PATH)")
         models = [model_from_state(s, p).to(env.device) for (s, _), p in zip(loaded, args.checkpoint)]  # no DDP
         for m in models:
-            stop_between_batches(m)
+            stop_between_batches(m, env.world_size)
         interrupts.check()
         transform = BatchTransform(ds.channels, cfg.data.image_size, env.device, cfg.train.seed)
         if env.is_main:  # on stderr: with --json, stdout holds the report alone
