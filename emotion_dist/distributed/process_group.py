@@ -190,7 +190,8 @@ def init_distributed(cfg: Config, info: LaunchInfo) -> DistEnv:
                 # torchrun's restarted workers talk to the same agent store as the failed attempt;
                 # without a per-attempt prefix they can read the dead peers' addresses (gloo:
                 # "connectFullMesh failed ... Connection refused")
-                with interrupts.stop_at_once(f"connecting to torchrun's store at {info.master_addr}:{info.master_port}"):
+                where = f"{info.master_addr}:{info.master_port}"
+                with interrupts.stop_at_once(f"connecting to torchrun's store at {where}"):
                     client = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False,
                                            timeout=timeout)
                 attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")

@@ -5,11 +5,10 @@ synthetic faces are generated (one line naming the folder and the space, nothing
 import os
 import re
 import subprocess
-import sys
 
 import pytest
-
 from conftest import cli_cmd, run, torchrun_cmd
+
 from emotion_dist.distributed.lease import LEASE_NAME, RunDirLease
 
 

@@ -7,12 +7,10 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, cli_cmd, env_for_child, train_cmd
 
 BOUND_S = 2.0

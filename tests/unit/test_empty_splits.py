@@ -3,12 +3,12 @@ fer2013.csv without Training or PublicTest rows, and a folder too small to carve
 
 import numpy as np
 import pytest
+from fer_files import FER_HEADER, pixels, write_fer
 from PIL import Image
 
 from emotion_dist.config import load_config
 from emotion_dist.data.datasets import dataset_root, load_datasets
 from emotion_dist.errors import DataError
-from fer_files import FER_HEADER, pixels, write_fer
 
 
 def _face(seed: int) -> str:

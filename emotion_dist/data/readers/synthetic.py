@@ -150,7 +150,9 @@ def _write_error(e: OSError, folder: Path, images: int) -> DataError:
         free = shutil.disk_usage(folder).free
     except OSError:
         free = None
-    room = f"about {need / 1e6:.1f} MB for {images} images" + (f", {free / 1e6:.1f} MB free" if free is not None else "")
+    room = f"about {need / 1e6:.1f} MB for {images} images"
+    if free is not None:
+        room += f", {free / 1e6:.1f} MB free"
     return DataError(disk_error(e, f"the synthetic faces in {folder} ({room})",
                                 "free space, or generate them on a larger disk (data.root, run.cache_dir or --out)"))
 
@@ -163,7 +165,8 @@ def _draw_all(tmp: Path, spec: dict) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             for _ in range(count):
                 interrupts.check()
-                draw_face(label, _image_rng(spec["seed"], split_id, index)).save(folder / f"{index:06d}.jpg", quality=92)
+                face = draw_face(label, _image_rng(spec["seed"], split_id, index))
+                face.save(folder / f"{index:06d}.jpg", quality=92)
                 index += 1
     (tmp / MARKER).write_text(json.dumps(spec))
 
