@@ -157,8 +157,9 @@ def wait_for_master_addr(info: LaunchInfo, timeout_s: float) -> None:
     start = time.monotonic()
     noted = False
     while True:
-        try:
-            socket.getaddrinfo(info.master_addr, info.master_port, type=socket.SOCK_STREAM)
+        try:  # a resolver that does not answer holds the call for seconds, in C
+            with interrupts.stop_at_once(f"resolving MASTER_ADDR={info.master_addr}"):
+                socket.getaddrinfo(info.master_addr, info.master_port, type=socket.SOCK_STREAM)
             return
         except (socket.gaierror, UnicodeError) as e:
             reason = getattr(e, "strerror", None) or str(e)
