@@ -79,8 +79,9 @@ class Lines:
         return next(t for t, line in self.lines if line.startswith(prefix))
 
 
-def _stop(proc, sig, err: Lines, stop_line: str) -> float:
-    """Send `sig`; the seconds until the process said `stop_line` (on stderr). It must end soon after."""
+def _stop(proc, sig, err: Lines, *stop_lines: str) -> float:
+    """Send `sig`; the seconds until the process said one of `stop_lines` (its last line on stderr).
+    It must end soon after."""
     t0 = time.monotonic()
     proc.send_signal(sig)
     try:
@@ -89,9 +90,9 @@ def _stop(proc, sig, err: Lines, stop_line: str) -> float:
         proc.kill()
     lines = err.text()
     assert proc.returncode == 0, "\n".join(lines[-30:])
-    assert lines and lines[-1] == stop_line, "\n".join(lines[-30:])
+    assert lines and lines[-1] in stop_lines, "\n".join(lines[-30:])
     assert time.monotonic() - t0 < EXIT_S
-    return err.when(stop_line) - t0
+    return err.when(lines[-1]) - t0
 
 
 def test_a_signal_while_rank0_waits_in_the_rendezvous_stops_it_at_once(tmp_path):
@@ -119,7 +120,9 @@ def test_an_unresolvable_master_addr_is_one_note_and_a_signal_stops_it_at_once(t
     _wait_until(proc, lambda: err.any("waiting for MASTER_ADDR=no-such-host.invalid to resolve"),
                 "said it waits for MASTER_ADDR", err)
     time.sleep(1.5)  # a retry or two: torch printed a warning line a second here
-    seconds = _stop(proc, signal.SIGTERM, err, "stopped by SIGTERM before training started; nothing to save")
+    seconds = _stop(proc, signal.SIGTERM, err, "stopped by SIGTERM before training started; nothing to save",
+                    # in the rare case that the signal comes during a look-up, not between two
+                    "stopped by SIGTERM while resolving MASTER_ADDR=no-such-host.invalid; nothing was written")
     assert seconds < BOUND_S + SLACK_S, seconds
     assert len(err.text()) == 2, err.text()
 
