@@ -240,6 +240,9 @@ def _run(args) -> int:
                     "seed": args.seed})
         return 0
     if args.command == "evaluate":
+        from emotion_dist.distributed import interrupts
+
+        interrupts.install()  # before torch is imported: a signal from here on is one line and exit 0
         from emotion_dist.commands.evaluate import run_evaluate
 
         return run_evaluate(args)
@@ -248,9 +251,17 @@ def _run(args) -> int:
 
         return run_predict(args)
     if args.command == "export":
-        from emotion_dist.commands.export import export
+        from emotion_dist.distributed import interrupts
+        from emotion_dist.errors import Interrupted
 
-        path = export(args.checkpoint, args.format, args.out)
+        interrupts.install()  # a stop signal ends the export at its next phase, before anything is written
+        try:
+            from emotion_dist.commands.export import export  # torch: seconds
+
+            path = export(args.checkpoint, args.format, args.out)
+        except Interrupted as e:
+            print(f"stopped by {e.signame} before the export was written; nothing written", file=sys.stderr, flush=True)
+            return 0
         print(f"exported {path} (+ {path.with_suffix('.json').name})")
         return 0
     if args.command == "bench":

@@ -7,14 +7,34 @@ on its softmax output would be cross-entropy on probabilities.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
 from emotion_dist.config import InvalidImageSize, check_image_size  # noqa: F401  (torch-free, used by config)
 
 
+def undo_ultralytics_patches() -> None:
+    """Put back what importing ultralytics replaced process-wide (ultralytics/utils/patches.py,
+    8.4): PIL.Image.open, which on a file PIL cannot identify would try to install pi-heif, and
+    torch.save, which retries a failed write for 3.5 s (a full disk must fail at once, in one
+    line). Idempotent; call it after any import of ultralytics."""
+    import PIL.Image
+
+    patches = sys.modules.get("ultralytics.utils.patches")
+    if patches is None:
+        return
+    if PIL.Image.open is getattr(patches, "image_open", None) and hasattr(patches, "_image_open"):
+        PIL.Image.open = patches._image_open
+    if torch.save is getattr(patches, "torch_save", None) and hasattr(patches, "_torch_save"):
+        torch.save = patches._torch_save
+
+
 def _logits_head(c1: int, num_classes: int) -> nn.Module:
     from ultralytics.nn.modules import Classify
+
+    undo_ultralytics_patches()
 
     class ClassifyLogits(Classify):
         """ultralytics Classify that always returns logits."""
@@ -29,6 +49,8 @@ class EmotionNet(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 7):
         super().__init__()
         from ultralytics.nn.modules import A2C2f, C3k2, Conv
+
+        undo_ultralytics_patches()
 
         self.in_channels = in_channels
         self.num_classes = num_classes

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from emotion_dist.config import ConfigError, apply_overrides, config_from_dict, parse_override, validate
+from emotion_dist.distributed import interrupts
+from emotion_dist.errors import Interrupted
 from emotion_dist.modelio import load_checkpoint, read_meta
 from emotion_dist.utils.fsutil import atomic_write_json, guard_output, json_written_by_us, with_proof
 from emotion_dist.utils.paths import check_outside_data, data_paths
@@ -80,7 +82,28 @@ def class_maps(data_classes: list[str], metas) -> list:
     return maps
 
 
+def stop_between_batches(model, world_size: int) -> None:
+    """One process: a stop signal ends the pass at its next forward (the check runs before each).
+    Several: the ranks must leave together, or one waits in the next collective for a rank that
+    left; the evaluation loop agrees on a stop between batches for them (training/validation.py)."""
+    if world_size == 1:
+        model.register_forward_pre_hook(lambda module, inputs: interrupts.check())
+
+
 def run_evaluate(args) -> int:
+    """A stop signal (SIGTERM, SIGINT, SIGUSR1) before the last batch: one line, exit 0, no report
+    and no confusion matrix written (figures over part of a split would pass for the split's).
+    One that comes after it lets the finished report be written (well under a second)."""
+    interrupts.install()
+    try:
+        return _evaluate(args)
+    except Interrupted as e:
+        print(f"stopped by {e.signame} before the evaluation finished; no report or confusion matrix written",
+              file=sys.stderr, flush=True)
+        return 0
+
+
+def _evaluate(args) -> int:
     loaded = load_models(args.checkpoint)
     state, meta = loaded[0]
     cfg = checkpoint_config(state, args.overrides)
@@ -97,6 +120,7 @@ def run_evaluate(args) -> int:
     from emotion_dist.training.metrics import plot_confusion
     from emotion_dist.training.validation import Evaluator
 
+    interrupts.check()  # after the checkpoints and the heavy imports, before the process group
     info = process_group.detect_launch()
     env = process_group.init_distributed(cfg, info)
     setup_logging(env.rank, sys.stderr)
@@ -107,8 +131,17 @@ def run_evaluate(args) -> int:
         split = ds.test if args.split == "test" else ds.val
         if split is None:
             raise ConfigError(f"{ds.root} has no test split (test/ or val/ folder); pass --split val or data.root=PATH")
+        if not len(split):
+            raise ConfigError(f"the {args.split} split of {ds.root} holds no images; evaluate another split "
+                              f"(--split) or data set (data.root=PATH)")
         models = [model_from_state(s, p).to(env.device) for (s, _), p in zip(loaded, args.checkpoint)]  # no DDP
+        for m in models:
+            stop_between_batches(m, env.world_size)
+        interrupts.check()
         transform = BatchTransform(ds.channels, cfg.data.image_size, env.device, cfg.train.seed)
+        if env.is_main:  # on stderr: with --json, stdout holds the report alone
+            print(f"evaluating {len(split)} {args.split} images (TTA {args.tta}, {len(models)} model(s), "
+                  f"{env.world_size} process(es))", file=sys.stderr, flush=True)
         evaluator = Evaluator(transform=transform, env=env, classes=ds.classes, batch_size=cfg.train.batch_size,
                               precision=cfg.train.precision)
         res, cm = evaluator.evaluate(models[0], split, tta=args.tta, extra_models=models[1:],

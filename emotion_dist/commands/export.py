@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emotion_dist.distributed import interrupts
 from emotion_dist.errors import CheckpointError
 from emotion_dist.model import EmotionNet
 from emotion_dist.modelio import load_model
@@ -78,6 +79,7 @@ def output_path(checkpoint: str, fmt: str, out: str | None) -> Path:
 def export(checkpoint: str, fmt: str, out: str | None = None) -> Path:
     path = output_path(checkpoint, fmt, out)
     model, meta = load_model(checkpoint)
+    interrupts.check()  # a stop signal between phases: Interrupted, nothing written
     if fmt == "safetensors":
         from safetensors.torch import save
 
@@ -85,12 +87,14 @@ def export(checkpoint: str, fmt: str, out: str | None = None) -> Path:
                     metadata={"classes": json.dumps(meta["classes"])})
     else:
         data = onnx_bytes(model, meta["in_channels"], meta["image_size"])
+        interrupts.check()
         parity = onnx_parity(model, data, meta)  # verified before anything is written
         print(parity.line(), flush=True)
         if not parity.ok:
             raise CheckpointError(f"ONNX export of {checkpoint} refused, nothing written: {parity.failure()}")
         meta["onnx_max_abs_diff"] = parity.max_abs_diff
         meta["onnx_parity"] = parity.record()
+    interrupts.check()  # the last point at which nothing is written; the two writes take milliseconds
     atomic_write_bytes(path, data)
     atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
     return path

@@ -588,6 +588,7 @@ class _Build:
             f.truncate(HEADER_BYTES + len(keep) * row)
             f.flush()
             os.fsync(f.fileno())
+        interrupts.check()  # the last point before the rename; after it the metadata follows in milliseconds
         key = cache_key(self.content, size)
         os.replace(self.tmp, self.folder / f"{key}.npy")
         self.tmp = None
@@ -622,6 +623,7 @@ def _close_gaps(fd: int, keep: list[int], row: int) -> None:
     dest = 0
     for src, length in runs:
         for k in range(0, length, block):
+            interrupts.check()  # a block at a time (8 MiB): the temp file goes, the next start builds again
             n = min(block, length - k)
             if src + k != dest:
                 data = os.pread(fd, n * row, HEADER_BYTES + (src + k) * row)

@@ -18,6 +18,7 @@ import torch
 from emotion_dist.config import Config, ConfigError
 from emotion_dist.data.readers.base import RawSplit
 from emotion_dist.data.readers.factory import get_reader
+from emotion_dist.errors import DataError
 from emotion_dist.utils.fsutil import atomic_write_bytes
 
 log = logging.getLogger("emotion_dist")
@@ -114,12 +115,34 @@ def _decoded(split: RawSplit, channels: int, cache: Path, d) -> tuple[np.ndarray
     return dec.images, dec.labels, dec.files, list(dec.skipped), targets
 
 
+def check_splits_for_training(train: Split, val: Split, classes: list[str], *, val_fraction: Optional[float]) -> None:
+    """Training needs images in both splits: an empty one would train an epoch and then fail in
+    validation. One line, before any training, naming the fix. val_fraction: None when the data set
+    brings its own validation split (fer2013.csv's PublicTest rows), else the share carved from train."""
+    if not len(train):
+        raise DataError("the training split is empty (no image is left for training); add images to the data set")
+    if len(val):
+        return
+    if val_fraction is None:
+        raise DataError("the data set's own validation split is empty; give a data set whose validation split "
+                        "holds images")
+    per_class = np.bincount(train.targets(), minlength=len(classes))
+    raise DataError(f"the validation split is empty: data.val_fraction={val_fraction:g} takes images only from "
+                    f"classes with two or more, and the {len(train)} image(s) here are at most one per class "
+                    f"({', '.join(f'{c} {n}' for c, n in zip(classes, per_class.tolist()))}); add more images "
+                    f"(at least two per class)")
+
+
 def load_datasets(cfg: Config, root: Path, check_classes: bool = True) -> Datasets:
-    """The splits of the data set at `root` (check_classes: its class count must be model.num_classes;
-    evaluate checks against its checkpoints instead)."""
+    """The splits of the data set at `root`. check_classes, training's checks: its class count
+    must be model.num_classes and neither split may be empty (evaluate checks against its
+    checkpoints, and the split it reads, instead)."""
     d = cfg.data
     channels = cfg.model.in_channels
-    raw = get_reader(cfg).read(cfg, Path(root))
+    reader = get_reader(cfg)
+    raw = reader.read(cfg, Path(root))
+    if check_classes:
+        reader.check_for_training(raw)
     if check_classes and len(raw.classes) != cfg.model.num_classes:
         raise ConfigError(
             f"the data has {len(raw.classes)} classes ({', '.join(raw.classes)}) but model.num_classes="
@@ -148,6 +171,8 @@ def load_datasets(cfg: Config, root: Path, check_classes: bool = True) -> Datase
         train.index = train.index[keep]
     if d.limit:
         train.index = np.sort(train.index[np.random.default_rng(cfg.train.seed).permutation(len(train))[: d.limit]])
+    if check_classes:
+        check_splits_for_training(train, val, raw.classes, val_fraction=None if raw.val is not None else d.val_fraction)
     for f, why in skipped:
         log.warning("skipped unreadable image %s (%s)", f, why)
     return Datasets(classes=raw.classes, train=train, val=val, test=test, channels=channels, root=str(root),

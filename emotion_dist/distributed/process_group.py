@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,6 +23,7 @@ import torch.distributed as dist
 
 from emotion_dist import errors
 from emotion_dist.config import Config
+from emotion_dist.distributed import interrupts
 from emotion_dist.errors import ConfigError, LaunchError
 
 
@@ -143,6 +146,36 @@ def _init_error(e: Exception, info: LaunchInfo, timeout_s: float) -> LaunchError
     return LaunchError(f"the process group could not start ({text[:200]}); check the launch environment")
 
 
+RESOLVE_RETRY_S = 1.0
+
+
+def wait_for_master_addr(info: LaunchInfo, timeout_s: float) -> None:
+    """MASTER_ADDR resolved here, in Python, before torch's rendezvous: torch retries a name that
+    does not resolve for the whole dist.timeout_s, a warning line a second, and cannot be stopped by
+    a signal meanwhile. Retried (a cluster's DNS can lag a node's start), a stop signal acted on
+    between tries, one note while waiting, one line when it never resolves."""
+    start = time.monotonic()
+    noted = False
+    while True:
+        try:  # a resolver that does not answer holds the call for seconds, in C
+            with interrupts.stop_at_once(f"resolving MASTER_ADDR={info.master_addr}"):
+                socket.getaddrinfo(info.master_addr, info.master_port, type=socket.SOCK_STREAM)
+            return
+        except (socket.gaierror, UnicodeError) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+        waited = time.monotonic() - start
+        if waited >= timeout_s:
+            raise LaunchError(f"MASTER_ADDR={info.master_addr} does not resolve to an address ({reason}; waited "
+                              f"{waited:.0f} s, dist.timeout_s); set MASTER_ADDR to rank 0's host name or IP")
+        if not noted:
+            print(f"waiting for MASTER_ADDR={info.master_addr} to resolve ({reason}); up to {timeout_s:g} s "
+                  f"(dist.timeout_s)", file=sys.stderr, flush=True)
+            noted = True
+        for _ in range(10):  # a stop signal within RESOLVE_RETRY_S / 10
+            interrupts.check()
+            time.sleep(RESOLVE_RETRY_S / 10)
+
+
 def init_distributed(cfg: Config, info: LaunchInfo) -> DistEnv:
     device = select_device(cfg, info.local_rank)
     backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
@@ -152,13 +185,16 @@ def init_distributed(cfg: Config, info: LaunchInfo) -> DistEnv:
             store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout)
             dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
         else:
+            wait_for_master_addr(info, cfg.dist.timeout_s)
             kw = {"device_id": device} if backend == "nccl" else {}
             if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
                 # torchrun's restarted workers talk to the same agent store as the failed attempt;
                 # without a per-attempt prefix they can read the dead peers' addresses (gloo:
                 # "connectFullMesh failed ... Connection refused")
-                client = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False,
-                                       timeout=timeout)
+                where = f"{info.master_addr}:{info.master_port}"
+                with interrupts.stop_at_once(f"connecting to torchrun's store at {where}"):
+                    client = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False,
+                                           timeout=timeout)
                 attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
                 kw["store"] = dist.PrefixStore(f"emotion_dist/attempt_{attempt}", client)
             else:
@@ -166,7 +202,9 @@ def init_distributed(cfg: Config, info: LaunchInfo) -> DistEnv:
                 os.environ.setdefault("MASTER_PORT", str(info.master_port))
                 kw["init_method"] = "env://"
             try:
-                dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout, **kw)
+                with interrupts.stop_at_once("joining the process group (the rendezvous at "
+                                             f"{info.master_addr}:{info.master_port})"):
+                    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout, **kw)
             except (RuntimeError, ValueError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
                 raise _init_error(e, info, cfg.dist.timeout_s) from None
     from emotion_dist.distributed import liveness
@@ -250,14 +288,19 @@ def gather_objects(obj) -> list:
 
 
 def _error_box(e: BaseException):
-    """What a rank's user-facing error looks like on the wire: (class name, message)."""
-    return (type(e).__name__, str(e)) if isinstance(e, errors.UserError) else ("RuntimeError", repr(e))
+    """What a rank's user-facing error looks like on the wire: (class name, message). The class is
+    the nearest of errors.py's own (a RunDirBusy travels as the ConfigError it is), so that every
+    rank can raise it and ends with the same one line and exit code."""
+    if isinstance(e, (errors.UserError, errors.TrainingAborted)):
+        name = next(c.__name__ for c in type(e).__mro__ if getattr(errors, c.__name__, None) is c)
+        return name, str(e)
+    return "RuntimeError", repr(e)
 
 
 def _raise_box(box) -> None:
     name, message = box
     cls = getattr(errors, name, None)
-    raise (cls(message) if isinstance(cls, type) and issubclass(cls, errors.UserError)
+    raise (cls(message) if isinstance(cls, type) and issubclass(cls, (errors.UserError, errors.TrainingAborted))
            else RuntimeError(f"rank 0 failed: {message}"))
 
 

@@ -284,8 +284,11 @@ def plan_annotations(files: list[Path], out_dir: str) -> list[Path]:
 
 def iter_predictions(classifier: Classifier, files: list[Path], detect: bool = True,
                      annotations: Optional[list[Path]] = None) -> Iterator[tuple[Path, list[Face], Optional[str]]]:
-    """(file, its faces, or the message saying why there are none), one file at a time."""
+    """(file, its faces, or the message saying why there are none), one file at a time; ends early,
+    at a file boundary, once a stop signal has come (the caller says so: interrupts.requested())."""
     for i, path in enumerate(files):
+        if interrupts.requested():
+            return
         try:
             img = read_image(path)
             boxes, probs = classify_faces(classifier, img, detect)
@@ -376,8 +379,8 @@ def run_images(args) -> int:
     annotations = plan_annotations(files, args.out) if args.out else None
     if json_out:
         remove_stale_temps(json_out.parent)
+    interrupts.install()  # before the model loads (seconds with torch): a signal then stops before the first file
     classifier = load_classifier(args.checkpoint)
-    interrupts.install()
     faces, messages = [], []
     done = 0
     for _, found, message in iter_predictions(classifier, files, not args.no_detect, annotations):
@@ -391,9 +394,10 @@ def run_images(args) -> int:
                 x, y, w, h = f.box
                 print(f"{f.file}  box=({x},{y},{w},{h})  {f.label}  {f.probability:.3f}", flush=True)
         if interrupts.requested():
-            messages.append(f"stopped by {interrupts.requested()} after {done} of {len(files)} files")
-            print(messages[-1], file=sys.stderr, flush=True)
             break
+    if interrupts.requested():
+        messages.append(f"stopped by {interrupts.requested()} after {done} of {len(files)} files")
+        print(messages[-1], file=sys.stderr, flush=True)
     # printed and written alike, with the proof that lets a re-run replace the file
     document = with_proof({"emotion_dist": "predict", "faces": [asdict(f) for f in faces], "messages": messages})
     if args.json:

@@ -370,6 +370,7 @@ def _check_outputs(args, source: Source) -> tuple[Optional[Path], Optional[Path]
 def run_video(args, source: Source) -> int:
     every, smooth = args.every or 1, args.smooth or DEFAULT_SMOOTH
     out, json_out = _check_outputs(args, source)
+    interrupts.install()  # before the model loads: a signal then ends the stream before its first frame
     src = VideoSource(source, every)
     try:
         classifier = load_classifier(args.checkpoint)
@@ -381,7 +382,6 @@ def run_video(args, source: Source) -> int:
     human = not args.json and args.csv != "-"  # face lines on stdout unless stdout carries records
     print(f"{src.describe()}; every {every} frame(s), smoothing over {smooth}"
           + ("; stop with Ctrl-C" if src.camera else ""), file=sys.stderr, flush=True)
-    interrupts.install()
     video = records = None
     processed = faces = last = 0
     started = last_report = time.monotonic()
@@ -389,6 +389,8 @@ def run_video(args, source: Source) -> int:
         video = AnnotatedVideo(out, (src.fps or FALLBACK_FPS) / every, (src.width, src.height)) if out else None
         records = Records(classifier.classes, args.json, json_out, args.csv)
         for index, t, frame in src.frames():
+            if interrupts.requested():  # also one that came while the model loaded
+                break
             boxes, probs = classify_faces(classifier, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), not args.no_detect)
             found = [{"frame": index, "time": round(t, 3), "track": track.id, "box": list(track.box),
                       **face_record(classifier, track.smoothed())} for track in tracker.update(boxes, probs)]

@@ -46,6 +46,10 @@ class Reader:
     def read(self, cfg, root: Path) -> RawData:
         raise NotImplementedError
 
+    def check_for_training(self, raw: RawData) -> None:
+        """A reader's own one-line refusal of data that cannot train (its wording beats the generic
+        check's); evaluation reads the same data without it."""
+
 
 READERS: dict[str, type[Reader]] = {}
 

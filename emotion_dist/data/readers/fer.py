@@ -285,6 +285,20 @@ def read_fer_csv(path: str | Path, ferplus: str | Path | None = None, label_mode
     return FerData(kind=kind, classes=list(classes), splits=splits, skipped=skipped, excluded=excluded)
 
 
+def check_usage_rows(path: Path, counts: dict[str, int], skipped: int) -> None:
+    """Training reads Training rows and selects on PublicTest rows: a file without either (a header
+    alone, a Training-only extract) would train an epoch and fail in validation. Refused before
+    any training; PrivateTest rows are optional (no test pass without them)."""
+    usage = {split: name for name, split in SPLITS.items()}
+    missing = [usage[s] for s in ("train", "val") if not counts[s]]
+    if not missing:
+        return
+    held = ", ".join(f"{counts[s]} {usage[s]}" for s in SPLITS.values())
+    bad = f", {skipped} bad row(s) skipped" if skipped else ""
+    raise DataError(f"{path} has no usable {' or '.join(missing)} rows ({held}{bad}); training needs Training rows "
+                    f"(train) and PublicTest rows (validation): use the full fer2013.csv or icml_face_data.csv")
+
+
 # ------------------------------------------------------------------------------------ FER2013 CSV
 @register
 class FER2013CSVReader(Reader):
@@ -325,6 +339,11 @@ class FER2013CSVReader(Reader):
         return RawData(list(meta["classes"]), split("train"), split("val"), test if len(test) else None, str(root),
                        skipped=[tuple(s) for s in meta["skipped"]], label_mode=cfg.data.label_mode,
                        excluded=meta["excluded"])
+
+    def check_for_training(self, raw: RawData) -> None:
+        counts = {"train": len(raw.train), "val": len(raw.val) if raw.val is not None else 0,
+                  "test": len(raw.test) if raw.test is not None else 0}
+        check_usage_rows(Path(raw.root), counts, len(raw.skipped))
 
     def _cache_path(self, cfg) -> Path:
         import hashlib

@@ -8,6 +8,7 @@ Images are deterministic by (seed, split, index) and written once in the Kaggle 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -20,7 +21,14 @@ from emotion_dist.data.readers.base import register
 from emotion_dist.data.readers.folder import FolderReader
 from emotion_dist.distributed import interrupts
 from emotion_dist.errors import DataError
-from emotion_dist.utils.fsutil import claim_temp_dir, make_temp_dir, release_temp_dir, remove_stale_temps, temp_path
+from emotion_dist.utils.fsutil import (
+    claim_temp_dir,
+    disk_error,
+    make_temp_dir,
+    release_temp_dir,
+    remove_stale_temps,
+    temp_path,
+)
 
 CLASSES = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
 # FER2013 train counts: disgust is rare, happy common.
@@ -139,9 +147,63 @@ def check_target(out: Path) -> None:
         )
 
 
+BYTES_PER_IMAGE = 4096  # a 48 px JPEG is ~1.5 kB, but a small file takes a whole block on most filesystems
+
+
+def _write_error(e: OSError, folder: Path, images: int) -> DataError:
+    """A full (or unwritable) disk during generation: one line naming the folder and the space."""
+    need = images * BYTES_PER_IMAGE
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    room = f"about {need / 1e6:.1f} MB for {images} images"
+    if free is not None:
+        room += f", {free / 1e6:.1f} MB free"
+    return DataError(disk_error(e, f"the synthetic faces in {folder} ({room})",
+                                "free space, or generate them on a larger disk (data.root, run.cache_dir or --out)"))
+
+
+def _draw_all(tmp: Path, spec: dict) -> None:
+    for split_id, (split, total) in enumerate((("train", spec["train"]), ("test", spec["test"]))):
+        index = 0
+        for label, count in enumerate(class_counts(total)):
+            folder = tmp / split / split / CLASSES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            for _ in range(count):
+                interrupts.check()
+                face = draw_face(label, _image_rng(spec["seed"], split_id, index))
+                face.save(folder / f"{index:06d}.jpg", quality=92)
+                index += 1
+    (tmp / MARKER).write_text(json.dumps(spec))
+
+
+def _move_into_place(tmp: Path, out: Path, spec: dict) -> None:
+    """Rename the finished temp folder to `out`. Another job that generated the same set at the
+    same time (two runs sharing one fresh run.cache_dir) may have won the race: its set is the same
+    bytes, so ours is dropped and theirs is used; never is a set that someone may be reading
+    moved aside."""
+    if out.exists() and _marker(out) != spec:  # empty, or a synthetic set of another spec: moved aside, then removed
+        old = temp_path(out.with_name(out.name + "-old"))
+        try:
+            os.replace(out, old)
+            claim_temp_dir(old)  # a removal cut short is finished by the next start
+            shutil.rmtree(old)
+        except FileNotFoundError:  # another job moved it first
+            pass
+    release_temp_dir(tmp)  # the finished set carries no owner record
+    try:
+        os.rename(tmp, out)  # atomic; onto an existing non-empty folder it fails instead of replacing it
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or _marker(out) != spec:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def generate(out: str | os.PathLike, n_train: int, n_test: int, seed: int = 0) -> Path:
     """Write the dataset under `out` unless an identical one is already complete there. Built in a
-    temp folder beside it and renamed into place, so `out` is never half-written; a stop signal
+    temp folder beside it (private to this process) and renamed into place, so `out` is never
+    half-written and concurrent writers of the same set both end with the winner's; a stop signal
     removes the temp folder (Interrupted), and one a killed process left is removed next time."""
     out = Path(out)
     spec = {"version": FORMAT_VERSION, "train": n_train, "test": n_test, "seed": seed}
@@ -152,23 +214,11 @@ def generate(out: str | os.PathLike, n_train: int, n_test: int, seed: int = 0) -
     remove_stale_temps(out.parent)
     tmp = make_temp_dir(out)  # with its owner record: a killed run's leftover is provably ours
     try:
-        for split_id, (split, total) in enumerate((("train", n_train), ("test", n_test))):
-            index = 0
-            for label, count in enumerate(class_counts(total)):
-                folder = tmp / split / split / CLASSES[label]
-                folder.mkdir(parents=True, exist_ok=True)
-                for _ in range(count):
-                    interrupts.check()
-                    draw_face(label, _image_rng(seed, split_id, index)).save(folder / f"{index:06d}.jpg", quality=92)
-                    index += 1
-        (tmp / MARKER).write_text(json.dumps(spec))
-        if out.exists():  # empty, or a synthetic set of another spec: moved aside, then removed
-            old = temp_path(out.with_name(out.name + "-old"))
-            os.replace(out, old)
-            claim_temp_dir(old)  # a removal cut short is finished by the next start
-            shutil.rmtree(old)
-        release_temp_dir(tmp)
-        os.replace(tmp, out)
+        try:
+            _draw_all(tmp, spec)
+        except OSError as e:
+            raise _write_error(e, out.parent, n_train + n_test) from None
+        _move_into_place(tmp, out, spec)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
