@@ -27,6 +27,7 @@ def write_fer(path: Path, rows, header: str = FER_HEADER) -> Path:
             continue
         emotion, px, usage = row
         lines.append(f"{emotion},{px},{usage}" if header == FER_HEADER else f"{emotion},{usage},{px}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
     return Path(path)
 

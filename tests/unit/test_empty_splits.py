@@ -27,7 +27,7 @@ def _load(tmp_path, root, *extra, check_classes=True):
     ([], "Training or PublicTest"),  # the header alone
 ])
 def test_fer_csv_without_training_or_publictest_rows_is_refused_before_training(tmp_path, usages, missing):
-    csv = write_fer(tmp_path / "fer2013.csv", [(str(i % 7), _face(i), u) for i, u in enumerate(usages)], FER_HEADER)
+    csv = write_fer(tmp_path / "data" / "fer2013.csv", [(str(i % 7), _face(i), u) for i, u in enumerate(usages)], FER_HEADER)
     with pytest.raises(DataError) as e:
         _load(tmp_path, csv, "model.num_classes=7")
     msg = str(e.value)
@@ -37,9 +37,9 @@ def test_fer_csv_without_training_or_publictest_rows_is_refused_before_training(
 
 def test_fer_csv_with_every_split_trains_and_a_test_only_file_still_evaluates(tmp_path):
     rows = [(str(i % 7), _face(i), u) for i, u in enumerate(["Training"] * 7 + ["PublicTest"] * 7)]
-    ds = _load(tmp_path, write_fer(tmp_path / "fer2013.csv", rows, FER_HEADER), "model.num_classes=7")
+    ds = _load(tmp_path, write_fer(tmp_path / "data" / "fer2013.csv", rows, FER_HEADER), "model.num_classes=7")
     assert len(ds.train) == 7 and len(ds.val) == 7 and ds.test is None
-    test_only = write_fer(tmp_path / "private.csv", [(str(i % 7), _face(i), "PrivateTest") for i in range(7)])
+    test_only = write_fer(tmp_path / "data" / "private.csv", [(str(i % 7), _face(i), "PrivateTest") for i in range(7)])
     ds = _load(tmp_path, test_only, check_classes=False)  # what evaluate reads: no training checks
     assert len(ds.test) == 7
 
