@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait

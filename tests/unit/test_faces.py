@@ -19,7 +19,7 @@ from emotion_dist.distributed import interrupts
 from emotion_dist.errors import ConfigError
 from emotion_dist.inference import faces as faces_mod
 from emotion_dist.inference.align import aligned_crop, box_crop, face_crop
-from emotion_dist.inference.faces import HaarDetector, RetinaFaceDetector, get_detector
+from emotion_dist.inference.faces import RetinaFaceDetector, get_detector
 from emotion_dist.inference.pipeline import classify_faces
 
 cv2 = pytest.importorskip("cv2")
