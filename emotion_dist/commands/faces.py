@@ -31,7 +31,8 @@ from emotion_dist.distributed import interrupts
 from emotion_dist.errors import ConfigError, DataError
 from emotion_dist.inference.align import face_crop
 from emotion_dist.inference.faces import HaarDetector, RetinaFaceDetector, get_detector
-from emotion_dist.utils.fsutil import atomic_write_bytes, atomic_write_json, json_written_by_us, remove_stale_temps
+from emotion_dist.utils.fsutil import (atomic_write_bytes, atomic_write_json, disk_error, json_written_by_us,
+                                       remove_stale_temps)
 from emotion_dist.utils.output import MARKER, check_json_out, emit, human
 
 REPORT = "faces_report.json"
@@ -145,7 +146,11 @@ class Worker:
             result.error = "unreadable (not an image, truncated or unsupported format)"
             return result
         img = img[:, :, 0] if img.shape[2] == 1 else img
-        faces = [f for f in self._detector().detect(img) if min(f.box[2:]) >= self.min_size]
+        try:
+            faces = [f for f in self._detector().detect(img) if min(f.box[2:]) >= self.min_size]
+        except Exception as e:  # OpenCV or onnxruntime on a picture it cannot handle: this photo only
+            result.error = f"failed ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})"
+            return result
         result.faces = len(faces)
         if len(faces) > 1:
             faces = faces[:1] if self.multi == "largest" else [] if self.multi == "skip" else faces
@@ -187,13 +192,17 @@ def run_data_faces(args) -> int:
           f"{workers} worker(s), {args.detector}, crops {args.size}px at {geometry.spec()}", file=stream, flush=True)
     interrupts.install()
     started = time.monotonic()
-    with open(out / JOURNAL, "a", encoding="utf-8") as journal:
-        for result in _run_pool(worker, todo, workers, stream):
-            entry = {"photo": result.photo.key(), "crops": result.crops, "faces": result.faces,
-                     "error": result.error, "settings": settings}
-            journal.write(json.dumps(entry) + "\n")
-            journal.flush()
-            done[entry["photo"]] = entry
+    try:
+        with open(out / JOURNAL, "a", encoding="utf-8") as journal:
+            for result in _run_pool(worker, todo, workers, stream):
+                entry = {"photo": result.photo.key(), "crops": result.crops, "faces": result.faces,
+                         "error": result.error, "settings": settings}
+                journal.write(json.dumps(entry) + "\n")
+                journal.flush()
+                done[entry["photo"]] = entry
+    except OSError as e:  # a full disk or a read-only --out: what is written stays, the next run carries on
+        raise ConfigError(f"--out {printable(out)}: {disk_error(e, 'the face crops')}; then run the command again "
+                          f"to carry on") from None
     stopped = interrupts.requested()
     report = build_report(photos, done, raw=raw, out=out, settings=settings, stopped=stopped)
     atomic_write_json(out / REPORT, report)
