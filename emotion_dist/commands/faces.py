@@ -212,6 +212,14 @@ def run_data_faces(args) -> int:
           f"{len(report['several_faces'])} with several, {len(report['unreadable'])} unreadable; report "
           f"{printable(out / REPORT)}" + ("; run the command again to carry on" if stopped else ""),
           file=stream, flush=True)
+    empty = sorted({f"{split}/{label}" if split != "all" else label
+                    for split, classes in report["counts"].items() for label, n in classes.items() if not n})
+    if empty:
+        print(f"warning: no crops for {', '.join(empty)}: training needs images in every class folder of every split",
+              file=stream, flush=True)
+    if report["complete"]:
+        print(f"train on it: emotion-dist train data.source=folder data.root={printable(out)} "
+              f"data.face_crop={geometry.spec()}", file=stream, flush=True)
     emit(args, report)
     if json_out:
         atomic_write_json(json_out, report)
