@@ -124,7 +124,7 @@ def check_out_is_ours(out: Path) -> None:
 
 
 class Worker:
-    """One photo -> its crops; a detector per thread (an onnxruntime session runs one call at a time)."""
+    """One photo -> its crops; a detector per thread, each on one onnxruntime thread: N workers use N cores."""
 
     def __init__(self, *, out: Path, detector: str, geometry: FaceCrop, size: int, min_size: int, multi: str):
         self.out, self.detector, self.geometry = out, detector, geometry

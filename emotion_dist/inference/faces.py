@@ -175,16 +175,14 @@ class RetinaFaceDetector(FaceDetector):
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(retinaface_onnx(), options, providers=["CPUExecutionProvider"])
-        self.min_score = min_score
-        self._lock = threading.Lock()  # one run at a time per session keeps thread counts as asked
+        self.min_score = min_score  # InferenceSession.run is thread-safe: one detector serves a threaded server
 
     def _detect(self, image: np.ndarray) -> list[Face]:
         import cv2
 
         rgb = np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image
         x = (rgb[:, :, ::-1].astype(np.float32) - BGR_MEAN).transpose(2, 0, 1)[None]
-        with self._lock:
-            loc, conf, marks = self.session.run(None, {"input": np.ascontiguousarray(x)})
+        loc, conf, marks = self.session.run(None, {"input": np.ascontiguousarray(x)})
         h, w = image.shape[:2]
         scores = conf[0, :, 1]
         keep = np.flatnonzero(scores > self.min_score)

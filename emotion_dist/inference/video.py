@@ -356,7 +356,7 @@ def run_video(args, source: Source) -> int:
     tracker = IoUTracker(IOU_THRESHOLD, MAX_MISSED, smooth)
     human = not args.json and args.csv != "-"  # face lines on stdout unless stdout carries records
     print(f"{src.describe()}; every {every} frame(s), "
-          + (f"faces detected on every {detect_every}th of them and held in between, " if detect_every > 1 else "")
+          + (f"faces detected on every {detect_every}-th of them and held in between, " if detect_every > 1 else "")
           + f"smoothing over {smooth}"
           + ("; stop with Ctrl-C" if src.camera else ""), file=sys.stderr, flush=True)
     interrupts.install()
