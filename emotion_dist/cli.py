@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "each at data.face_crop's geometry (aligned by 5 landmarks) and writes one image per face "
                           "into --out in the same layout, plus faces_report.json. RAW is only read. Run it again to "
                           "carry on after a stop: crops already written are kept.")
-    fc.add_argument("--from", dest="raw", required=True, metavar="RAW", help="the photos: class folders or train/ + test/")
+    fc.add_argument("--from", dest="raw", required=True, metavar="RAW",
+                    help="the photos: class folders or train/ + test/")
     fc.add_argument("--out", required=True, metavar="DIR", help="the face data set to write (not inside RAW)")
     fc.add_argument("--multi", choices=["largest", "all", "skip"], default="largest",
                     help="a photo with several faces: keep the largest (default), all, or skip the photo")

@@ -75,7 +75,8 @@ def parse_face_crop(value: Union[str, dict, None], key: str = "data.face_crop") 
     names = {f.name for f in dataclasses.fields(FaceCrop)}
     unknown = sorted(set(value) - names)
     if unknown:
-        raise ConfigError(f"{key}: unknown part {', '.join(map(str, unknown))}; the parts are {', '.join(sorted(names))}")
+        raise ConfigError(f"{key}: unknown part {', '.join(map(str, unknown))}; the parts are "
+                          f"{', '.join(sorted(names))}")
     numbers = {}
     for name, raw in value.items():
         try:

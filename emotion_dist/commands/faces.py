@@ -31,8 +31,13 @@ from emotion_dist.distributed import interrupts
 from emotion_dist.errors import ConfigError, DataError
 from emotion_dist.inference.align import face_crop
 from emotion_dist.inference.faces import HaarDetector, RetinaFaceDetector, get_detector
-from emotion_dist.utils.fsutil import (atomic_write_bytes, atomic_write_json, disk_error, json_written_by_us,
-                                       remove_stale_temps)
+from emotion_dist.utils.fsutil import (
+    atomic_write_bytes,
+    atomic_write_json,
+    disk_error,
+    json_written_by_us,
+    remove_stale_temps,
+)
 from emotion_dist.utils.output import MARKER, check_json_out, emit, human
 
 REPORT = "faces_report.json"
@@ -86,8 +91,9 @@ def list_photos(raw: Path) -> list[Photo]:
     for split, root in roots:
         for cls in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for f in sorted(cls.rglob("*")):
-                if f.is_file() and is_image_file(f) and not any(part.startswith(".") for part in f.relative_to(cls).parts):
-                    photos.append(Photo(f, split, cls.name, "__".join(f.relative_to(cls).parts)))
+                parts = f.relative_to(cls).parts
+                if f.is_file() and is_image_file(f) and not any(part.startswith(".") for part in parts):
+                    photos.append(Photo(f, split, cls.name, "__".join(parts)))
     if not photos:
         raise DataError(f"--from {printable(raw)} holds no images in class folders; the layout is RAW/<class>/*.jpg "
                         f"or RAW/train/<class>/*.jpg + RAW/test/<class>/*.jpg")
@@ -181,8 +187,9 @@ def run_data_faces(args) -> int:
                 "min_size": args.min_size}
     done = read_journal(out)
     if done and any(e.get("settings") != settings for e in done.values()):
-        raise ConfigError(f"--out {printable(out)} was started with other settings "
-                          f"({next(iter(done.values())).get('settings')}); give the same ones to carry on, or a new --out")
+        earlier = next(iter(done.values())).get("settings")
+        raise ConfigError(f"--out {printable(out)} was started with other settings ({earlier}); give the same ones "
+                          f"to carry on, or a new --out")
     todo = [p for p in photos if p.key() not in done or not all((out / c).is_file() for c in done[p.key()]["crops"])]
     workers = args.workers or min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
     worker = Worker(out=out, detector=args.detector, geometry=geometry, size=args.size, min_size=args.min_size,

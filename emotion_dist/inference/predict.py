@@ -21,15 +21,21 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from emotion_dist.distributed import interrupts
-from emotion_dist.utils import filekind
 from emotion_dist.config import parse_face_crop
-from emotion_dist.errors import CheckpointError, ConfigError
-from emotion_dist.utils.fsutil import (atomic_write_bytes, atomic_write_json, disk_error, guard_output, json_written_by_us,
-                     remove_stale_temps)
 from emotion_dist.data.images import IMAGE_EXTS, printable, read_uint8
+from emotion_dist.distributed import interrupts
+from emotion_dist.errors import CheckpointError, ConfigError
 from emotion_dist.inference.faces import DEFAULT_DETECTOR, get_detector
 from emotion_dist.inference.pipeline import classify_faces, face_record  # noqa: F401  (face_record: for callers)
+from emotion_dist.utils import filekind
+from emotion_dist.utils.fsutil import (
+    atomic_write_bytes,
+    atomic_write_json,
+    disk_error,
+    guard_output,
+    json_written_by_us,
+    remove_stale_temps,
+)
 
 MARK = "emotion-dist predict"  # in the PNGs and videos it writes, so a re-run may replace them
 UNREADABLE = "unreadable (not an image, truncated or unsupported format)"
@@ -153,6 +159,9 @@ def read_image(path: Path) -> np.ndarray:
     return img[:, :, 0] if img.shape[2] == 1 else img
 
 
+BOXES_FORMAT = '{"file": PATH, "box": [x, y, w, h]}'
+
+
 def read_boxes(path: str) -> dict[Path, list[tuple[int, int, int, int]]]:
     """`predict --boxes FILE.json`: [{"file": PATH, "box": [x, y, w, h]}, ...], faces already found
     (several entries for several faces of one file); relative paths are taken from the current
@@ -161,12 +170,11 @@ def read_boxes(path: str) -> dict[Path, list[tuple[int, int, int, int]]]:
     try:
         entries = json.loads(Path(path).read_bytes())
     except FileNotFoundError:
-        raise ConfigError(f"--boxes {where} does not exist; give a JSON list of {{\"file\": ..., \"box\": [x, y, w, h]}}") from None
+        raise ConfigError(f"--boxes {where} does not exist; give a JSON list of {BOXES_FORMAT}") from None
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--boxes {where} is not readable JSON ({e}); give a JSON list of "
-                          f"{{\"file\": ..., \"box\": [x, y, w, h]}}") from None
+        raise ConfigError(f"--boxes {where} is not readable JSON ({e}); give a JSON list of {BOXES_FORMAT}") from None
     if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"--boxes {where} must hold a non-empty JSON list of {{\"file\": ..., \"box\": [x, y, w, h]}}")
+        raise ConfigError(f"--boxes {where} must hold a non-empty JSON list of {BOXES_FORMAT}")
     boxes: dict[Path, list] = {}
     for i, e in enumerate(entries):
         box = e.get("box") if isinstance(e, dict) else None

@@ -28,15 +28,15 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
-from emotion_dist.distributed import interrupts
-from emotion_dist.utils import filekind
-from emotion_dist.errors import ConfigError, DataError
-from emotion_dist.utils.fsutil import guard_output, remove_stale_temps, temp_path
 from emotion_dist.data.images import printable
+from emotion_dist.distributed import interrupts
+from emotion_dist.errors import ConfigError, DataError
 from emotion_dist.inference.faces import get_detector
 from emotion_dist.inference.pipeline import classify_found, face_record, find_faces
 from emotion_dist.inference.predict import MARK, NO_FACE, draw, load_classifier
 from emotion_dist.inference.tracking import IoUTracker
+from emotion_dist.utils import filekind
+from emotion_dist.utils.fsutil import guard_output, remove_stale_temps, temp_path
 
 VIDEO_EXTS = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts"})
 DEFAULT_SMOOTH = 5  # processed frames averaged per track (1 = raw probabilities)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -19,8 +18,8 @@ def test_onnx_predict_with_retinaface_imports_no_torch(tiny_model, tmp_path):
             "from emotion_dist import cli\n"
             "out = io.StringIO()\n"
             "with contextlib.redirect_stdout(out):\n"
-            f"    rc = cli.main(['predict', '--checkpoint', {str(tiny_model.onnx)!r}, {str(PHOTOS / 'astronaut.png')!r},"
-            " '--json'])\n"
+            f"    rc = cli.main(['predict', '--checkpoint', {str(tiny_model.onnx)!r},"
+            f" {str(PHOTOS / 'astronaut.png')!r}, '--json'])\n"
             "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules, 'doc': json.loads(out.getvalue())}))\n")
     result = json.loads(run([sys.executable, "-c", code]).stdout)
     assert result["rc"] == 0 and result["torch"] is False

@@ -163,6 +163,7 @@ def test_aligned_crop_puts_the_eyes_where_the_geometry_says(retina, astronaut):
 
 def test_face_crop_setting_is_checked_and_recorded(tmp_path):
     from conftest import write_checkpoint
+
     from emotion_dist.config import load_config
     from emotion_dist.modelio import load_checkpoint, model_meta, read_meta
 
