@@ -89,6 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test", type=int, default=700, help="test images (default 700)")
     s.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     add_output_args(s, "where the data set went and its sizes")
+    fc = _sub(dsub, "faces", "turn a folder of photos into an aligned face data set that training reads",
+              description="Detects the faces in RAW (class folders, or train/ + test/ with class folders), crops "
+                          "each at data.face_crop's geometry (aligned by 5 landmarks) and writes one image per face "
+                          "into --out in the same layout, plus faces_report.json. RAW is only read. Run it again to "
+                          "carry on after a stop: crops already written are kept.")
+    fc.add_argument("--from", dest="raw", required=True, metavar="RAW",
+                    help="the photos: class folders or train/ + test/")
+    fc.add_argument("--out", required=True, metavar="DIR", help="the face data set to write (not inside RAW)")
+    fc.add_argument("--multi", choices=["largest", "all", "skip"], default="largest",
+                    help="a photo with several faces: keep the largest (default), all, or skip the photo")
+    fc.add_argument("--size", type=_positive_int, default=112, metavar="PX",
+                    help="side of the square crops in pixels (default 112)")
+    fc.add_argument("--detector", choices=["retinaface", "haar"], default="retinaface",
+                    help="retinaface (default, aligned crops) or haar (box crops)")
+    fc.add_argument("--face-crop", default=None, metavar="SPEC",
+                    help="the crop geometry, margin=M,eye_y=Y,eye_distance=D (default: data.face_crop's default); "
+                         "train on the result with the same data.face_crop")
+    fc.add_argument("--min-size", type=_positive_int, default=24, metavar="PX",
+                    help="ignore faces whose box is smaller than this many pixels (default 24)")
+    fc.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                    help="photos processed at once (default: the CPU count, at most 8)")
+    add_output_args(fc, "the report (counts, files with no face or several faces)")
     dc = _sub(dsub, "cache", "decode the configured data set into its cache ahead of training (e.g. in a Slurm job "
                              "of its own) and report images, seconds, img/s per core, size on disk and peak memory")
     _config_args(dc)
@@ -135,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "frames (default 5; 1 = raw)")
     pr.add_argument("--no-detect", action="store_true",
                     help="each image (or frame) is one face crop (FER-style inputs)")
+    pr.add_argument("--detector", choices=["retinaface", "haar"], default="retinaface",
+                    help="the face detector: retinaface (default; 5 landmarks, faces aligned by them) or haar "
+                         "(OpenCV's cascade, boxes only)")
+    pr.add_argument("--no-align", action="store_true",
+                    help="crop the detector's box grown by the model's face_crop margin even where there are "
+                         "landmarks (default: aligned by the landmarks)")
+    pr.add_argument("--boxes", default=None, metavar="FILE.json",
+                    help='images: the faces already found, a JSON list of {"file": PATH, "box": [x, y, w, h]}; '
+                         "detection is skipped and the files come from the list")
+    pr.add_argument("--detect-every", type=_positive_int, default=None, metavar="N",
+                    help="video/camera: run the detector on every N-th processed frame and hold the faces it "
+                         "found in between (default 1 = every processed frame)")
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX (verified with onnxruntime) or safetensors")
     x.add_argument("--checkpoint", required=True, help="a .pt checkpoint")
@@ -224,6 +258,10 @@ def _run(args) -> int:
         return run_training(args.config, args.overrides, args)
     if args.command == "config":
         return _config_keys(args)
+    if args.command == "data" and args.data_command == "faces":
+        from emotion_dist.commands.faces import run_data_faces
+
+        return run_data_faces(args)
     if args.command == "data" and args.data_command == "cache":
         from emotion_dist.commands.data import run_data_cache
 

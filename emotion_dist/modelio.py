@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from emotion_dist.config import config_from_dict
+from emotion_dist.config import config_from_dict, parse_face_crop
 from emotion_dist.errors import CheckpointError, ConfigError
 from emotion_dist.model import EmotionNet
 from emotion_dist.modelmeta import (
@@ -81,12 +81,19 @@ class CheckpointMeta:
     strategy: str = "ddp"
     run_id: Optional[str] = None
     format_version: int = FORMAT_VERSION
+    # where the face sits in the training crops (config.FaceCrop as a dict); None: the run's data.face_crop
+    face_crop: Optional[dict] = None
+
+    def __post_init__(self):
+        if self.face_crop is None:
+            self.face_crop = face_crop_of(self.config)
 
     def to_state(self) -> dict:
         return {"class_names": list(self.classes), "image_size": self.image_size, "data_size": self.data_size,
                 "in_channels": self.in_channels, "normalization": self.normalization, "label_mode": self.label_mode,
                 "config": self.config, "world_size": self.world_size, "num_nodes": self.num_nodes,
-                "strategy": self.strategy, "run_id": self.run_id, "format_version": self.format_version}
+                "strategy": self.strategy, "run_id": self.run_id, "format_version": self.format_version,
+                "face_crop": self.face_crop}
 
 
 METADATA_KEYS = ("class_names", "image_size", "in_channels", "normalization")
@@ -243,7 +250,17 @@ def read_meta(state: dict, path: str | os.PathLike = "checkpoint") -> Checkpoint
         world_size=int(state.get("world_size", 1)), num_nodes=int(state.get("num_nodes", 1)),
         strategy=state.get("strategy", "ddp"), run_id=state.get("run_id"),
         format_version=int(state.get("format_version", 0)),
+        face_crop=state.get("face_crop") or face_crop_of(state.get("config", {}), path),
     )
+
+
+def face_crop_of(config: dict, path: str | os.PathLike = "checkpoint") -> dict:
+    """The crop geometry a run's config names; checkpoints from before the key hold the default."""
+    data = config.get("data") if isinstance(config, dict) else None
+    try:
+        return parse_face_crop(data.get("face_crop") if isinstance(data, dict) else None).to_dict()
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its config's {e}") from None
 
 
 def model_meta(meta: CheckpointMeta) -> dict:
@@ -256,6 +273,7 @@ def model_meta(meta: CheckpointMeta) -> dict:
         "in_channels": meta.in_channels,
         "normalization": meta.normalization,
         "label_mode": meta.label_mode,
+        "face_crop": meta.face_crop,
         "input": "float32 N x C x H x W, (pixel/255 - mean) / std",
         "output": "logits N x num_classes",
     }

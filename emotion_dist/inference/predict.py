@@ -1,6 +1,7 @@
-"""`emotion-dist predict`: find faces with OpenCV's bundled Haar cascade, classify each with a
-checkpoint (.pt, PyTorch) or an exported model (.onnx, onnxruntime: no torch at run time).
-Still images here; video files and cameras in `video.py`.
+"""`emotion-dist predict`: find faces (faces.py: RetinaFace by default, `--detector haar`, or the
+boxes of `--boxes FILE.json`), crop them at the model's training geometry (align.py) and classify
+each with a checkpoint (.pt, PyTorch) or an exported model (.onnx, onnxruntime: no torch at run
+time), through pipeline.classify_faces. Still images here; video files and cameras in `video.py`.
 
 Output: one human line per face on stdout as each file is done, and a message on stderr for each
 file without a result. With `--json`, stdout holds exactly one JSON document (printed at the end)
@@ -10,9 +11,9 @@ is a message, never the end of the batch; a stop signal ends the batch with what
 
 from __future__ import annotations
 
-import functools
 import io
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,9 +21,12 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from emotion_dist.config import parse_face_crop
 from emotion_dist.data.images import IMAGE_EXTS, printable, read_uint8
 from emotion_dist.distributed import interrupts
 from emotion_dist.errors import CheckpointError, ConfigError
+from emotion_dist.inference.faces import DEFAULT_DETECTOR, get_detector
+from emotion_dist.inference.pipeline import classify_faces, face_record  # noqa: F401  (face_record: for callers)
 from emotion_dist.modelmeta import meta_problems, type_name
 from emotion_dist.utils import filekind
 from emotion_dist.utils.fsutil import (
@@ -37,9 +41,6 @@ from emotion_dist.utils.fsutil import (
 )
 from emotion_dist.utils.paths import check_outside_data
 
-MAX_DETECT_SIDE = 1024  # huge photos are searched downscaled; boxes are mapped back
-MIN_FACE_FRACTION = 1 / 16  # faces smaller than this share of the shorter side are too small to read
-MARGIN = 0.15
 MARK = "emotion-dist predict"  # in the PNGs and videos it writes, so a re-run may replace them
 UNREADABLE = "unreadable (not an image, truncated or unsupported format)"
 NO_FACE = "no face found (use --no-detect for images that are already face crops)"
@@ -51,6 +52,9 @@ EXPORT_FIX = "re-run emotion-dist export --format onnx to write the model and it
 class Face:
     file: str
     box: list[int]  # x, y, w, h in the original image
+    score: Optional[float]  # the detector's confidence (None: Haar, --boxes, --no-detect)
+    landmarks: Optional[list]  # [[x, y] x 5] (faces.LANDMARK_NAMES), None where the detector has none
+    aligned: bool  # cropped by the landmarks at the model's face_crop geometry, else the box crop
     label: str
     probability: float
     probabilities: dict
@@ -65,6 +69,10 @@ class Classifier:
         self.channels = meta["in_channels"]
         self.mean = np.asarray(meta["normalization"]["mean"], np.float32).reshape(1, -1, 1, 1)
         self.std = np.asarray(meta["normalization"]["std"], np.float32).reshape(1, -1, 1, 1)
+        try:  # where the face sits in the training crops; files from before the key: the default
+            self.geometry = parse_face_crop(meta.get("face_crop"), key="face_crop")
+        except ConfigError as e:
+            raise CheckpointError(f"the model's {e}; {EXPORT_FIX}") from None
 
     def preprocess(self, crops: list[np.ndarray]) -> np.ndarray:
         import cv2
@@ -178,48 +186,34 @@ def read_image(path: Path) -> np.ndarray:
     return img[:, :, 0] if img.shape[2] == 1 else img
 
 
-@functools.cache
-def _face_cascade():
-    import cv2
-
-    return cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+BOXES_FORMAT = '{"file": PATH, "box": [x, y, w, h]}'
 
 
-def detect_faces(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
-    import cv2
-
-    cascade = _face_cascade()  # parsed once, not per image
-    scale = min(1.0, MAX_DETECT_SIDE / max(gray.shape))
-    small = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else gray
-    side = max(40, int(min(small.shape) * MIN_FACE_FRACTION))
-    found = cascade.detectMultiScale(small, scaleFactor=1.1, minNeighbors=5, minSize=(side, side))
-    return [tuple(int(round(v / scale)) for v in box) for box in found]
-
-
-def crop(img: np.ndarray, box, margin: float = MARGIN) -> np.ndarray:
-    x, y, w, h = box
-    mx, my = int(w * margin), int(h * margin)
-    return img[max(0, y - my): y + h + my, max(0, x - mx): x + w + mx]
-
-
-def classify_faces(classifier: Classifier, img: np.ndarray, detect: bool = True) -> tuple[list, np.ndarray]:
-    """Boxes (x, y, w, h) and raw probabilities (faces x classes) for one picture: H x W gray or
-    H x W x 3 RGB. Without `detect` the whole picture is one face."""
-    import cv2
-
-    gray = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-    boxes = detect_faces(gray) if detect else [(0, 0, img.shape[1], img.shape[0])]
-    if not boxes:
-        return [], np.zeros((0, len(classifier.classes)))
-    source = gray if classifier.channels == 1 else (cv2.cvtColor(img, cv2.COLOR_GRAY2RGB) if img.ndim == 2 else img)
-    return boxes, classifier.probabilities([crop(source, b, MARGIN if detect else 0.0) for b in boxes])
-
-
-def face_record(classifier: Classifier, p: np.ndarray) -> dict:
-    """label, probability and per-class probabilities of one face."""
-    k = int(p.argmax())
-    return {"label": classifier.classes[k], "probability": float(p[k]),
-            "probabilities": {c: round(float(v), 6) for c, v in zip(classifier.classes, p)}}
+def read_boxes(path: str) -> dict[Path, list[tuple[int, int, int, int]]]:
+    """`predict --boxes FILE.json`: [{"file": PATH, "box": [x, y, w, h]}, ...], faces already found
+    (several entries for several faces of one file); relative paths are taken from the current
+    folder. Checked before any work: one line naming the entry to fix."""
+    where = printable(path)
+    try:
+        entries = json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"--boxes {where} does not exist; give a JSON list of {BOXES_FORMAT}") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--boxes {where} is not readable JSON ({e}); give a JSON list of {BOXES_FORMAT}") from None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"--boxes {where} must hold a non-empty JSON list of {BOXES_FORMAT}")
+    boxes: dict[Path, list] = {}
+    for i, e in enumerate(entries):
+        box = e.get("box") if isinstance(e, dict) else None
+        ok = (isinstance(e, dict) and isinstance(e.get("file"), str) and e["file"] and isinstance(box, list)
+              and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                        for v in box)
+              and box[0] >= 0 and box[1] >= 0 and box[2] >= 1 and box[3] >= 1)
+        if not ok:
+            raise ConfigError(f"--boxes {where}: entry {i} is {json.dumps(e)[:80]}; each entry is "
+                              f"{{\"file\": PATH, \"box\": [x, y, w, h]}} with x, y >= 0 and w, h >= 1 pixels")
+        boxes.setdefault(Path(e["file"]), []).append(tuple(int(round(v)) for v in box))
+    return boxes
 
 
 def iter_images(inputs: list[str]) -> list[Path]:
@@ -282,26 +276,42 @@ def plan_annotations(files: list[Path], out_dir: str) -> list[Path]:
     return targets
 
 
-def iter_predictions(classifier: Classifier, files: list[Path], detect: bool = True,
+@dataclass
+class FaceSource:
+    """How each picture's faces are found: a detector (by name), the given boxes per file
+    (`--boxes`), or none (`--no-detect`: the picture is one face crop); and whether to align."""
+
+    detector: Optional[str] = DEFAULT_DETECTOR
+    boxes: Optional[dict] = None
+    align: bool = True
+
+    def faces(self, classifier: Classifier, path: Path, img: np.ndarray) -> list[dict]:
+        if self.boxes is not None:
+            return classify_faces(classifier, img, boxes=self.boxes.get(path, []), align=self.align)
+        return classify_faces(classifier, img, detector=self.detector, align=self.align)
+
+
+def iter_predictions(classifier: Classifier, files: list[Path], source: Optional[FaceSource] = None,
                      annotations: Optional[list[Path]] = None) -> Iterator[tuple[Path, list[Face], Optional[str]]]:
     """(file, its faces, or the message saying why there are none), one file at a time; ends early,
     at a file boundary, once a stop signal has come (the caller says so: interrupts.requested())."""
+    source = source or FaceSource()
     for i, path in enumerate(files):
         if interrupts.requested():
             return
         try:
             img = read_image(path)
-            boxes, probs = classify_faces(classifier, img, detect)
+            records = source.faces(classifier, path, img)
         except ValueError as e:
             yield path, [], f"{printable(path)}: {e}"
             continue
         except Exception as e:  # OpenCV on a picture it cannot handle: this file only, not the batch
             yield path, [], f"{printable(path)}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
             continue
-        if not boxes:
+        if not records:
             yield path, [], f"{printable(path)}: {NO_FACE}"
             continue
-        faces = [Face(printable(path), list(b), **face_record(classifier, p)) for b, p in zip(boxes, probs)]
+        faces = [Face(printable(path), **r) for r in records]
         message = None
         if annotations:
             try:
@@ -311,23 +321,27 @@ def iter_predictions(classifier: Classifier, files: list[Path], detect: bool = T
         yield path, faces, message
 
 
-def predict(classifier: Classifier, inputs: list[str], detect: bool = True, out_dir: Optional[str] = None):
+def predict(classifier: Classifier, inputs: list[str], source: Optional[FaceSource] = None,
+            out_dir: Optional[str] = None):
     """Returns (faces, messages): one Face per face found, one message per file without a result."""
     files = iter_images(inputs)
     check_outside_data(out_dir, input_data(inputs), option="--out")
     annotations = plan_annotations(files, out_dir) if out_dir else None
     faces, messages = [], []
-    for _, found, message in iter_predictions(classifier, files, detect, annotations):
+    for _, found, message in iter_predictions(classifier, files, source, annotations):
         faces += found
         messages += [message] if message else []
     return faces, messages
 
 
-def draw(canvas: np.ndarray, boxes: list, labels: list[str]) -> np.ndarray:
-    """Boxes and labels drawn in place on a BGR picture."""
+def draw(canvas: np.ndarray, boxes: list, labels: list[str], landmarks: Optional[list] = None) -> np.ndarray:
+    """Boxes, labels and (where given) the 5 landmarks drawn in place on a BGR picture."""
     import cv2
 
     thick = max(1, round(max(canvas.shape[:2]) / 300))
+    for points in landmarks or []:
+        for px, py in points or []:
+            cv2.circle(canvas, (int(round(px)), int(round(py))), thick + 1, (0, 200, 255), -1, cv2.LINE_AA)
     for (x, y, w, h), text in zip(boxes, labels):
         cv2.rectangle(canvas, (x, y), (x + w, y + h), (40, 220, 40), thick)
         scale = max(0.4, w / 250)
@@ -344,7 +358,8 @@ def write_annotated(img: np.ndarray, faces: list[Face], path: Path) -> None:
     from PIL.PngImagePlugin import PngInfo
 
     canvas = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-    draw(canvas, [f.box for f in faces], [f"{f.label} {f.probability:.2f}" for f in faces])
+    draw(canvas, [f.box for f in faces], [f"{f.label} {f.probability:.2f}" for f in faces],
+         [f.landmarks for f in faces])
     rgb = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)
     info = PngInfo()
     info.add_text("Software", MARK)
@@ -369,8 +384,17 @@ def check_json_out(path: Optional[str], suffixes: tuple[str, ...], inputs: list[
                         option="--json-out", data=data)
 
 
+def face_source(args) -> FaceSource:
+    """--detector / --boxes / --no-detect / --no-align as a FaceSource; --boxes read and checked now."""
+    if args.boxes and args.no_detect:
+        raise ConfigError("--boxes gives the faces and --no-detect says the picture is one face; give one of them")
+    boxes = read_boxes(args.boxes) if args.boxes else None
+    return FaceSource(detector=None if args.no_detect else args.detector, boxes=boxes, align=not args.no_align)
+
+
 def run_images(args) -> int:
-    files = iter_images(args.inputs)
+    source = face_source(args)
+    files = list(source.boxes) if source.boxes is not None else iter_images(args.inputs)
     model = Path(args.checkpoint)
     data = input_data(args.inputs)
     json_out = check_json_out(args.json_out, (".json",), [model, model.with_suffix(".json")], json_written_by_us,
@@ -381,9 +405,11 @@ def run_images(args) -> int:
         remove_stale_temps(json_out.parent)
     interrupts.install()  # before the model loads (seconds with torch): a signal then stops before the first file
     classifier = load_classifier(args.checkpoint)
+    if source.detector and source.boxes is None:
+        get_detector(source.detector)  # a missing detector package: one line before the first file
     faces, messages = [], []
     done = 0
-    for _, found, message in iter_predictions(classifier, files, not args.no_detect, annotations):
+    for _, found, message in iter_predictions(classifier, files, source, annotations):
         done += 1
         faces += found
         if message:

@@ -1,7 +1,9 @@
 """`emotion-dist predict` on a video file or a camera (`--source 0`).
 
-Each processed frame (every `--every`-th) goes through the same detector and classifier as a still
-image; faces are tracked across frames with stable ids (`tracking.IoUTracker`) and their
+Each processed frame (every `--every`-th) goes through the same face pipeline as a still image
+(pipeline.py: detector, alignment, classifier); with `--detect-every N` the detector runs on every
+N-th processed frame only and the faces it found are held (classified again where they were) in
+between, which the records say (`detected`). Faces are tracked across frames with stable ids (`tracking.IoUTracker`) and their
 probabilities averaged per track over the last `--smooth` processed frames. Records (frame, time,
 track, box, label, probabilities) stream as they come: JSON Lines on stdout with `--json`, to a file
 with `--json-out FILE.jsonl`, CSV with `--csv FILE.csv` (`-` = stdout). Status and fps go to stderr.
@@ -29,7 +31,9 @@ import numpy as np
 from emotion_dist.data.images import printable
 from emotion_dist.distributed import interrupts
 from emotion_dist.errors import ConfigError, DataError
-from emotion_dist.inference.predict import MARK, NO_FACE, classify_faces, draw, face_record, input_data, load_classifier
+from emotion_dist.inference.faces import get_detector
+from emotion_dist.inference.pipeline import classify_found, face_record, find_faces
+from emotion_dist.inference.predict import MARK, NO_FACE, draw, input_data, load_classifier
 from emotion_dist.inference.tracking import IoUTracker
 from emotion_dist.utils import filekind
 from emotion_dist.utils.fsutil import (
@@ -47,7 +51,9 @@ IOU_THRESHOLD = 0.3  # a detection continues a track when their boxes overlap at
 MAX_MISSED = 10  # processed frames a track survives without a detection (a turned head, a blink)
 FALLBACK_FPS = 30.0  # when a camera or container reports none
 PROGRESS_EVERY_S = 5.0
-CSV_COLUMNS = ["frame", "time", "track", "x", "y", "w", "h", "label", "probability"]
+# then one column per class (its probability); `time` is seconds into the video (frame / fps for a file)
+CSV_COLUMNS = ["frame", "time", "track", "x", "y", "w", "h", "label", "probability", "score", "aligned", "detected"]
+_CSV_COLUMNS_BEFORE = CSV_COLUMNS[:9]  # the header of CSV files from before score/aligned/detected
 JSONL_KEYS = {"frame", "time", "track", "box", "label", "probabilities"}
 # A trailing MP4 'free' box (players skip it) marks the videos predict wrote, so a re-run may replace
 # them: the mark and the keyed digest (utils/fsutil.py) of every byte before the box, so a user's video
@@ -82,6 +88,15 @@ def is_video_file(path: str | os.PathLike) -> bool:
 
 def source_of(args) -> Optional[Source]:
     """None for still images; else the camera index or the video file (or stream URL) to read."""
+    if args.boxes:
+        if args.source is not None or args.inputs:
+            raise ConfigError("--boxes names the images and their faces itself; give no IMAGE/DIR/VIDEO inputs or "
+                              "--source with it")
+        stream_only = [f for f, v in (("--every", args.every), ("--smooth", args.smooth), ("--csv", args.csv),
+                                      ("--detect-every", args.detect_every)) if v is not None]
+        if stream_only:
+            raise ConfigError(f"{', '.join(stream_only)}: only for a video or a camera, not with --boxes")
+        return None
     if args.source is not None:
         if args.inputs:
             raise ConfigError("give either --source or IMAGE/DIR/VIDEO inputs, not both")
@@ -92,8 +107,8 @@ def source_of(args) -> Optional[Source]:
         return args.inputs[0]
     if not args.inputs:
         raise ConfigError("nothing to predict: give images, folders or a video, or --source 0 for the first camera")
-    stream_only = [flag for flag, value in (("--every", args.every), ("--smooth", args.smooth), ("--csv", args.csv))
-                   if value is not None]
+    stream_only = [flag for flag, value in (("--every", args.every), ("--smooth", args.smooth), ("--csv", args.csv),
+                                            ("--detect-every", args.detect_every)) if value is not None]
     if stream_only:
         raise ConfigError(f"{', '.join(stream_only)}: only for a video or a camera, not for still images")
     return None
@@ -244,7 +259,7 @@ def csv_written_by_us(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
             first = f.readline()
-        return not first or (first.decode("utf-8", "replace").startswith(",".join(CSV_COLUMNS))
+        return not first or (first.decode("utf-8", "replace").startswith(",".join(_CSV_COLUMNS_BEFORE))
                              and recorded_output(path))
     except OSError:
         return False
@@ -326,6 +341,7 @@ class Records:
             self._guard(lambda: (out.writelines(json.dumps(r) + "\n" for r in records), out.flush()))
         for writer, out in self.csv:
             rows = [[r["frame"], r["time"], r["track"], *r["box"], r["label"], r["probability"],
+                     "" if r["score"] is None else r["score"], int(r["aligned"]), int(r["detected"]),
                      *(r["probabilities"][c] for c in self.classes)] for r in records]
             self._guard(lambda: (writer.writerows(rows), out.flush()))
 
@@ -368,19 +384,22 @@ def _check_outputs(args, source: Source) -> tuple[Optional[Path], Optional[Path]
 
 
 def run_video(args, source: Source) -> int:
-    every, smooth = args.every or 1, args.smooth or DEFAULT_SMOOTH
+    every, smooth, detect_every = args.every or 1, args.smooth or DEFAULT_SMOOTH, args.detect_every or 1
     out, json_out = _check_outputs(args, source)
     interrupts.install()  # before the model loads: a signal then ends the stream before its first frame
     src = VideoSource(source, every)
     try:
         classifier = load_classifier(args.checkpoint)
+        detector = None if args.no_detect else get_detector(args.detector)
     except BaseException:
         src.close()
         raise
     cv2 = _cv2()
     tracker = IoUTracker(IOU_THRESHOLD, MAX_MISSED, smooth)
     human = not args.json and args.csv != "-"  # face lines on stdout unless stdout carries records
-    print(f"{src.describe()}; every {every} frame(s), smoothing over {smooth}"
+    print(f"{src.describe()}; every {every} frame(s), "
+          + (f"faces detected on every {detect_every}-th of them and held in between, " if detect_every > 1 else "")
+          + f"smoothing over {smooth}"
           + ("; stop with Ctrl-C" if src.camera else ""), file=sys.stderr, flush=True)
     video = records = None
     processed = faces = last = 0
@@ -388,12 +407,19 @@ def run_video(args, source: Source) -> int:
     try:
         video = AnnotatedVideo(out, (src.fps or FALLBACK_FPS) / every, (src.width, src.height)) if out else None
         records = Records(classifier.classes, args.json, json_out, args.csv)
+        held: list = []  # the faces of the last detection, classified again on the frames between detections
         for index, t, frame in src.frames():
             if interrupts.requested():  # also one that came while the model loaded
                 break
-            boxes, probs = classify_faces(classifier, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), not args.no_detect)
+            rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            detected = processed % detect_every == 0
+            if detected:
+                held = find_faces(rgb, detector=detector)
+            faces_now = classify_found(classifier, rgb, held, whole_image=detector is None, align=not args.no_align)
+            tracks = tracker.update([r["box"] for r in faces_now], [r["p"] for r in faces_now])
             found = [{"frame": index, "time": round(t, 3), "track": track.id, "box": list(track.box),
-                      **face_record(classifier, track.smoothed())} for track in tracker.update(boxes, probs)]
+                      "score": r["score"], "landmarks": r["landmarks"], "aligned": r["aligned"], "detected": detected,
+                      **face_record(classifier, track.smoothed())} for track, r in zip(tracks, faces_now)]
             records.write(found)
             if human:
                 for r in found:
@@ -402,7 +428,8 @@ def run_video(args, source: Source) -> int:
                           f"{r['label']}  {r['probability']:.3f}", flush=True)
             if video:
                 video.write(draw(frame, [r["box"] for r in found],
-                                 [f"#{r['track']} {r['label']} {r['probability']:.2f}" for r in found]))
+                                 [f"#{r['track']} {r['label']} {r['probability']:.2f}" for r in found],
+                                 [r["landmarks"] for r in found]))
             processed, faces, last = processed + 1, faces + len(found), index
             now = time.monotonic()
             if now - last_report >= PROGRESS_EVERY_S:

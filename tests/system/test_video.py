@@ -110,7 +110,8 @@ def test_video_records_stable_track_csv_and_annotated_frames(tiny_model, clip, t
     records = jsonl(out.stdout)  # stdout is JSON Lines and nothing else
     assert sorted({r["frame"] for r in records}) == [f for f in range(16) if f not in FACELESS]
     assert {r["track"] for r in records} == {1}  # one face, one id, also across the faceless gap
-    assert all(set(r) == {"frame", "time", "track", "box", "label", "probability", "probabilities"} for r in records)
+    assert all(set(r) == {"frame", "time", "track", "box", "score", "landmarks", "aligned", "detected", "label",
+                          "probability", "probabilities"} for r in records)
     assert all(r["time"] == pytest.approx(r["frame"] / FPS) for r in records)
     xs = [r["box"][0] for r in records if r["frame"] < 10]
     assert xs == sorted(xs) and xs[-1] - xs[0] > 50  # the box follows the moving face
@@ -119,10 +120,12 @@ def test_video_records_stable_track_csv_and_annotated_frames(tiny_model, clip, t
     assert re.search(r"16 frames processed .* fps", out.stderr)
     header, *rows = (tmp_path / "rec.csv").read_text().splitlines()
     classes = list(records[0]["probabilities"])
-    assert header.split(",") == ["frame", "time", "track", "x", "y", "w", "h", "label", "probability", *classes]
+    assert header.split(",") == ["frame", "time", "track", "x", "y", "w", "h", "label", "probability", "score",
+                                 "aligned", "detected", *classes]
     assert [row.split(",") for row in rows] == [
         [str(r["frame"]), str(r["time"]), str(r["track"]), *map(str, r["box"]), r["label"], str(r["probability"]),
-         *(str(r["probabilities"][c]) for c in classes)] for r in records]
+         str(r["score"]), str(int(r["aligned"])), str(int(r["detected"])), *(str(r["probabilities"][c]) for c in classes)]
+        for r in records]
 
 
 def test_smoothing_end_to_end_and_onnx_every_and_odd_names(tiny_model, clip, tmp_path):
