@@ -141,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["onnx", "safetensors"], required=True, help="the file format")
     x.add_argument("--out", default=None, help="output file (default: next to the checkpoint)")
 
+    dm = _sub(sub, "demo", "serve a web page (upload or camera) and a JSON API that box each face with its expression",
+              description="Serve the web demo: a page where a person uploads a photo or turns on their own camera and "
+                          "sees each face boxed with its expression, and a JSON API beside it (POST /api/predict, GET "
+                          "/api/model, GET /healthz, /docs). Works offline: the page loads nothing from outside. "
+                          "Binds 127.0.0.1 unless --host says otherwise. Ctrl-C stops it.")
+    dm.add_argument("--checkpoint", required=True, help="a .pt checkpoint or an exported .onnx model (then no torch)")
+    dm.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: the network)")
+    dm.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port, named at start)")
+    dm.add_argument("--max-upload-mb", type=float, default=10, metavar="MB",
+                    help="uploads over this many MB get 413 (default 10)")
+    dm.add_argument("--save", default=None, metavar="DIR",
+                    help="keep each upload and its JSON result in DIR (default: nothing is written)")
+
     from emotion_dist.commands.bench import rows_arg  # torch-free at import
 
     b = _sub(sub, "bench", help="throughput of loaders, model step and end-to-end training (see docs/benchmarks.md)",
@@ -253,6 +267,10 @@ def _run(args) -> int:
         path = export(args.checkpoint, args.format, args.out)
         print(f"exported {path} (+ {path.with_suffix('.json').name})")
         return 0
+    if args.command == "demo":
+        from emotion_dist.commands.demo import run_demo
+
+        return run_demo(args)
     if args.command == "bench":
         from emotion_dist.commands.bench import run_bench
 

@@ -303,6 +303,11 @@ def write_annotated(img: np.ndarray, faces: list[Face], path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def json_document(faces: list[Face], messages: list[str]) -> dict:
+    """The document `predict --json` prints for images (and the demo's POST /api/predict returns)."""
+    return {"emotion_dist": "predict", "faces": [asdict(f) for f in faces], "messages": messages}
+
+
 def check_json_out(path: Optional[str], suffixes: tuple[str, ...], inputs: list[Path], ours) -> Optional[Path]:
     if not path:
         return None
@@ -335,7 +340,7 @@ def run_images(args) -> int:
             messages.append(f"stopped by {interrupts.requested()} after {done} of {len(files)} files")
             print(messages[-1], file=sys.stderr, flush=True)
             break
-    document = {"emotion_dist": "predict", "faces": [asdict(f) for f in faces], "messages": messages}
+    document = json_document(faces, messages)
     if args.json:
         print(json.dumps(document, indent=1), flush=True)
     if json_out:
