@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import signal
 import socket
 import sys
 
@@ -58,6 +59,9 @@ def run_demo(args) -> int:
           f"uploads up to {args.max_upload_mb:g} MB, {saving}; API docs at /docs; Ctrl-C stops it", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
+    # uvicorn shuts down gracefully on SIGINT and SIGTERM and then raises the signal again with the
+    # handler it found: as KeyboardInterrupt for both, so a scheduler's or systemd's SIGTERM exits 0 too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # a second Ctrl-C during the graceful shutdown

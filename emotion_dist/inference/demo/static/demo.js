@@ -89,6 +89,7 @@ function showFaces() {
     li.textContent = `${f.label} ${f.probability.toFixed(2)}`;
     li.dataset.label = f.label;
     li.dataset.probability = String(f.probability);
+    li.dataset.box = f.box.map((v) => Math.round(v)).join(",");
     li.classList.toggle("chosen", i === chosen);
     li.addEventListener("click", () => choose(i));
     return li;
