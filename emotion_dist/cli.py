@@ -142,10 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default=None, help="output file (default: next to the checkpoint)")
 
     dm = _sub(sub, "demo", "serve a web page (upload or camera) and a JSON API that box each face with its expression",
-              description="Serve the web demo: a page where a person uploads a photo or turns on their own camera and "
-                          "sees each face boxed with its expression, and a JSON API beside it (POST /api/predict, GET "
-                          "/api/model, GET /healthz, /docs). Works offline: the page loads nothing from outside. "
-                          "Binds 127.0.0.1 unless --host says otherwise. Ctrl-C stops it.")
+              description="Serve the web demo: a page where a person uploads a photo or turns on their own camera\n"
+                          "and sees each face boxed with its expression, and a JSON API beside it (POST /api/predict,\n"
+                          "GET /api/model, GET /healthz, /docs). Works offline: the page loads nothing from outside.\n"
+                          "Binds 127.0.0.1 unless --host says otherwise. Ctrl-C stops it. See docs/demo.md.",
+              epilog=EXIT_CODES)
     dm.add_argument("--checkpoint", required=True, help="a .pt checkpoint or an exported .onnx model (then no torch)")
     dm.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: the network)")

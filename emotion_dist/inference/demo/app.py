@@ -140,7 +140,7 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
     """Uploaded bytes to uint8 RGB (H x W x 3) or gray (H x W), the modes predict reads. The size in
     the header is checked before any pixel is decoded, so a small file that claims a huge picture
     (a decompression bomb) costs nothing."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     if not data:
         raise UploadRejected(400, "the file field is empty; choose a photo (JPEG, PNG, WebP, ...)")
@@ -161,7 +161,10 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
                                           f"limit of {max_pixels / 1e6:.0f}; send a smaller picture")
             try:
                 img.load()
-                a = np.asarray(to_uint8(img), dtype=np.uint8)  # the conversion training and predict use
+                # upright as the browser shows it (a phone's portrait is stored sideways with an EXIF
+                # orientation), so the boxes land on the faces the visitor sees
+                upright = ImageOps.exif_transpose(img)
+                a = np.asarray(to_uint8(upright), dtype=np.uint8)  # the conversion training and predict use
             except (Image.DecompressionBombError, Image.DecompressionBombWarning):
                 raise UploadRejected(413, f"the image is over the demo's limit of {max_pixels / 1e6:.0f} "
                                           f"megapixels; send a smaller picture") from None
