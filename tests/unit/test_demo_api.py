@@ -256,3 +256,15 @@ def test_exif_orientation_is_applied_as_the_browser_shows_it(client):
     assert len(doc["faces"]) == 1
     x, y, w, h = doc["faces"][0]["box"]
     assert 150 < x < 220 and 40 < y < 110  # in the upright picture's pixels
+
+
+def test_the_page_ships_in_the_package_data():
+    """pyproject's package-data globs cover every file the page serves (an installed wheel has them)."""
+    import fnmatch
+    import tomllib
+
+    root = Path(demo.__file__).resolve().parents[3]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["emotion_dist"]
+    files = [p.relative_to(root / "emotion_dist").as_posix() for p in Path(demo.STATIC).iterdir()]
+    assert {"index.html", "demo.js", "demo.css"} <= {Path(f).name for f in files}
+    assert all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), (files, globs)

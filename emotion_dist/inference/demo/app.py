@@ -77,7 +77,7 @@ def load_demo_model(path: str | Path) -> DemoModel:
     classifier = pipeline.load_classifier(str(path))
     fmt = "onnx" if kind == filekind.ONNX else "pytorch"
     meta = classifier.meta
-    info = {"emotion_dist": "demo model", "name": model_name(path), "file": printable(path), "format": fmt,
+    info = {"emotion_dist": "demo model", "name": model_name(path), "format": fmt,  # no server path: visitors see it
             "classes": list(classifier.classes), "image_size": meta.get("image_size"),
             "in_channels": meta.get("in_channels"), "detector": DETECTOR,
             "metrics": recorded_metrics(path, fmt, meta)}
@@ -269,13 +269,15 @@ def create_app(model_path: str | Path, *, max_upload_mb: float = 10, save_dir: O
         return error(500, f"internal error ({type(exc).__name__}); see the server's log")
 
     def run_model(data: bytes, name: str) -> dict:
-        img = decode_upload(data, max_pixels)
-        try:
-            with run_lock:
+        # the decode under the lock too: at most one decoded picture (up to max_pixels) in memory at once
+        with run_lock:
+            img = decode_upload(data, max_pixels)
+            try:
                 document = find_faces(model.classifier, img, name)
-        except Exception as e:  # OpenCV on a picture it cannot handle: as predict says for that file
-            raise UploadRejected(422, f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
-                                 if str(e) else f"{name}: failed ({type(e).__name__})") from None
+            except Exception as e:  # OpenCV on a picture it cannot handle: as predict says for that file
+                raise UploadRejected(422, f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
+                                     if str(e) else f"{name}: failed ({type(e).__name__})") from None
+            del img
         if saver is not None:
             saver.save(data, name, document)
         return document
