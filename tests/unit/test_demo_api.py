@@ -132,7 +132,7 @@ def test_model_metadata_and_health(client, unit_checkpoint):
     assert client.get("/healthz").json() == {"status": "ok"}
 
 
-def test_metrics_the_run_recorded(tmp_path):
+def test_metrics_the_run_recorded(tmp_path, unit_checkpoint):  # unit_checkpoint: torch imported first
     from conftest import write_checkpoint
 
     ckpt = write_checkpoint(tmp_path / "run7/checkpoints/best.pt", best_metric=0.61, best_epoch=4)
@@ -146,7 +146,11 @@ def test_metrics_the_run_recorded(tmp_path):
                                      "tta": "none"}, "best_val_macro_f1": 0.61, "best_epoch": 4}
 
 
-def test_bad_model_paths_are_one_line(tmp_path):
+def test_bad_model_paths_are_one_line(tmp_path, unit_checkpoint):
+    from conftest import write_checkpoint
+
+    fresh = write_checkpoint(tmp_path / "fresh/checkpoints/last.pt", best_metric=-1.0, best_epoch=0)
+    assert demo.load_demo_model(fresh).info["metrics"]["best_val_macro_f1"] is None  # no validation yet
     with pytest.raises(CheckpointError, match="is a folder"):
         demo.create_app(tmp_path)
     (tmp_path / "notes.txt").write_text("hello")

@@ -101,7 +101,9 @@ def recorded_metrics(path: Path, fmt: str, meta: dict) -> dict:
     from emotion_dist.modelio import load_checkpoint  # torch: only for a .pt
 
     state = load_checkpoint(path)
-    out["best_val_macro_f1"], out["best_epoch"] = _number(state.get("best_metric")), state.get("best_epoch")
+    best = _number(state.get("best_metric"))
+    if best is not None and best >= 0:  # training's -1.0 means no validation has run yet
+        out["best_val_macro_f1"], out["best_epoch"] = best, state.get("best_epoch")
     metrics = path.parent.parent / "metrics.jsonl" if path.parent.name == "checkpoints" else None
     if metrics is not None and metrics.is_file():
         test = None
@@ -318,7 +320,9 @@ def create_app(model_path: str | Path, *, max_upload_mb: float = 10, save_dir: O
             return get_swagger_ui_html(openapi_url=app.openapi_url, title="emotion-dist demo API",
                                        swagger_js_url="/docs-assets/swagger-ui-bundle.js",
                                        swagger_css_url="/docs-assets/swagger-ui.css",
-                                       swagger_favicon_url="/docs-assets/favicon-32x32.png")
+                                       swagger_favicon_url="/docs-assets/favicon-32x32.png",
+                                       # no badge image from validator.swagger.io
+                                       swagger_ui_parameters={"validatorUrl": None})
     # Without the swagger-ui-bundle-v2 package there is no local Swagger UI: /openapi.json stays on
     # (FastAPI's default /docs would load the UI from a CDN, which an offline demo cannot reach).
     return app

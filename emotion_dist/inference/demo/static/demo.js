@@ -90,6 +90,7 @@ function showFaces() {
     li.dataset.label = f.label;
     li.dataset.probability = String(f.probability);
     li.dataset.box = f.box.map((v) => Math.round(v)).join(",");
+    li.dataset.probabilities = JSON.stringify(f.probabilities);
     li.classList.toggle("chosen", i === chosen);
     li.addEventListener("click", () => choose(i));
     return li;
