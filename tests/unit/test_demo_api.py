@@ -272,3 +272,29 @@ def test_the_page_ships_in_the_package_data():
     files = [p.relative_to(root / "emotion_dist").as_posix() for p in Path(demo.STATIC).iterdir()]
     assert {"index.html", "demo.js", "demo.css"} <= {Path(f).name for f in files}
     assert all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), (files, globs)
+
+
+def test_command_binds_loopback_by_default_and_says_who_can_reach_it(tmp_path, capsys):
+    import socket
+
+    from emotion_dist import cli
+    from emotion_dist.commands import demo as command
+
+    args = cli.parse_args(["demo", "--checkpoint", "m.pt"])
+    assert (args.host, args.port, args.max_upload_mb, args.save) == ("127.0.0.1", 7860, 10, None)
+    for host in ("127.0.0.1", "::1", "localhost"):
+        assert command.reach(host) == command.LOOPBACK_HINT
+    assert "network" in command.reach("0.0.0.0") and command.reach("0.0.0.0") != command.LOOPBACK_HINT
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        with pytest.raises(ConfigError, match="is in use"):
+            command.bind("127.0.0.1", taken.getsockname()[1])
+    finally:
+        taken.close()
+    free = command.bind("127.0.0.1", 0)
+    assert free.getsockname()[0] == "127.0.0.1" and free.getsockname()[1] > 0
+    free.close()
+    # a bad model is one line and exit 2, before any port is bound
+    assert cli.main(["demo", "--checkpoint", str(tmp_path / "missing.pt"), "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err
