@@ -10,7 +10,7 @@ JSON API beside it:
 Safe by default: uploads over `max_upload_mb` get 413 (the Content-Length and the bytes that actually
 arrive are both counted), a file that is not an image, is truncated or claims more than `max_pixels`
 gets a 4xx with `{"error": "one line"}`, and nothing is written anywhere unless `save_dir` is given.
-The face pipeline runs in a worker thread under a lock, so the event loop keeps serving while a
+The decode and the face pipeline run in a worker thread under a lock, so the event loop keeps serving while a
 model runs and concurrent requests never share the detector at once.
 
 Torch is imported only for a .pt checkpoint: with an exported .onnx nothing here imports it.
