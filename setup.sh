@@ -13,5 +13,5 @@ case "$pip_config" in
 esac
 export PIP_FIND_LINKS=
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[all,dev]'
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[all,dev,demo]'
 .venv/bin/python -c "import torch, torchvision, ultralytics; print('emotion-dist ready: torch', torch.__version__, 'torchvision', torchvision.__version__, 'ultralytics', ultralytics.__version__)"

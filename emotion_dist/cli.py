@@ -175,6 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["onnx", "safetensors"], required=True, help="the file format")
     x.add_argument("--out", default=None, help="output file (default: next to the checkpoint)")
 
+    dm = _sub(sub, "demo", "serve a web page (upload or camera) and a JSON API that box each face with its expression",
+              description="Serve the web demo: a page where a person uploads a photo or turns on their own camera\n"
+                          "and sees each face boxed with its expression, and a JSON API beside it (POST /api/predict,\n"
+                          "GET /api/model, GET /healthz, /docs). Works offline: the page loads nothing from outside.\n"
+                          "Binds 127.0.0.1 unless --host says otherwise. Ctrl-C stops it. See docs/demo.md.",
+              epilog=EXIT_CODES)
+    dm.add_argument("--checkpoint", required=True, help="a .pt checkpoint or an exported .onnx model (then no torch)")
+    dm.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: the network)")
+    dm.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port, named at start)")
+    dm.add_argument("--max-upload-mb", type=float, default=10, metavar="MB",
+                    help="uploads over this many MB get 413 (default 10)")
+    dm.add_argument("--save", default=None, metavar="DIR",
+                    help="keep each upload and its JSON result in DIR (default: nothing is written)")
+
     from emotion_dist.commands.bench import rows_arg  # torch-free at import
 
     b = _sub(sub, "bench", help="throughput of loaders, model step and end-to-end training (see docs/benchmarks.md)",
@@ -302,6 +317,10 @@ def _run(args) -> int:
             return 0
         print(f"exported {path} (+ {path.with_suffix('.json').name})")
         return 0
+    if args.command == "demo":
+        from emotion_dist.commands.demo import run_demo
+
+        return run_demo(args)
     if args.command == "bench":
         from emotion_dist.commands.bench import run_bench
 

@@ -376,6 +376,12 @@ def input_data(inputs: list[str]) -> list[tuple[str, Path]]:
     return [("the input folder" if Path(p).is_dir() else "the input", Path(p)) for p in inputs]
 
 
+def json_document(faces: list[Face], messages: list[str]) -> dict:
+    """The document `predict --json` prints for images (and the demo's POST /api/predict returns),
+    with the proof that lets a re-run replace the file it was written to."""
+    return with_proof({"emotion_dist": "predict", "faces": [asdict(f) for f in faces], "messages": messages})
+
+
 def check_json_out(path: Optional[str], suffixes: tuple[str, ...], inputs: list[Path], ours,
                    data: list[tuple[str, Path]] = ()) -> Optional[Path]:
     if not path:
@@ -424,8 +430,7 @@ def run_images(args) -> int:
     if interrupts.requested():
         messages.append(f"stopped by {interrupts.requested()} after {done} of {len(files)} files")
         print(messages[-1], file=sys.stderr, flush=True)
-    # printed and written alike, with the proof that lets a re-run replace the file
-    document = with_proof({"emotion_dist": "predict", "faces": [asdict(f) for f in faces], "messages": messages})
+    document = json_document(faces, messages)  # printed and written alike
     if args.json:
         print(json.dumps(document, indent=1), flush=True)
     if json_out:
