@@ -37,6 +37,7 @@ from emotion_dist.utils.fsutil import (
     disk_error,
     json_written_by_us,
     remove_stale_temps,
+    with_proof,
 )
 from emotion_dist.utils.output import MARKER, check_json_out, emit, human
 
@@ -177,7 +178,7 @@ def run_data_faces(args) -> int:
     check_out_path(raw, out)
     photos = list_photos(raw)
     check_out_is_ours(out)
-    json_out = check_json_out(args, [out / REPORT])
+    check_json_out(args, [out / REPORT])
     geometry = parse_face_crop(args.face_crop, key="--face-crop") if args.face_crop else FaceCrop()
     get_detector(args.detector)  # a missing detector package: one line before anything is written
     out.mkdir(parents=True, exist_ok=True)
@@ -211,8 +212,8 @@ def run_data_faces(args) -> int:
         raise ConfigError(f"--out {printable(out)}: {disk_error(e, 'the face crops')}; then run the command again "
                           f"to carry on") from None
     stopped = interrupts.requested()
-    report = build_report(photos, done, raw=raw, out=out, settings=settings, stopped=stopped)
-    atomic_write_json(out / REPORT, report)
+    report = with_proof(build_report(photos, done, raw=raw, out=out, settings=settings, stopped=stopped))
+    atomic_write_json(out / REPORT, report)  # with the proof emit() adds: the file and --json agree
     seconds = time.monotonic() - started
     print(f"{'stopped by ' + stopped + ': ' if stopped else ''}{report['crops']} crops from {report['photos_done']} "
           f"of {len(photos)} photos in {seconds:.1f} s; {len(report['no_face'])} without a face, "
@@ -227,9 +228,7 @@ def run_data_faces(args) -> int:
     if report["complete"]:
         print(f"train on it: emotion-dist train data.source=folder data.root={printable(out)} "
               f"data.face_crop={geometry.spec()}", file=stream, flush=True)
-    emit(args, report)
-    if json_out:
-        atomic_write_json(json_out, report)
+    emit(args, report)  # --json, and --json-out (checked above)
     return 0
 
 

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from emotion_dist.errors import CheckpointError, ConfigError  # noqa: E402
 from emotion_dist.inference.demo import app as demo  # noqa: E402
-from emotion_dist.inference.predict import classify_faces, face_record, load_classifier, read_image  # noqa: E402
+from emotion_dist.inference.predict import FaceSource, load_classifier, read_image  # noqa: E402
 
 PHOTOS = Path(__import__("skimage.data", fromlist=["data"]).__file__).parent
 ASTRONAUT = PHOTOS / "astronaut.png"
@@ -64,12 +64,12 @@ def test_astronaut_gets_predicts_json_document(client, unit_checkpoint):
     doc = r.json()
     # the same document predict --json prints for this file, through the same pipeline
     classifier = load_classifier(str(unit_checkpoint))
-    boxes, probs = classify_faces(classifier, read_image(ASTRONAUT))
+    records = FaceSource().faces(classifier, ASTRONAUT, read_image(ASTRONAUT))
     assert doc["emotion_dist"] == "predict" and doc["messages"] == []
-    assert [f["box"] for f in doc["faces"]] == [list(b) for b in boxes] and len(boxes) == 1
+    assert [f["box"] for f in doc["faces"]] == [r["box"] for r in records] and len(records) == 1
     face = doc["faces"][0]
-    assert face["file"] == "astronaut.png"
-    expected = face_record(classifier, probs[0])
+    assert face["file"] == "astronaut.png" and face["aligned"] is True and len(face["landmarks"]) == 5
+    expected = records[0]
     assert face["label"] == expected["label"] and face["probabilities"] == expected["probabilities"]
     assert face["probability"] == pytest.approx(expected["probability"])
     x, y, w, h = face["box"]
