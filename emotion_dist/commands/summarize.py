@@ -21,14 +21,46 @@ from emotion_dist.utils.output import MARKER, check_json_out, emit, human
 METRICS = ("accuracy", "macro_f1")
 
 
-def _seed(run_dir: Path) -> Optional[int]:
+# keys that say where and how a run was kept, not what it trained: runs differing only in these are one recipe
+NOT_RECIPE = ("run.", "log.", "ckpt.", "train.seed", "data.num_workers", "data.prepare_scope", "data.prepare_timeout_s",
+              "dist.timeout_s", "train.max_bad_steps", "data.cache_size")
+
+
+def _settings(run_dir: Path) -> Optional[dict]:
+    """A run directory's config.yaml as flat dotted keys, or None when it has none that reads."""
     import yaml
 
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        return cfg.get("train", {}).get("seed")
-    except (OSError, yaml.YAMLError, AttributeError):
+        tree = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
         return None
+    if not isinstance(tree, dict):
+        return None
+    return {f"{sec}.{k}": v for sec, keys in tree.items() if isinstance(keys, dict) for k, v in keys.items()}
+
+
+def setting_warnings(runs: list[dict]) -> list[str]:
+    """What makes a mean over these runs not one recipe's: settings other than the seed that differ
+    (train.epochs 12 and 2, say), and seeds that repeat."""
+    known = [r for r in runs if r.get("settings") is not None]
+    warnings = []
+    keys = sorted({k for r in known for k in r["settings"]})
+    differ = []
+    for k in keys:
+        if k.startswith(NOT_RECIPE):
+            continue
+        values = {repr(r["settings"].get(k)) for r in known}
+        if len(values) > 1:
+            differ.append(f"{k} ({', '.join(sorted(values))})")
+    if differ:
+        warnings.append(f"the runs differ in more than the seed: {'; '.join(differ[:6])}"
+                        f"{f' and {len(differ) - 6} more' if len(differ) > 6 else ''}; their mean mixes recipes")
+    seeds = [r["seed"] for r in runs if r.get("seed") is not None]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        warnings.append(f"seed {', '.join(map(str, repeated))} appears more than once: those runs are not "
+                        f"independent samples")
+    return warnings
 
 
 def load_result(path: str | Path) -> dict:
@@ -48,8 +80,10 @@ def load_result(path: str | Path) -> dict:
                 record = r
         if record is None:
             raise ConfigError(f"{metrics} has no test record (the run did not finish, or train.eval_test=false); "
-                              f"run emotion-dist evaluate --json FILE on its best.pt and pass FILE")
-        source, seed = "metrics.jsonl", _seed(p)
+                              f"run emotion-dist evaluate --checkpoint {p}/checkpoints/best.pt --json-out FILE and pass "
+                              f"FILE")
+        settings = _settings(p)
+        source, seed = "metrics.jsonl", (settings or {}).get("train.seed")
     elif p.is_file():
         try:
             record = json.loads(p.read_text())
@@ -57,11 +91,12 @@ def load_result(path: str | Path) -> dict:
             raise ConfigError(f"{p} is not JSON; pass a run directory or an emotion-dist evaluate --json report") from None
         if not isinstance(record, dict) or not all(isinstance(record.get(k), (int, float)) for k in METRICS):
             raise ConfigError(f"{p} has no accuracy and macro_f1; pass an emotion-dist evaluate --json report")
-        source, seed = "evaluate report", record.get("seed")
+        source, seed, settings = "evaluate report", record.get("seed"), None
     else:
         raise ConfigError(f"{p} does not exist; pass run directories or evaluate --json reports")
     return {"run": str(p), "seed": seed, "split": record.get("split", "test"), "tta": record.get("tta") or "none",
-            "count": record.get("count"), **{k: float(record[k]) for k in METRICS}, "source": source}
+            "count": record.get("count"), **{k: float(record[k]) for k in METRICS}, "source": source,
+            "settings": settings}
 
 
 def mean_std(values: list[float]) -> dict:
@@ -78,8 +113,11 @@ def summarize_runs(paths: list[str | Path]) -> dict:
         if len(seen) > 1:
             raise ConfigError(f"the runs differ in {key} ({', '.join(seen)}): mean ± std needs one protocol; "
                               f"summarize runs of the same recipe and evaluation")
+    warnings = setting_warnings(runs)
+    for r in runs:
+        r.pop("settings", None)
     return {"n": len(runs), "split": runs[0]["split"], "tta": runs[0]["tta"], "count": runs[0]["count"],
-            **{k: mean_std([r[k] for r in runs]) for k in METRICS}, "runs": runs}
+            **{k: mean_std([r[k] for r in runs]) for k in METRICS}, "runs": runs, "warnings": warnings}
 
 
 def _pm(m: dict) -> str:
@@ -105,5 +143,7 @@ def run_summarize(args) -> int:
     check_json_out(args, inputs=[Path(r) for r in args.runs])
     s = summarize_runs(args.runs)
     print_summary(s, human(args))
+    for w in s["warnings"]:
+        print(f"warning: {w}", file=sys.stderr, flush=True)
     emit(args, {MARKER: "summarize", **s})
     return 0

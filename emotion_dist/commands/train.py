@@ -8,7 +8,9 @@ import logging
 import sys
 
 from emotion_dist.distributed import interrupts
-from emotion_dist.config import load_config, to_yaml
+from typing import Optional
+
+from emotion_dist.config import config_sources, load_config, to_yaml
 from emotion_dist.distributed.env_settings import apply_environment
 from emotion_dist.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Interrupted, TrainingAborted, UserError
 from emotion_dist.utils.output import MARKER, check_json_out, emit, stdout_to_stderr
@@ -17,10 +19,20 @@ log = logging.getLogger("emotion_dist")
 
 
 def resolve_config(config_path, overrides, environ=None):
-    """The config a run uses (command line > environment > config file > defaults, see env_settings)
-    and the notes saying where the launcher's or W&B's environment decided or was overruled."""
+    """The config a run uses (command line > environment > config files in order > defaults, see
+    env_settings) and the notes saying which --config file set what and where the launcher's or
+    W&B's environment decided or was overruled. run.dir stays None when not given: `pick_run_dir`."""
     cfg, given = load_config(config_path, overrides)
-    return cfg, apply_environment(cfg, given, overrides, environ)
+    cfg._resume_given = "run.resume" in given  # runs/NAME is kept when run.resume=auto is asked for
+    return cfg, [*config_sources(config_path), *apply_environment(cfg, given, overrides, environ)]
+
+
+def pick_run_dir(cfg) -> tuple[str, Optional[str]]:
+    """Rank 0: run.dir, or runs/NAME / runs/NAMEn (checkpoint.choose_run_dir), and the start-line
+    note saying why when it is not runs/NAME."""
+    from emotion_dist.training.checkpoint import choose_run_dir
+
+    return choose_run_dir(cfg.run, cfg.train, getattr(cfg, "_resume_given", False))
 
 
 def hold_run_dir(cfg):
@@ -32,6 +44,19 @@ def hold_run_dir(cfg):
 
     check_run_dir(Path(cfg.run.dir))  # never a lease file in someone's folder
     return RunDirLease(cfg.run.dir, interval_s=cfg.run.lease_heartbeat_s, stale_after_s=cfg.run.lease_stale_s).acquire()
+
+
+def finished_run(cfg) -> Optional[tuple[str, dict]]:
+    """Rank 0: (the line, the result) when run.dir holds a run that is finished, test pass included;
+    a finished run without its test pass goes on to the trainer, which runs only that pass."""
+    from emotion_dist.training.checkpoint import finished_message, run_status
+
+    if cfg.run.resume != "auto":
+        return None
+    done = finished_message(cfg.run.dir, cfg.train)
+    if done is None and run_status(cfg.run.dir, cfg.train).kind == "finished":
+        log.info("%s: finished at its last epoch, but its test pass is not recorded: running only that", cfg.run.dir)
+    return done
 
 
 def _error(rank: int, e: BaseException) -> None:
@@ -69,13 +94,16 @@ def run_training(config_path, overrides, out: argparse.Namespace | None = None) 
     except Interrupted as e:
         print(f"stopped by {e.signame} before training started; nothing to save", file=sys.stderr, flush=True)
         if cfg is not None:
-            emit(out, {MARKER: "train", "run_dir": cfg.run.dir, "stopped": True, "global_step": None})
-        return EXIT_OK
+            emit(out, {MARKER: "train", "run_dir": cfg.run.dir, "stopped": True, "global_step": None,
+                       "signal": e.signame})
+        return interrupts.exit_code(e.signame)
     with stdout_to_stderr(out.json):
         code, result = _train(cfg, notes, env)
     if result is not None and env.is_main:
-        emit(out, {MARKER: "train", "run_dir": cfg.run.dir, "launcher": env.launcher,
-                   "world_size": env.world_size, **result})
+        document = {MARKER: "train", "run_dir": cfg.run.dir, "launcher": env.launcher,
+                    "world_size": env.world_size, **result}
+        emit(out, document)
+        out.document = document  # emotion_dist.api.train returns it
     return code
 
 
@@ -88,14 +116,28 @@ def _train(cfg, notes: list[str], env) -> tuple[int, dict | None]:
     setup_logging(env.rank, sys.stdout)  # sys.stdout is stderr here under --json
     trainer, lease, ok = None, None, False
     try:
+        cfg.run.dir, note = process_group.rank0_decides(lambda: pick_run_dir(cfg))
+        notes = [*notes, note] if note else notes
         lease = process_group.rank0_decides(lambda: hold_run_dir(cfg), share_result=False)
+        done = process_group.rank0_decides(lambda: finished_run(cfg))
+        if done is not None:  # nothing left to do: no data loaded, no test pass redone
+            if env.is_main:
+                log.info(done[0])
+            ok = True
+            return EXIT_OK, done[1]
         trainer = build_trainer(cfg, env, notes=notes)
         trainer.lease = lease
         result = trainer.fit()
-        if env.is_main:
+        signame = interrupts.requested()
+        if result.get("stopped") and signame:
+            result["signal"] = signame
+            if env.is_main:
+                log.info("stopped by %s at step %s; the checkpoint is saved: the same command resumes it (exit %d)",
+                         signame, result.get("global_step"), interrupts.exit_code(signame))
+        elif env.is_main:
             log.info("done: %s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
         ok = True
-        return EXIT_OK, result
+        return (interrupts.exit_code(signame) if result.get("stopped") and signame else EXIT_OK), result
     except UserError as e:
         _error(env.rank, e)
         return EXIT_USAGE, None
@@ -106,7 +148,7 @@ def _train(cfg, notes: list[str], env) -> tuple[int, dict | None]:
         if env.is_main:
             log.info("stopped by %s while preparing data; temp files removed, the next start carries on", e.signame)
         ok = env.world_size == 1
-        return EXIT_OK, {"stopped": True, "global_step": None}
+        return interrupts.exit_code(e.signame), {"stopped": True, "global_step": None, "signal": e.signame}
     finally:
         if trainer is not None:
             trainer.close()
