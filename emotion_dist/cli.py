@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--list", action="store_true", help="print the points (index, run dir, overrides) and exit")
     sw.add_argument("--point", type=int, default=None, metavar="I",
                     help="run only point I (0-based; a Slurm array task: --point $SLURM_ARRAY_TASK_ID)")
+    sw.add_argument("--args", action="store_true",
+                    help="with --point: print that point's `train` arguments, one per line, and exit (for "
+                         "slurm/sweep.sbatch, which starts them with srun)")
     sw.add_argument("--parallel", type=_positive_int, default=1, metavar="N",
                     help="points run N at a time, each a process of its own (default 1: one after another)")
     sw.add_argument("--out", default=None, metavar="SWEEP_DIR", help="the sweep folder (default: sweeps/<name>)")

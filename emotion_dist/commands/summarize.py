@@ -139,8 +139,64 @@ def print_summary(s: dict, file=None) -> None:
     Console(file=file or sys.stdout, width=120).print(t)
 
 
+SWEEP_FILE = "sweep.json"  # what `emotion-dist sweep` writes in its sweep folder
+
+
+def is_sweep(path: Path) -> bool:
+    try:
+        return json.loads((Path(path) / SWEEP_FILE).read_text()).get(MARKER) == "sweep"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def summarize_sweep(folder: Path, metric: str = "macro_f1") -> dict:
+    """One row per point of the grid (its seeds averaged), best first by `metric`'s mean; points
+    with no finished seed yet are listed as pending."""
+    spec = json.loads((Path(folder) / SWEEP_FILE).read_text())
+    groups: dict[str, list[dict]] = {}
+    for p in spec["points"]:
+        groups.setdefault(p["group"], []).append(p)
+    rows, pending = [], []
+    for group, points in groups.items():
+        runs = []
+        for p in points:
+            try:
+                runs.append(load_result(p["run_dir"]))
+            except ConfigError:  # not finished yet (or never started)
+                continue
+        if not runs:
+            pending.append(group)
+            continue
+        rows.append({"point": group, "overrides": points[0]["overrides"], "n": len(runs), "of": len(points),
+                     "seeds": [r["seed"] for r in runs], **{k: mean_std([r[k] for r in runs]) for k in METRICS},
+                     "runs": [r["run"] for r in runs]})
+    rows.sort(key=lambda r: -r[metric]["mean"])
+    return {"sweep": spec.get("name"), "folder": str(folder), "metric": metric, "points": rows, "pending": pending}
+
+
+def print_sweep(s: dict, file=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"sweep {s['sweep']} ({s['folder']}): test figures, mean ± sample std over seeds, best "
+                    f"{s['metric']} first")
+    for col in ("#", "point", "seeds", "accuracy %", "macro-F1 %"):
+        t.add_column(col, justify="left" if col == "point" else "right")
+    for i, r in enumerate(s["points"], 1):
+        t.add_row(str(i), r["point"], f"{r['n']}/{r['of']}", _pm(r["accuracy"]), _pm(r["macro_f1"]))
+    Console(file=file or sys.stdout, width=140).print(t)
+    if s["pending"]:
+        print(f"{len(s['pending'])} point(s) with no finished seed yet: {'; '.join(s['pending'][:5])}",
+              file=file or sys.stdout)
+
+
 def run_summarize(args) -> int:
     check_json_out(args, inputs=[Path(r) for r in args.runs])
+    if len(args.runs) == 1 and is_sweep(Path(args.runs[0])):
+        s = summarize_sweep(Path(args.runs[0]), getattr(args, "metric", "macro_f1"))
+        print_sweep(s, human(args))
+        emit(args, {MARKER: "summarize", **s})
+        return 0
     s = summarize_runs(args.runs)
     print_summary(s, human(args))
     for w in s["warnings"]:
