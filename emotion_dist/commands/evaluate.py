@@ -27,14 +27,17 @@ def checkpoint_config(state: dict, overrides: list[str]):
     return cfg
 
 
-def default_tta(state: dict, overrides: list[str]) -> tuple[str, str]:
-    """The TTA mode when --tta is not given, and where it came from: a train.test_tta override,
-    else the checkpoint recipe's train.test_tta (its recorded test pass used it), else none (a
-    checkpoint from before that key was recorded)."""
+def default_tta(state: dict, overrides: list[str], split: str = "test") -> tuple[str, str]:
+    """The TTA mode when --tta is not given, and where it came from, as the checkpoint's recipe
+    measured that split: a train.test_tta override, else for the test split the checkpoint's
+    train.test_tta (its training run's test pass used it), for the val split none (training
+    validates without TTA). A checkpoint from before test_tta was recorded: none."""
     for o in reversed(overrides):
         key, value = parse_override(o)
         if key == "train.test_tta":
             return str(value), "train.test_tta on the command line"
+    if split == "val":
+        return "none", "as training validated"
     recorded = (state.get("config") or {}).get("train", {}).get("test_tta")
     if recorded in ("none", "flip", "tencrop"):
         return recorded, "the checkpoint's train.test_tta, as its training run's test pass"
@@ -99,7 +102,7 @@ def run_evaluate(args) -> int:
                           f"model.in_channels={cfg.model.in_channels} (evaluate uses the checkpoint's)")
     out_dir = check_outputs(args)
     if args.tta is None:
-        args.tta, tta_from = default_tta(state, args.overrides)
+        args.tta, tta_from = default_tta(state, args.overrides, args.split)
     else:
         tta_from = "--tta"
     from emotion_dist.distributed import process_group

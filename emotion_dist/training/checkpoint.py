@@ -232,9 +232,20 @@ def _marked_ours(path: Path) -> bool:
         return False
 
 
+def folders_in_the_way(run_dir: Path) -> list[str]:
+    """In a folder emotion-dist did not write: its sub-folders of other names. A folder of folders
+    is a data set or another program's output, and a run is never written inside one."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or _is_ours(run_dir):
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if p.is_dir() and p.name not in RUN_WRITES)
+
+
 def check_run_dir(run_dir: Path) -> None:
-    """A run writes into a new folder, a run directory of emotion-dist's, or any other folder as
-    long as none of the names it writes is taken there (it writes beside a user's own files)."""
+    """A run writes into a new folder, a run directory of emotion-dist's, or a folder of the user's
+    own files (a log the shell redirects there, a Slurm output file), beside them: those are neither
+    read nor touched. Refused: a folder holding sub-folders of another program (a data set, say),
+    or a file under a name the run writes (config.yaml, metrics.jsonl, ...) that it did not write."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.dir={run_dir} is a file, not a folder; point run.dir at a folder")
@@ -243,6 +254,11 @@ def check_run_dir(run_dir: Path) -> None:
         raise ConfigError(f"run.dir={run_dir} holds {run_dir / taken[0]}, which emotion-dist did not write but a run "
                           f"writes under that name{f' (and {len(taken) - 1} more)' if len(taken) > 1 else ''}; "
                           f"move it away or choose another run.dir")
+    folders = folders_in_the_way(run_dir)
+    if folders:
+        raise ConfigError(f"run.dir={run_dir} is not an emotion-dist run directory and holds folders of its own "
+                          f"({', '.join(f'{run_dir / f}/' for f in folders[:3])}): a data set or another program's "
+                          f"output, never written into; choose a new run.dir")
 
 
 @dataclass
@@ -332,7 +348,7 @@ def choose_run_dir(run_cfg, train_cfg, resume_given: bool) -> tuple[str, Optiona
         status = run_status(d, train_cfg).kind
         if resume_from is not None and d.resolve() == resume_from:
             break
-        if status == "none" and not names_in_the_way(d):
+        if status == "none" and not names_in_the_way(d) and not folders_in_the_way(d):
             break
         if status == "unfinished" and run_cfg.resume == "auto":
             break
@@ -341,7 +357,7 @@ def choose_run_dir(run_cfg, train_cfg, resume_given: bool) -> tuple[str, Optiona
     if d == first:
         return str(d), None
     what = "a finished run" if skipped[1] == "finished" else "another run"
-    return str(d), (f"run.dir {d} ({skipped[0]} holds {what}; run.exist_ok=true writes there, run.name=X picks "
+    return str(d), (f"run.dir={d} ({skipped[0]} holds {what}; run.exist_ok=true writes there, run.name=X picks "
                     f"another name)")
 
 

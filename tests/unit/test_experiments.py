@@ -206,6 +206,17 @@ def test_a_run_writes_beside_a_users_own_files(tmp_path):
     check_run_dir(d)  # no refusal: those names are not emotion-dist's
 
 
+def test_a_data_tree_is_never_a_run_dir(tmp_path):
+    from emotion_dist.errors import ConfigError
+    from emotion_dist.training.checkpoint import check_run_dir
+
+    d = tmp_path / "my-fer"
+    (d / "train" / "happy").mkdir(parents=True)
+    (d / "notes.txt").write_text("")
+    with pytest.raises(ConfigError, match=r"not an emotion-dist run directory and holds folders of its own \(.*my-fer/train/\)"):
+        check_run_dir(d)
+
+
 def test_the_refusal_names_the_file_in_the_way(tmp_path):
     from emotion_dist.errors import ConfigError
     from emotion_dist.training.checkpoint import check_run_dir
@@ -239,6 +250,7 @@ def test_evaluate_defaults_to_the_tta_of_the_checkpoints_recipe():
     assert default_tta({"config": {"train": {"test_tta": "tencrop"}}}, [])[0] == "tencrop"
     assert default_tta({}, []) == ("none", "the checkpoint records no train.test_tta")
     assert default_tta(state, ["train.test_tta=none"])[0] == "none"
+    assert default_tta(state, [], "val") == ("none", "as training validated")  # validation never used TTA
 
 
 # ------------------------------------------------------------------------------------ signals
