@@ -242,6 +242,36 @@ def _check_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         parser.error(f"unknown command {argv[0]!r}; {hint}")
 
 
+def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub-)parser that argv's command words select: `config keys` -> its own parser."""
+    p, i = parser, 0
+    while i < len(argv) and any(isinstance(a, argparse._SubParsersAction) for a in p._actions):
+        choices = _subparsers(p)
+        if argv[i] not in choices:
+            break
+        p, i = choices[argv[i]], i + 1
+    return p
+
+
+def _check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A flag the command does not have gets its hint before argparse's own checks (which would
+    first complain about a required flag the typo was meant to be)."""
+    sub = _command_parser(parser, argv)
+    if sub is parser:
+        return
+    known = [o for a in sub._actions for o in a.option_strings]
+    for token in argv[:argv.index("--")] if "--" in argv else argv:
+        if not token.startswith("--") or token == "--":
+            continue
+        name = token.split("=", 1)[0]
+        if name in known or len([o for o in known if o.startswith(name)]) == 1:  # argparse takes unique prefixes
+            continue
+        i = argv.index(token)
+        value = argv[i + 1] if i + 1 < len(argv) else None
+        sub.error(f"unrecognized argument {token}; "
+                  f"{_unknown_flag_hint(token, value, sub, any(a.dest == 'overrides' for a in sub._actions))}")
+
+
 def _unknown_flag_hint(flag: str, value: str | None, sub: argparse.ArgumentParser, takes_overrides: bool) -> str:
     """What a person typing `--epochs 3` meant: a config key as key=value, or one of the command's flags."""
     import difflib
@@ -275,6 +305,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     _check_command(parser, argv)
+    _check_flags(parser, argv)
     end = argv.index("--") if "--" in argv else len(argv)
     found = [a for a in argv[:end] if OVERRIDE.match(a)]
     rest = [a for a in argv[:end] if not OVERRIDE.match(a)] + argv[end:]

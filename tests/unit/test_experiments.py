@@ -81,6 +81,10 @@ def test_a_config_key_given_as_a_flag_gets_its_key_value_form(capsys):
     assert code == 2 and "use train.lr=0.01" in err
     code, _, err = _main(["train", "--confg", "x.yaml"], capsys)
     assert code == 2 and "did you mean --config?" in err
+    code, _, err = _main(["predict", "--chekpoint", "m.pt", "x.jpg"], capsys)  # not "--checkpoint is required"
+    assert code == 2 and "unrecognized argument --chekpoint; did you mean --checkpoint?" in err
+    code, _, err = _main(["config", "keys", "--markdwn"], capsys)
+    assert code == 2 and "did you mean --markdown?" in err
 
 
 def test_a_mistyped_command_gets_a_did_you_mean(capsys):
