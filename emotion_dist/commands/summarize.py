@@ -169,7 +169,7 @@ def summarize_sweep(folder: Path, metric: str = "macro_f1") -> dict:
             continue
         rows.append({"point": group, "overrides": points[0]["overrides"], "n": len(runs), "of": len(points),
                      "seeds": [r["seed"] for r in runs], **{k: mean_std([r[k] for r in runs]) for k in METRICS},
-                     "runs": [r["run"] for r in runs]})
+                     "values": [r[metric] for r in runs], "runs": [r["run"] for r in runs]})
     rows.sort(key=lambda r: -r[metric]["mean"])
     return {"sweep": spec.get("name"), "folder": str(folder), "metric": metric, "points": rows, "pending": pending}
 
@@ -188,12 +188,48 @@ def print_sweep(s: dict, file=None) -> None:
     if s["pending"]:
         print(f"{len(s['pending'])} point(s) with no finished seed yet: {'; '.join(s['pending'][:5])}",
               file=file or sys.stdout)
+    if s.get("plot"):
+        print(f"plot: {s['plot']}", file=file or sys.stdout)
+
+
+def plot_sweep(s: dict, path: Path) -> None:
+    """The points as horizontal bars, best on top: the metric's mean over seeds, ± its std, each
+    seed's figure as a dot (the sweep folder is emotion-dist's own: the PNG goes there)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from emotion_dist.utils.fsutil import atomic_write_bytes
+
+    key, rows = s["metric"], list(reversed(s["points"]))
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * max(len(rows), 1)), dpi=100)
+    try:
+        means = [100 * r[key]["mean"] for r in rows]
+        stds = [100 * (r[key]["std"] or 0.0) for r in rows]
+        ax.barh(range(len(rows)), means, xerr=stds, color="#4c72b0", alpha=0.8, capsize=3)
+        for i, r in enumerate(rows):
+            ax.plot([100 * v for v in r.get("values", [])], [i] * len(r.get("values", [])), "k.", markersize=4)
+        ax.set_yticks(range(len(rows)), [r["point"] for r in rows], fontsize=8)
+        ax.set_xlabel(f"test {key.replace('_', '-')} % (mean ± std over seeds)")
+        ax.set_title(f"sweep {s['sweep']}")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        atomic_write_bytes(path, buf.getvalue())
+    finally:
+        plt.close(fig)
 
 
 def run_summarize(args) -> int:
     check_json_out(args, inputs=[Path(r) for r in args.runs])
     if len(args.runs) == 1 and is_sweep(Path(args.runs[0])):
         s = summarize_sweep(Path(args.runs[0]), getattr(args, "metric", "macro_f1"))
+        if s["points"]:
+            s["plot"] = str(Path(args.runs[0]) / "summary.png")
+            plot_sweep(s, Path(s["plot"]))
         print_sweep(s, human(args))
         emit(args, {MARKER: "summarize", **s})
         return 0

@@ -89,3 +89,7 @@ def test_summarize_a_sweep_ranks_its_points(tmp_path, monkeypatch, capsys):
     assert best["n"] == 2 and best["macro_f1"]["mean"] == pytest.approx(0.85)
     assert best["macro_f1"]["std"] == pytest.approx(0.0707, abs=1e-4)
     assert "sweep lr" in err and doc["pending"] == []
+    from PIL import Image
+
+    with Image.open(doc["plot"]) as img:  # the ranking as a picture, in the sweep folder
+        assert img.format == "PNG" and img.size[0] == 800
