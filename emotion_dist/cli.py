@@ -55,6 +55,10 @@ TRAIN_EPILOG = f"""config keys (the sections data, model, train, dist, run, ckpt
   emotion-dist config keys train.     only the keys starting with train.
   emotion-dist train --config X ... --print-config     the resolved config as YAML, nothing started
 
+run directory: run.dir=PATH, else runs/NAME (run.name, default `default`): an unfinished run there
+resumes; when it holds a finished run, the next free runs/NAME2, runs/NAME3, ... unless
+run.exist_ok=true or run.resume=auto is given (then a finished run says so and does nothing).
+
 precedence: key=value on the command line > the launcher's settings (accelerate --mixed_precision,
 --use_fsdp, --dynamo_backend, --cpu) and WANDB_* variables > the --config files (merged in
 order: a later file's keys win) > the defaults; the
@@ -347,9 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingAborted as e:  # e.g. a data preparation that another rank aborted
         return _fail(str(e), EXIT_FAILURE)
     except Interrupted as e:  # a stop signal while preparing data: nothing half-built is kept; exit 0 to requeue
+        from emotion_dist.distributed.interrupts import exit_code
+
         print(f"stopped by {e.signame} while preparing data; run the command again to carry on",
               file=sys.stderr, flush=True)
-        return EXIT_OK
+        return exit_code(e.signame)  # 130 for Ctrl-C
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `... | head`: the reader left; say nothing more
