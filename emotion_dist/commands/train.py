@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-
-from emotion_dist.distributed import interrupts
 from typing import Optional
 
+from emotion_dist.distributed import interrupts
 from emotion_dist.config import config_sources, load_config, to_yaml
 from emotion_dist.distributed.env_settings import apply_environment
 from emotion_dist.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Interrupted, TrainingAborted, UserError
@@ -128,7 +127,8 @@ def _train(cfg, notes: list[str], env) -> tuple[int, dict | None]:
         trainer = build_trainer(cfg, env, notes=notes)
         trainer.lease = lease
         result = trainer.fit()
-        signame = interrupts.requested()
+        # every rank exits alike: the signal one rank got (Ctrl-C reaches them all, `kill` only one)
+        signame = next(filter(None, process_group.gather_objects(interrupts.requested())), None)
         if result.get("stopped") and signame:
             result["signal"] = signame
             if env.is_main:

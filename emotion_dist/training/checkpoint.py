@@ -345,7 +345,7 @@ def choose_run_dir(run_cfg, train_cfg, resume_given: bool) -> tuple[str, Optiona
         resume_from = Path(run_cfg.resume).resolve().parent.parent  # RUN_DIR/checkpoints/x.pt
     d, skipped = first, None
     while True:
-        status = run_status(d, train_cfg).kind
+        status = "running" if _lease_fresh(d, run_cfg.lease_stale_s) else run_status(d, train_cfg).kind
         if resume_from is not None and d.resolve() == resume_from:
             break
         if status == "none" and not names_in_the_way(d) and not folders_in_the_way(d):
@@ -356,9 +356,18 @@ def choose_run_dir(run_cfg, train_cfg, resume_given: bool) -> tuple[str, Optiona
         d = next(candidates)
     if d == first:
         return str(d), None
-    what = "a finished run" if skipped[1] == "finished" else "another run"
+    what = {"finished": "a finished run", "running": "a run in progress"}.get(skipped[1], "another run")
     return str(d), (f"run.dir={d} ({skipped[0]} holds {what}; run.exist_ok=true writes there, run.name=X picks "
                     f"another name)")
+
+
+def _lease_fresh(run_dir: Path, stale_after_s: float) -> bool:
+    """A job holds the folder now: its lease (distributed/lease.py) was refreshed within
+    run.lease_stale_s. Another `train` picks the next name instead of waiting on it."""
+    try:
+        return time.time() - (Path(run_dir) / "lease.json").stat().st_mtime < stale_after_s
+    except OSError:
+        return False
 
 
 @dataclass

@@ -174,6 +174,17 @@ def test_runs_go_to_runs_name_then_name2(tmp_path, monkeypatch):
     assert choose_run_dir(cfg.run, cfg.train, False)[0] == str(tmp_path / "mine")
 
 
+def test_a_run_in_progress_is_not_joined(tmp_path, monkeypatch):
+    from emotion_dist.training.checkpoint import choose_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    busy = _finished_run(tmp_path / "runs/exp", epoch=3, test=False)
+    (busy / "lease.json").write_text(json.dumps({"emotion_dist": "lease"}))  # just refreshed: a job holds it
+    cfg = _cfg("run.name=exp")
+    path, note = choose_run_dir(cfg.run, cfg.train, False)
+    assert path == "runs/exp2" and "runs/exp holds a run in progress" in note
+
+
 def test_an_unfinished_run_is_resumed_not_skipped(tmp_path, monkeypatch):
     from emotion_dist.training.checkpoint import choose_run_dir
 
