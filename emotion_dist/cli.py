@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--parallel", type=_positive_int, default=1, metavar="N",
                     help="points run N at a time, each a process of its own (default 1: one after another)")
     sw.add_argument("--out", default=None, metavar="SWEEP_DIR", help="the sweep folder (default: sweeps/<name>)")
+    sw.add_argument("--search", choices=["optuna"], default=None,
+                    help="instead of the grid: Optuna (TPE) over the file's `search:` space, trials pruned on "
+                         "validation macro-F1; its journal (SWEEP_DIR/optuna.log) lets several workers share a "
+                         "study with no database (needs the search extra: pip install 'emotion-dist[search]')")
+    sw.add_argument("--trials", type=_positive_int, default=20, metavar="N",
+                    help="--search: trials in the study in all, over every worker (default 20)")
     add_output_args(sw, "the points and their results")
 
     pr = sub.add_parser(
@@ -413,6 +419,10 @@ def _run(args) -> int:
         from emotion_dist.commands.checks import run_checks
 
         return run_checks(args)
+    if args.command == "sweep" and args.search == "optuna":
+        from emotion_dist.commands.search import run_search
+
+        return run_search(args)
     if args.command == "sweep":
         from emotion_dist.commands.sweep import run_sweep
 

@@ -19,7 +19,7 @@ from emotion_dist.utils.output import MARKER, emit, human
 
 # distribution names (what pip knows them as), in the order the report lists them
 PACKAGES = ("torch", "torchvision", "ultralytics", "numpy", "opencv-python", "onnx", "onnxruntime", "safetensors",
-            "accelerate", "wandb", "tensorboard", "kagglehub", "huggingface_hub")
+            "accelerate", "wandb", "tensorboard", "kagglehub", "huggingface_hub", "optuna")
 LOW_SPACE_BYTES = 1 << 30  # under 1 GiB free where the cache or the run goes: a warning
 
 

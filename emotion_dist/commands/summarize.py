@@ -156,6 +156,10 @@ def summarize_sweep(folder: Path, metric: str = "macro_f1") -> dict:
     groups: dict[str, list[dict]] = {}
     for p in spec["points"]:
         groups.setdefault(p["group"], []).append(p)
+    for trial in sorted(Path(folder).glob("trial-*")) if spec.get("search") else []:  # --search optuna
+        settings = _settings(trial) or {}
+        group = f"{trial.name}: " + " ".join(f"{k}={settings.get(k)}" for k in spec["search"])
+        groups[group] = [{"run_dir": str(trial), "overrides": [f"{k}={settings.get(k)}" for k in spec["search"]]}]
     rows, pending = [], []
     for group, points in groups.items():
         runs = []

@@ -44,7 +44,7 @@ from emotion_dist.utils.fsutil import atomic_write_json
 from emotion_dist.utils.output import MARKER, emit, human
 
 SWEEP_FILE = "sweep.json"
-KEYS = ("name", "config", "base", "grid", "seeds")
+KEYS = ("name", "config", "base", "grid", "seeds", "search")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
 
@@ -70,6 +70,7 @@ class Sweep:
     grid: dict[str, list]
     seeds: list[int]
     points: list[Point] = field(default_factory=list)
+    search: dict[str, Any] = field(default_factory=dict)  # --search optuna: key -> [choices] or {low, high, log, step}
 
     def train_args(self, point: Point) -> list[str]:
         """`emotion-dist train`'s arguments for a point (the same locally and under Slurm)."""
@@ -137,6 +138,7 @@ def load_sweep(path: str, out: Optional[str] = None) -> Sweep:
         for seed in seeds:
             sweep.points.append(Point(len(sweep.points), list(combo), seed,
                                       str(sweep.folder / _slug(list(combo), seed, short))))
+    sweep.search = _check_search(spec.get("search"), path, configs, sweep.base)
     for point in sweep.points:  # every point's config, before anything runs: a typo fails the sweep at once
         try:
             load_config(configs or None, [*sweep.base, *point.overrides, f"train.seed={point.seed}",
@@ -144,6 +146,32 @@ def load_sweep(path: str, out: Optional[str] = None) -> Sweep:
         except ConfigError as e:
             raise ConfigError(f"sweep point {point.index} ({point.group}): {e}") from None
     return sweep
+
+
+def _check_search(search, where: str, configs: list[str], base: list[str]) -> dict:
+    """`search:` for --search optuna: each key a list of choices or {low, high} (+ log: true, step)."""
+    if not search:
+        return {}
+    if not isinstance(search, dict):
+        raise ConfigError(f"{where}: `search` must map config keys to [choices] or {{low: X, high: Y}}")
+    for key, space in search.items():
+        if isinstance(space, list) and space:
+            sample = space[0]
+        elif isinstance(space, dict) and {"low", "high"} <= set(space) and set(space) <= {"low", "high", "log", "step"}:
+            if not (isinstance(space["low"], (int, float)) and isinstance(space["high"], (int, float))
+                    and space["low"] < space["high"]):
+                raise ConfigError(f"{where}: search {key}: low must be a number below high")
+            if space.get("log") and space["low"] <= 0:
+                raise ConfigError(f"{where}: search {key}: log: true needs low > 0")
+            sample = space["low"]
+        else:
+            raise ConfigError(f"{where}: search {key} must be a list of choices or {{low: X, high: Y}} "
+                              f"(log: true and step: S allowed)")
+        try:
+            load_config(configs or None, [*base, f"{key}={sample if isinstance(sample, str) else format_default(sample)}"])
+        except ConfigError as e:
+            raise ConfigError(f"{where}: search {key}: {e}") from None
+    return dict(search)
 
 
 def record(sweep: Sweep) -> None:
@@ -157,9 +185,11 @@ def record(sweep: Sweep) -> None:
             theirs = None
         if not isinstance(theirs, dict) or theirs.get(MARKER) != "sweep":
             raise ConfigError(f"{marker} exists and emotion-dist did not write it; choose another --out")
+    search = bool(getattr(sweep, "searching", False))  # --search optuna: trials, not the grid's points
     atomic_write_json(marker, {MARKER: "sweep", "name": sweep.name, "config": sweep.config, "base": sweep.base,
                                "grid": sweep.grid, "seeds": sweep.seeds,
-                               "points": [point_doc(p) for p in sweep.points]})
+                               **({"search": sweep.search} if search else {}),
+                               "points": [] if search else [point_doc(p) for p in sweep.points]})
 
 
 def point_doc(p: Point) -> dict:

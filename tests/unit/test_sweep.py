@@ -93,3 +93,40 @@ def test_summarize_a_sweep_ranks_its_points(tmp_path, monkeypatch, capsys):
 
     with Image.open(doc["plot"]) as img:  # the ranking as a picture, in the sweep folder
         assert img.format == "PNG" and img.size[0] == 800
+
+
+# ------------------------------------------------------------------------------------ --search optuna
+def test_the_search_space_is_checked_and_suggested_as_written(tmp_path, monkeypatch):
+    import optuna
+
+    from emotion_dist.commands.search import suggest
+    from emotion_dist.commands.sweep import load_sweep
+
+    monkeypatch.chdir(tmp_path)
+    space = {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}, "train.class_weights": ["none", "sqrt"],
+             "train.grad_accum": {"low": 1, "high": 4}}
+    sweep = load_sweep(str(_sweep_file(tmp_path, grid={}, search=space)))
+    assert sweep.search == space
+    fixed = optuna.trial.FixedTrial({"train.lr": 3e-3, "train.class_weights": "sqrt", "train.grad_accum": 2})
+    assert suggest(fixed, sweep.search) == {"train.lr": 3e-3, "train.class_weights": "sqrt", "train.grad_accum": 2}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    params = suggest(study.ask(), sweep.search)
+    assert 1e-4 <= params["train.lr"] <= 1e-2 and isinstance(params["train.grad_accum"], int)
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"train.lr": {"low": 0.1, "high": 0.01}}, "low must be a number below high"),
+    ({"train.lr": {"low": 0, "high": 0.01, "log": True}}, "log: true needs low > 0"),
+    ({"train.lrr": [0.1]}, "search train.lrr: unknown config key 'train.lrr'"),
+    ({"train.lr": 0.1}, "must be a list of choices or {low: X, high: Y}"),
+])
+def test_a_bad_search_space_is_one_line(space, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _main(["sweep", str(_sweep_file(tmp_path, grid={}, search=space)), "--search", "optuna"], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_search_without_a_space_says_what_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _main(["sweep", str(_sweep_file(tmp_path)), "--search", "optuna"], capsys)
+    assert code == 2 and "has no `search:` space" in err

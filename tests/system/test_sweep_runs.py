@@ -29,3 +29,29 @@ def test_a_local_sweep_runs_its_points_and_a_rerun_skips_them(tiny_data, tmp_pat
     assert "sweep tiny: 0 ran, 2 already finished" in again.stdout
     summary = json.loads(run(cli_cmd("summarize", "sweeps/tiny", "--json"), cwd=tmp_path).stdout)
     assert sorted(r["point"] for r in summary["points"]) == ["train.lr=0.001", "train.lr=0.004"]
+
+
+def test_an_optuna_search_shares_its_journal_and_carries_on(tiny_data, tmp_path):
+    """Two trials, two at a time, in one journal file (no database); the same command again finds
+    the study done; summarize lists the trials."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    spec = {"name": "s", "seeds": [0],
+            "base": {"data.source": "folder", "data.root": str(tiny_data), "data.image_size": 32, "data.limit": 16,
+                     "train.batch_size": 16, "train.epochs": 1, "train.channels_last": False,
+                     "run.cache_dir": str(tmp_path / "cache")},
+            "search": {"train.lr": {"low": 0.0005, "high": 0.01, "log": True}}}
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(spec))
+    cmd = cli_cmd("sweep", "search.yaml", "--search", "optuna", "--trials", "2", "--parallel", "2")
+    proc = run(cmd, cwd=tmp_path, timeout=240)
+    assert "0 of 2 trials done" in proc.stdout and "best trial" in proc.stdout
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "sweeps/s/optuna.log")))
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert all((tmp_path / t.user_attrs["run_dir"] / "checkpoints/best.pt").is_file() for t in trials)
+    again = run(cmd, cwd=tmp_path, timeout=60)
+    assert "2 of 2 trials done" in again.stdout and "0 to run" in again.stdout
+    summary = json.loads(run(cli_cmd("summarize", "sweeps/s", "--json"), cwd=tmp_path).stdout)
+    assert sorted(r["point"].split(":")[0] for r in summary["points"]) == ["trial-0000", "trial-0001"]
