@@ -29,6 +29,15 @@ from emotion_dist.errors import ConfigError
 from emotion_dist.utils.output import MARKER, emit, human
 
 JOURNAL = "optuna.log"
+
+
+class TrialStopped(Exception):
+    """A trial cut short by a stop signal: FAIL in the study (not counted toward --trials), its
+    parameters enqueued again."""
+
+
+class TrialFailed(Exception):
+    """A trial whose training exited with an error (its sweep.log says which)."""
 OBJECTIVE = "val_macro_f1"
 
 
@@ -90,6 +99,9 @@ class Search:
         self.out = human(args)
 
     def objective(self, trial) -> float:
+        if self.interrupts.requested():  # a worker thread taking a trial after the stop: none started
+            self.study.stop()
+            raise TrialStopped(f"stopped by {self.interrupts.requested()} before it started")
         params = suggest(trial, self.sweep.search)
         run_dir = self.sweep.folder / f"trial-{trial.number:04d}"
         overrides = [*self.sweep.base, *(f"{k}={v if isinstance(v, str) else format_default(v)}"
@@ -122,7 +134,8 @@ class Search:
                     if self.interrupts.requested():
                         proc.wait()
                         self.study.enqueue_trial(params)  # the same command later runs these again
-                        raise self.optuna.TrialPruned(f"stopped by {self.interrupts.requested()}")
+                        self.study.stop()  # Optuna allows it only from inside the optimize loop
+                        raise TrialStopped(f"stopped by {self.interrupts.requested()}")
                     time.sleep(0.5)
             finally:
                 with self.lock:
@@ -132,7 +145,8 @@ class Search:
                   file=self.out, flush=True)
             raise self.optuna.TrialPruned()
         if code != 0 or best is None:
-            raise RuntimeError(f"trial {trial.number} exited {code}; see {run_dir / 'sweep.log'}")
+            print(f"trial {trial.number}: failed (exit {code}); see {run_dir / 'sweep.log'}", file=self.out, flush=True)
+            raise TrialFailed(f"exit {code}")
         print(f"trial {trial.number}: best validation macro-F1 {best:.4f}", file=self.out, flush=True)
         return best
 
@@ -156,11 +170,10 @@ class Search:
         if left > 0:
             stop = threading.Event()
 
-            def watch() -> None:  # signal handlers run in the main thread: pass the stop on from here
+            def watch() -> None:  # the main thread waits inside optimize(): pass the stop on from here
                 while not stop.wait(0.2):
                     if self.interrupts.requested():
                         self.forward_signal()
-                        self.study.stop()
                         return
 
             watcher = threading.Thread(target=watch, daemon=True)
@@ -168,8 +181,8 @@ class Search:
             states = (self.optuna.trial.TrialState.COMPLETE, self.optuna.trial.TrialState.PRUNED)
             cap = self.optuna.study.MaxTrialsCallback(self.args.trials, states=states)
             try:
-                self.study.optimize(self.objective, n_jobs=self.args.parallel, callbacks=[cap], catch=(RuntimeError,),
-                                    n_trials=left)
+                self.study.optimize(self.objective, n_trials=left, n_jobs=self.args.parallel, callbacks=[cap],
+                                    catch=(TrialStopped, TrialFailed))
             finally:
                 stop.set()
         trials = []
@@ -191,7 +204,7 @@ def run_search(args) -> int:
                           "worker (they share the study's journal)")
     import logging
 
-    _optuna().logging.set_verbosity(logging.WARNING)  # one line per trial is ours
+    _optuna().logging.set_verbosity(logging.ERROR)  # one line per trial, ours, says what happened
     sweep.searching = True
     record(sweep)
     result = Search(sweep, args).run()
