@@ -16,9 +16,10 @@ from emotion_dist.errors import EXIT_USAGE
 from emotion_dist.utils.output import add_output_args
 
 EXIT_CODES = """exit codes:
-  0  done, or stopped by a signal (SIGTERM/SIGINT/SIGUSR1) after saving: a scheduler may requeue
-  1  training failed or was aborted (non-finite steps, a failed checkpoint write, a lost peer)
-  2  bad input: config, data, checkpoint, launch environment or output path (one line on stderr)"""
+  0    done, or stopped by a scheduler's signal (SIGTERM/SIGUSR1) after saving: it may requeue
+  1    training failed or was aborted (non-finite steps, a failed checkpoint write, a lost peer)
+  2    bad input: config, data, checkpoint, launch environment or output path (one line on stderr)
+  130  stopped by Ctrl-C (SIGINT) after saving: the same command resumes; `train && export` stops"""
 # a dotted config key with a value: train.epochs=3, log.wandb_tags=a,b
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
 
@@ -36,8 +37,10 @@ def _positive_int(text: str) -> int:
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     """--config and key=value overrides (which main() also collects from anywhere on the line)."""
-    p.add_argument("--config", default=None, metavar="YAML",
-                   help="YAML config (default: the built-in defaults, the same as configs/default.yaml)")
+    p.add_argument("--config", default=None, metavar="YAML", action="append",
+                   help="YAML config (default: the built-in defaults, the same as configs/default.yaml); give it "
+                        "several times to merge files in order (a later file's keys win; the start line says "
+                        "which file set what)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides anywhere on the line, e.g. train.epochs=3 (all keys: emotion-dist config keys)")
 
@@ -52,8 +55,13 @@ TRAIN_EPILOG = f"""config keys (the sections data, model, train, dist, run, ckpt
   emotion-dist config keys train.     only the keys starting with train.
   emotion-dist train --config X ... --print-config     the resolved config as YAML, nothing started
 
+run directory: run.dir=PATH, else runs/NAME (run.name, default `default`): an unfinished run there
+resumes; when it holds a finished run, the next free runs/NAME2, runs/NAME3, ... unless
+run.exist_ok=true or run.resume=auto is given (then a finished run says so and does nothing).
+
 precedence: key=value on the command line > the launcher's settings (accelerate --mixed_precision,
---use_fsdp, --dynamo_backend, --cpu) and WANDB_* variables > the --config file > the defaults; the
+--use_fsdp, --dynamo_backend, --cpu) and WANDB_* variables > the --config files (merged in
+order: a later file's keys win) > the defaults; the
 start line says when one overruled another.
 
 {EXIT_CODES}"""
@@ -115,19 +123,58 @@ def build_parser() -> argparse.ArgumentParser:
                              "of its own) and report images, seconds, img/s per core, size on disk and peak memory")
     _config_args(dc)
 
-    e = sub.add_parser("evaluate", help="evaluate a checkpoint (test split by default)")
+    e = _sub(sub, "evaluate", "evaluate a checkpoint (test split by default)",
+             description="Evaluate a checkpoint (or an ensemble: --checkpoint several times) on its data's test "
+                         "split, or --split val, on one process or under torchrun. Prints a per-class table "
+                         "and writes the confusion matrix as a PNG. By default it uses the test-time "
+                         "augmentation the checkpoint's recipe used (its train.test_tta) and says which; "
+                         "--tta chooses another.", epilog=EXIT_CODES)
     e.add_argument("--checkpoint", required=True, action="append",
                    help="a .pt checkpoint; give it several times to evaluate an ensemble (probabilities averaged)")
     e.add_argument("--split", choices=["test", "val"], default="test", help="which split (default test)")
     e.add_argument("--json", action="store_true", help="print the report as one JSON document on stdout (the table goes to stderr)")
     e.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON report to FILE")
-    e.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "tencrop"],
-                   help="test-time augmentation: flip (the image and its mirror; the default of a bare --tta) or "
-                        "tencrop (4 corner + centre crops, 40 of 48 px, and their mirrors); probabilities averaged")
+    e.add_argument("--tta", nargs="?", const="flip", default=None, choices=["none", "flip", "tencrop"],
+                   help="test-time augmentation: none, flip (the image and its mirror; the default of a bare --tta) "
+                        "or tencrop (4 corner + centre crops, 40 of 48 px, and their mirrors); probabilities "
+                        "averaged (default: the checkpoint's train.test_tta, none if it records none)")
     e.add_argument("--out", default=None, help="folder for the confusion-matrix PNG (default: next to the JSON report, "
                                                 "else RUN_DIR/eval)")
     e.add_argument("overrides", nargs="*", metavar="key=value",
                    help="change the checkpoint's config, e.g. data.root=PATH to evaluate on another folder")
+
+    ch = _sub(sub, "checks", "report this machine's environment and what the config needs that is missing",
+              description="Versions (python, torch, torchvision, ultralytics, OpenCV, onnxruntime, ...), CUDA "
+                          "and NCCL, the GPUs, Slurm (commands on PATH, SLURM_* seen), the launcher environment "
+                          "this process sees, and free space in run.cache_dir and the run directory. Exit 2 "
+                          "when something the config needs is missing (train.device=cuda with no GPU, a "
+                          "tracker without its package, ...).", epilog=EXIT_CODES)
+    _config_args(ch)
+    add_output_args(ch, "the environment report")
+
+    sw = _sub(sub, "sweep", "run a grid of overrides x seeds, each point its own run directory",
+              description="FILE is YAML: `name`, `base` (overrides every point gets), `grid` (key: [values, ...]), "
+                          "`seeds` ([0, 1, 2]). Each point runs as `emotion-dist train` in SWEEP_DIR/<point>; "
+                          "finished points are skipped and interrupted ones resume, so the same command carries "
+                          "a sweep on. slurm/sweep.sbatch runs the same points as a Slurm array "
+                          "(--list, --point). See docs/experiments.md.", epilog=EXIT_CODES)
+    sw.add_argument("file", metavar="FILE", help="the sweep's YAML file")
+    sw.add_argument("--list", action="store_true", help="print the points (index, run dir, overrides) and exit")
+    sw.add_argument("--point", type=int, default=None, metavar="I",
+                    help="run only point I (0-based; a Slurm array task: --point $SLURM_ARRAY_TASK_ID)")
+    sw.add_argument("--args", action="store_true",
+                    help="with --point: print that point's `train` arguments, one per line, and exit (for "
+                         "slurm/sweep.sbatch, which starts them with srun)")
+    sw.add_argument("--parallel", type=_positive_int, default=1, metavar="N",
+                    help="points run N at a time, each a process of its own (default 1: one after another)")
+    sw.add_argument("--out", default=None, metavar="SWEEP_DIR", help="the sweep folder (default: sweeps/<name>)")
+    sw.add_argument("--search", choices=["optuna"], default=None,
+                    help="instead of the grid: Optuna (TPE) over the file's `search:` space, trials pruned on "
+                         "validation macro-F1; its journal (SWEEP_DIR/optuna.log) lets several workers share a "
+                         "study with no database (needs the search extra: pip install 'emotion-dist[search]')")
+    sw.add_argument("--trials", type=_positive_int, default=20, metavar="N",
+                    help="--search: trials in the study in all, over every worker (default 20)")
+    add_output_args(sw, "the points and their results")
 
     pr = sub.add_parser(
         "predict", help="detect faces in photos, a video or a camera and classify their expression",
@@ -170,7 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="video/camera: run the detector on every N-th processed frame and hold the faces it "
                          "found in between (default 1 = every processed frame)")
 
-    x = sub.add_parser("export", help="export a checkpoint to ONNX (verified with onnxruntime) or safetensors")
+    x = _sub(sub, "export", "export a checkpoint to ONNX (verified with onnxruntime) or safetensors",
+             description="Export a .pt checkpoint to ONNX (dynamic batch; its outputs checked against PyTorch's "
+                         "with onnxruntime before anything is written) or safetensors, each with a JSON sidecar "
+                         "(classes, sizes, channels, normalization) so predict needs neither torch nor this "
+                         "repository's config.", epilog=EXIT_CODES)
     x.add_argument("--checkpoint", required=True, help="a .pt checkpoint")
     x.add_argument("--format", choices=["onnx", "safetensors"], required=True, help="the file format")
     x.add_argument("--out", default=None, help="output file (default: next to the checkpoint)")
@@ -212,8 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workdir", default=None, help="keep the bench's run folders here (default: a temporary folder)")
     add_output_args(b, "the bench report")
 
-    sm = sub.add_parser("summarize", help="mean ± std of test accuracy and macro-F1 over runs (seeds)")
-    sm.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or evaluate --json reports")
+    sm = _sub(sub, "summarize", "mean ± std of test accuracy and macro-F1 over runs (seeds) or a sweep's points",
+              description="Mean ± sample std of the recorded test accuracy and macro-F1 over run directories "
+                          "(their metrics.jsonl) or evaluate --json-out reports: one recipe over seeds. It "
+                          "warns when the runs' settings differ in more than the seed. Given a sweep folder "
+                          "(emotion-dist sweep), one row per point of the grid, sorted by --metric.",
+              epilog=EXIT_CODES)
+    sm.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, evaluate --json-out reports, or "
+                                                               "one sweep folder")
+    sm.add_argument("--metric", choices=["macro_f1", "accuracy"], default="macro_f1",
+                    help="a sweep's points sorted by this test metric's mean, best first (default macro_f1)")
     add_output_args(sm, "the summary")
 
     ck = _sub(sub, "ckpt", "checkpoint tools")
@@ -225,16 +284,109 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _check_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A mistyped command gets a did-you-mean (argparse 3.11 lists the choices only)."""
+    import difflib
+
+    if not argv or argv[0].startswith("-"):
+        return
+    choices = _subparsers(parser)
+    if argv[0] not in choices:
+        close = difflib.get_close_matches(argv[0], list(choices), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else f"the commands are {', '.join(choices)}"
+        parser.error(f"unknown command {argv[0]!r}; {hint}")
+
+
+def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub-)parser that argv's command words select: `config keys` -> its own parser."""
+    p, i = parser, 0
+    while i < len(argv) and any(isinstance(a, argparse._SubParsersAction) for a in p._actions):
+        choices = _subparsers(p)
+        if argv[i] not in choices:
+            break
+        p, i = choices[argv[i]], i + 1
+    return p
+
+
+def _check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A flag the command does not have gets its hint before argparse's own checks (which would
+    first complain about a required flag the typo was meant to be)."""
+    sub = _command_parser(parser, argv)
+    if sub is parser:
+        return
+    known = [o for a in sub._actions for o in a.option_strings]
+    for token in argv[:argv.index("--")] if "--" in argv else argv:
+        if not token.startswith("--") or token == "--":
+            continue
+        name = token.split("=", 1)[0]
+        if name in known or len([o for o in known if o.startswith(name)]) == 1:  # argparse takes unique prefixes
+            continue
+        i = argv.index(token)
+        value = argv[i + 1] if i + 1 < len(argv) else None
+        sub.error(f"unrecognized argument {token}; "
+                  f"{_unknown_flag_hint(token, value, sub, any(a.dest == 'overrides' for a in sub._actions))}")
+
+
+def _unknown_flag_hint(flag: str, value: str | None, sub: argparse.ArgumentParser, takes_overrides: bool) -> str:
+    """What a person typing `--epochs 3` meant: a config key as key=value, or one of the command's flags."""
+    import difflib
+
+    from emotion_dist.config import describe_keys
+
+    name = flag.lstrip("-").split("=", 1)[0]
+    if "=" in flag:
+        value = flag.split("=", 1)[1]
+    keys = [k.key for k in describe_keys()]
+    wanted = name.replace("-", "_")
+    exact = [k for k in keys if k.split(".", 1)[1] == wanted or k == wanted]
+    shown = value if value is not None and not value.startswith("-") else "VALUE"
+    if takes_overrides and exact:
+        return f"config keys are set as key=value: use {' or '.join(f'{k}={shown}' for k in exact)}"
+    flags = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+    close = difflib.get_close_matches(flag.split("=", 1)[0], flags, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]}?"
+    near = difflib.get_close_matches(wanted, keys + [k.split(".", 1)[1] for k in keys], n=1, cutoff=0.6)
+    if takes_overrides and near:
+        key = near[0] if "." in near[0] else next(k for k in keys if k.split(".", 1)[1] == near[0])
+        return f"config keys are set as key=value: did you mean {key}={shown}?"
+    return f"{sub.prog} --help lists its flags"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """argparse, plus key=value overrides anywhere on the line for the commands that take them
-    (argparse gives a positional list only one contiguous run)."""
+    (argparse gives a positional list only one contiguous run), a did-you-mean for a mistyped
+    command, and for a flag the command does not have (`--epochs 3`) the key=value it meant."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    _check_command(parser, argv)
+    _check_flags(parser, argv)
     end = argv.index("--") if "--" in argv else len(argv)
     found = [a for a in argv[:end] if OVERRIDE.match(a)]
-    args = parser.parse_args([a for a in argv[:end] if not OVERRIDE.match(a)] + argv[end:])
+    rest = [a for a in argv[:end] if not OVERRIDE.match(a)] + argv[end:]
+    args, unknown = parser.parse_known_args(rest)
+    if unknown:
+        sub = _subparsers(parser)[args.command]
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        if flag.startswith("-"):
+            i = rest.index(flag)
+            value = rest[i + 1] if i + 1 < len(rest) else None
+            sub.error(f"unrecognized argument {flag}; "
+                      f"{_unknown_flag_hint(flag, value, sub, hasattr(args, 'overrides'))}")
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not hasattr(args, "overrides"):  # a command without a config: its own arguments, as written
         return parser.parse_args(argv) if found else args
+    if any(not OVERRIDE.match(o) and "=" not in o for o in args.overrides):  # `--epochs 3`'s 3, or a stray word
+        sub = _subparsers(parser)[args.command]
+        word = next(o for o in args.overrides if "=" not in o)
+        i = rest.index(word)
+        before = rest[i - 1] if i > 0 else ""
+        if before.startswith("--") and before not in [o for a in sub._actions for o in a.option_strings]:
+            sub.error(f"unrecognized argument {before}; {_unknown_flag_hint(before, word, sub, True)}")
     args.overrides = [*found, *args.overrides]
     return args
 
@@ -254,9 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingAborted as e:  # e.g. a data preparation that another rank aborted
         return _fail(str(e), EXIT_FAILURE)
     except Interrupted as e:  # a stop signal while preparing data: nothing half-built is kept; exit 0 to requeue
+        from emotion_dist.distributed.interrupts import exit_code
+
         print(f"stopped by {e.signame} while preparing data; run the command again to carry on",
               file=sys.stderr, flush=True)
-        return EXIT_OK
+        return exit_code(e.signame)  # 130 for Ctrl-C
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `... | head`: the reader left; say nothing more
@@ -329,11 +483,31 @@ def _run(args) -> int:
         from emotion_dist.commands.summarize import run_summarize
 
         return run_summarize(args)
+    if args.command == "checks":
+        from emotion_dist.commands.checks import run_checks
+
+        return run_checks(args)
+    if args.command == "sweep" and args.search == "optuna":
+        from emotion_dist.commands.search import run_search
+
+        return run_search(args)
+    if args.command == "sweep":
+        from emotion_dist.commands.sweep import run_sweep
+
+        return run_sweep(args)
     if args.command == "ckpt":
         from emotion_dist.commands.ckpt import inspect
 
         return inspect(args)
     return 0
+
+
+def train_in_process(config, overrides: list[str], out: argparse.Namespace) -> int:
+    """`emotion-dist train` called from Python (emotion_dist.api.train): the same function the
+    command runs; its final JSON document is left on `out.document`."""
+    from emotion_dist.commands.train import run_training
+
+    return run_training(config, list(overrides), out)
 
 
 def _config_keys(args) -> int:
@@ -346,7 +520,9 @@ def _config_keys(args) -> int:
         return _fail(f"no config key starts with {args.prefix!r}; the sections are data, model, train, dist, run, "
                      f"ckpt, log")
     out = human(args)
-    if args.markdown:
+    if args.json:  # stdout holds the document; the table would only repeat it on stderr
+        pass
+    elif args.markdown:
         out.write(keys_markdown())
     else:
         width = max(len(k.key) for k in rows)

@@ -218,7 +218,13 @@ class DistConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = setting("runs/default", "run directory (checkpoints, metrics.jsonl, plots, config.yaml)")
+    name: str = setting(
+        "default", "without run.dir, the run goes to runs/NAME, or runs/NAME2, runs/NAME3, ... when that holds "
+                   "a finished or another run (as ultralytics' `name`)")
+    exist_ok: bool = setting(False, "write into runs/NAME even when it holds a run (resume or finish it) instead of "
+                                    "taking the next free runs/NAMEn")
+    dir: Optional[str] = setting(None, "run directory (checkpoints, metrics.jsonl, plots, config.yaml); null: "
+                                       "runs/NAME, see run.name")
     resume: str = setting(
         "auto", "`auto` (newest loadable checkpoint in run.dir) | `never` | a checkpoint path")
     lease_heartbeat_s: float = setting(10.0, "the run-directory lease's heartbeat (one job per run.dir)")
@@ -354,29 +360,74 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), (raw if isinstance(value, (dict, list)) else value)
 
 
-def load_config(path: Optional[str], overrides: list[str] = ()) -> tuple[Config, set[str]]:
-    """Returns the validated config and the set of keys the user set explicitly."""
+def read_config_file(path: str) -> dict[str, Any]:
+    """One YAML config file as flat dotted keys (not yet checked against the schema)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} not found; pass --config configs/default.yaml or another YAML file")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", -1) + 1
+        raise ConfigError(f"config file {path} is not valid YAML (line {line}); fix its syntax") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections (data:, train:, ...)")
+    return _flatten(tree)
+
+
+def config_paths(path) -> list[str]:
+    """--config given once (a str), several times (a list, merged in order) or not at all."""
+    if not path:
+        return []
+    return [str(path)] if isinstance(path, (str, os.PathLike)) else [str(p) for p in path if p]
+
+
+def load_config(path, overrides: list[str] = ()) -> tuple[Config, set[str]]:
+    """Returns the validated config and the set of keys the user set explicitly. `path`: one YAML
+    file, or a list of them merged in order (a later file's keys replace an earlier one's, as
+    Lightning CLI merges repeated --config); the overrides come last."""
     cfg = Config()
     given: set[str] = set()
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} not found; pass --config configs/default.yaml or another YAML file")
-        try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", -1) + 1
-            raise ConfigError(f"config file {path} is not valid YAML (line {line}); fix its syntax") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must be a mapping of sections (data:, train:, ...)")
-        for key, value in _flatten(tree).items():
+    for p in config_paths(path):
+        for key, value in read_config_file(p).items():
             _set(cfg, key, value)
             given.add(key)
     given |= apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg, given
+
+
+def config_sources(path) -> list[str]:
+    """With more than one --config: one note per file saying which keys it set (and which an
+    earlier file's value it replaced), for the start line. Empty for one file or none."""
+    paths = config_paths(path)
+    if len(paths) < 2:
+        return []
+    seen: dict[str, str] = {}
+    notes = []
+    for p in paths:
+        keys = read_config_file(p)
+        replaced = [k for k in keys if k in seen and seen[k] != p]
+        note = f"--config {p} set {', '.join(keys) or 'nothing'}"
+        if replaced:
+            note += f" (over {', '.join(f'{seen[k]} for {k}' for k in replaced)})"
+        notes.append(note)
+        seen.update({k: p for k in keys})
+    return notes
+
+
+RUNS_ROOT = "runs"
+
+
+def run_dir_candidates(name: str, root: str = RUNS_ROOT):
+    """runs/NAME, runs/NAME2, runs/NAME3, ... (ultralytics' increment_path)."""
+    yield Path(root) / name
+    n = 2
+    while True:
+        yield Path(root) / f"{name}{n}"
+        n += 1
 
 
 def apply_overrides(cfg: Config, overrides) -> set[str]:
@@ -456,11 +507,15 @@ def validate(cfg: Config) -> None:
     _check(cfg.ckpt.every_steps >= 0, f"ckpt.every_steps={cfg.ckpt.every_steps} must be >= 0 (0 = epoch ends only)")
     _check(cfg.ckpt.keep >= 1, f"ckpt.keep={cfg.ckpt.keep} must be >= 1")
     _check(cfg.log.every_steps >= 1, f"log.every_steps={cfg.log.every_steps} must be >= 1")
-    _check(bool(cfg.run.dir), "run.dir must not be empty")
+    _check(cfg.run.dir is None or bool(cfg.run.dir), "run.dir must not be empty; leave it out to use runs/NAME")
+    _check(bool(cfg.run.name) and "/" not in cfg.run.name and "\\" not in cfg.run.name
+           and cfg.run.name not in (".", ".."),
+           f"run.name={cfg.run.name!r} must be a plain folder name (no slashes); use run.dir=PATH for a path")
     # the run's files and the cache never go into the data (data.root, data.ferplus; see utils/paths.py):
     # refused here, before any process group starts or anything is written
     for key in ("run.dir", "run.cache_dir"):
-        check_outside_data(getattr(cfg.run, key.split(".")[1]), data_paths(d.root, d.ferplus), option=key)
+        if getattr(cfg.run, key.split(".")[1]):
+            check_outside_data(getattr(cfg.run, key.split(".")[1]), data_paths(d.root, d.ferplus), option=key)
     _check(cfg.run.lease_heartbeat_s > 0, f"run.lease_heartbeat_s={cfg.run.lease_heartbeat_s} must be > 0")
     _check(cfg.run.lease_stale_s >= 3 * cfg.run.lease_heartbeat_s,
            f"run.lease_stale_s={cfg.run.lease_stale_s} must be at least 3 x run.lease_heartbeat_s")

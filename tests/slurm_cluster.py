@@ -14,14 +14,17 @@ NodeAddr. slurmctld itself reaches the slurmds by NodeAddr=127.0.0.1 and needs n
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from conftest import ROOT
 from nodes import hosts_file, kill_namespace, node_argv, node_path
@@ -90,6 +93,58 @@ def available() -> str | None:
     return None
 
 
+_cleanups: list[Callable[[], None]] = []
+_cleanup_lock = threading.Lock()
+CLEANUP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+def run_cleanups() -> None:
+    """Run every registered cleanup once (atexit, a stop signal, or a fixture's teardown: whichever first)."""
+    with _cleanup_lock:
+        todo = list(reversed(_cleanups))
+        _cleanups.clear()
+    for fn in todo:
+        try:
+            fn()
+        except Exception as e:  # one failing cleanup must not keep the others from running
+            print(f"cleanup {fn!r} failed: {e}", file=sys.stderr)
+
+
+def _on_signal(signum, frame) -> None:
+    """The test run is being stopped (a CI timeout's SIGTERM, a closed terminal's SIGHUP, Ctrl-C):
+    stop what it started, then let the signal do what it did before."""
+    run_cleanups()
+    previous = _previous_handlers.get(signum, signal.SIG_DFL)
+    if signum == signal.SIGINT and previous is signal.default_int_handler:
+        raise KeyboardInterrupt  # pytest reports the interrupted run as usual
+    if callable(previous):
+        previous(signum, frame)
+        return
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+_previous_handlers: dict = {}
+
+
+def register_cleanup(fn: Callable[[], None]) -> None:
+    """`fn` runs when this process ends however it can still run code: a normal exit, an exception,
+    SIGTERM, SIGHUP or SIGINT. The daemons a test starts are not this process's children
+    (slurmctld and slurmd fork into the background), so nothing else would stop them. Handlers are
+    installed from the main thread only (Python's rule); elsewhere atexit alone covers it."""
+    with _cleanup_lock:
+        first = not _cleanups and not _previous_handlers
+        _cleanups.append(fn)
+    if first:
+        atexit.register(run_cleanups)
+    if threading.current_thread() is threading.main_thread():
+        for sig in CLEANUP_SIGNALS:
+            current = signal.getsignal(sig)
+            if current is not _on_signal:
+                _previous_handlers[sig] = current
+                signal.signal(sig, _on_signal)
+
+
 class Cluster:
     def __init__(self, folder: Path, nodes: int = 2):
         self.dir = folder
@@ -107,6 +162,7 @@ class Cluster:
         return subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0
 
     def start(self) -> None:
+        register_cleanup(self.stop)  # before the first daemon starts: a stop mid-start still cleans up
         if not self._munge_ok():
             subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "755", "/run/munge"], check=True)
             if not Path("/etc/munge/munge.key").exists():
@@ -182,8 +238,16 @@ class Cluster:
         self.wait_nodes("idle", timeout=120)
 
     def stop(self) -> None:
+        """Every slurmd (with its node's job steps) and slurmctld; once (a second call does nothing,
+        so a pid that was reused meanwhile is never signalled)."""
+        if getattr(self, "stopped", False):
+            return
+        self.stopped = True
         for node in self.nodes:
-            self.kill_node(node)
+            try:
+                self.kill_node(node)
+            except (OSError, ValueError, RuntimeError):  # never started, or its pid file is stale
+                pass
         pid_file = self.dir / "slurmctld.pid"
         if pid_file.is_file():
             try:

@@ -30,6 +30,23 @@ def checkpoint_config(state: dict, overrides: list[str]):
     return cfg
 
 
+def default_tta(state: dict, overrides: list[str], split: str = "test") -> tuple[str, str]:
+    """The TTA mode when --tta is not given, and where it came from, as the checkpoint's recipe
+    measured that split: a train.test_tta override, else for the test split the checkpoint's
+    train.test_tta (its training run's test pass used it), for the val split none (training
+    validates without TTA). A checkpoint from before test_tta was recorded: none."""
+    for o in reversed(overrides):
+        key, value = parse_override(o)
+        if key == "train.test_tta":
+            return str(value), "train.test_tta on the command line"
+    if split == "val":
+        return "none", "as training validated"
+    recorded = (state.get("config") or {}).get("train", {}).get("test_tta")
+    if recorded in ("none", "flip", "tencrop"):
+        return recorded, "the checkpoint's train.test_tta, as its training run's test pass"
+    return "none", "the checkpoint records no train.test_tta"
+
+
 def report_dir(args) -> Path:
     """Plots go next to the report, never over the training run's own confusion_test.png."""
     if args.out:
@@ -111,6 +128,10 @@ def _evaluate(args) -> int:
         raise ConfigError(f"{args.checkpoint[0]} takes in_channels={meta.in_channels} images; drop "
                           f"model.in_channels={cfg.model.in_channels} (evaluate uses the checkpoint's)")
     out_dir = check_outputs(args, cfg)
+    if args.tta is None:
+        args.tta, tta_from = default_tta(state, args.overrides, args.split)
+    else:
+        tta_from = "--tta"
     from emotion_dist.data.augment import BatchTransform
     from emotion_dist.distributed import process_group
     from emotion_dist.inference import tta
@@ -126,6 +147,8 @@ def _evaluate(args) -> int:
     setup_logging(env.rank, sys.stderr)
     ok = False
     try:
+        if env.is_main:
+            print(f"TTA {args.tta} ({tta_from}; --tta none|flip|tencrop chooses)", file=sys.stderr, flush=True)
         ds = prepare_data(cfg, env, check_classes=False)
         maps = class_maps(ds.classes, [m for _, m in loaded])
         split = ds.test if args.split == "test" else ds.val
@@ -148,7 +171,7 @@ def _evaluate(args) -> int:
                                      class_maps=maps if any(m is not None for m in maps) else None)
         names = [str(c) for c in args.checkpoint]
         report = {REPORT_MARKER: "evaluate", "checkpoint": names[0] if len(names) == 1 else names,
-                  "split": args.split, "data": ds.root, "tta": args.tta,
+                  "split": args.split, "data": ds.root, "tta": args.tta, "tta_from": tta_from,
                   "tta_views": tta.describe(args.tta, meta.data_size, cfg.data.image_size),
                   "models": len(models), "world_size": env.world_size, "loss": res["loss"],
                   **{k: res[k] for k in ("accuracy", "macro_f1", "count", "per_class")},

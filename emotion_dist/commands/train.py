@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Optional
 
 from emotion_dist.config import to_yaml
 from emotion_dist.distributed import interrupts
@@ -17,6 +18,14 @@ from emotion_dist.utils.paths import data_paths
 log = logging.getLogger("emotion_dist")
 
 
+def pick_run_dir(cfg) -> tuple[str, Optional[str]]:
+    """Rank 0: run.dir, or runs/NAME / runs/NAMEn (checkpoint.choose_run_dir), and the start-line
+    note saying why when it is not runs/NAME."""
+    from emotion_dist.training.checkpoint import choose_run_dir
+
+    return choose_run_dir(cfg.run, cfg.train, getattr(cfg, "_resume_given", False))
+
+
 def hold_run_dir(cfg):
     """Rank 0, before any expensive work: one job per run directory (RunDirBusy names the holder)."""
     from pathlib import Path
@@ -26,6 +35,19 @@ def hold_run_dir(cfg):
 
     check_run_dir(Path(cfg.run.dir))  # never a lease file in someone's folder
     return RunDirLease(cfg.run.dir, interval_s=cfg.run.lease_heartbeat_s, stale_after_s=cfg.run.lease_stale_s).acquire()
+
+
+def finished_run(cfg) -> Optional[tuple[str, dict]]:
+    """Rank 0: (the line, the result) when run.dir holds a run that is finished, test pass included;
+    a finished run without its test pass goes on to the trainer, which runs only that pass."""
+    from emotion_dist.training.checkpoint import finished_message, run_status
+
+    if cfg.run.resume != "auto":
+        return None
+    done = finished_message(cfg.run.dir, cfg.train)
+    if done is None and run_status(cfg.run.dir, cfg.train).kind == "finished":
+        log.info("%s: finished at its last epoch, but its test pass is not recorded: running only that", cfg.run.dir)
+    return done
 
 
 def _error(rank: int, e: BaseException) -> None:
@@ -62,13 +84,16 @@ def run_training(config_path, overrides, out: argparse.Namespace | None = None) 
     except Interrupted as e:
         print(f"stopped by {e.signame} before training started; nothing to save", file=sys.stderr, flush=True)
         if cfg is not None:
-            emit(out, {MARKER: "train", "run_dir": cfg.run.dir, "stopped": True, "global_step": None})
-        return EXIT_OK
+            emit(out, {MARKER: "train", "run_dir": cfg.run.dir, "stopped": True, "global_step": None,
+                       "signal": e.signame})
+        return interrupts.exit_code(e.signame)
     with stdout_to_stderr(out.json):
         code, result = _train(cfg, notes, env)
     if result is not None and env.is_main:
-        emit(out, {MARKER: "train", "run_dir": cfg.run.dir, "launcher": env.launcher,
-                   "world_size": env.world_size, **result})
+        document = {MARKER: "train", "run_dir": cfg.run.dir, "launcher": env.launcher,
+                    "world_size": env.world_size, **result}
+        emit(out, document)
+        out.document = document  # emotion_dist.api.train returns it
     return code
 
 
@@ -81,13 +106,28 @@ def _train(cfg, notes: list[str], env) -> tuple[int, dict | None]:
     setup_logging(env.rank, sys.stdout)  # sys.stdout is stderr here under --json
     trainer, lease, ok = None, None, False
     try:
+        cfg.run.dir, note = process_group.rank0_decides(lambda: pick_run_dir(cfg))
+        notes = [*notes, note] if note else notes
         lease = process_group.rank0_decides(lambda: hold_run_dir(cfg), share_result=False)
+        done = process_group.rank0_decides(lambda: finished_run(cfg))
+        if done is not None:  # nothing left to do: no data loaded, no test pass redone
+            if env.is_main:
+                log.info(done[0])
+            ok = True
+            return EXIT_OK, done[1]
         trainer = build_trainer(cfg, env, notes=notes, lease=lease)
         result = trainer.fit()
-        if env.is_main:
+        # every rank exits alike: the signal one rank got (Ctrl-C reaches them all, `kill` only one)
+        signame = next(filter(None, process_group.gather_objects(interrupts.requested())), None)
+        if result.get("stopped") and signame:
+            result["signal"] = signame
+            if env.is_main:
+                log.info("stopped by %s at step %s; the checkpoint is saved: the same command resumes it (exit %d)",
+                         signame, result.get("global_step"), interrupts.exit_code(signame))
+        elif env.is_main:
             log.info("done: %s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
         ok = True
-        return EXIT_OK, result
+        return (interrupts.exit_code(signame) if result.get("stopped") and signame else EXIT_OK), result
     except UserError as e:
         _error(env.rank, e)
         return EXIT_USAGE, None
@@ -98,7 +138,7 @@ def _train(cfg, notes: list[str], env) -> tuple[int, dict | None]:
         if env.is_main:
             log.info("stopped by %s while preparing data; temp files removed, the next start carries on", e.signame)
         ok = env.world_size == 1
-        return EXIT_OK, {"stopped": True, "global_step": None}
+        return interrupts.exit_code(e.signame), {"stopped": True, "global_step": None, "signal": e.signame}
     finally:
         if trainer is not None:
             trainer.close()

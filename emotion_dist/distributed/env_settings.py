@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
-from emotion_dist.config import Config, load_config, parse_override, validate
+from emotion_dist.config import Config, config_sources, load_config, parse_override, validate
 from emotion_dist.errors import ConfigError, LaunchError
 
 ACCELERATE_PRECISION = {"fp16": "fp16", "bf16": "bf16"}  # "no" is also what accelerate sends when not asked
@@ -142,7 +142,10 @@ def wandb_api_key_present(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def resolve_config(config_path, overrides, environ=None):
-    """The config a run uses (command line > environment > config file > defaults, see env_settings)
-    and the notes saying where the launcher's or W&B's environment decided or was overruled."""
+    """The config a run uses (command line > environment > config files in order > defaults, see
+    env_settings) and the notes saying which --config file set what and where the launcher's or
+    W&B's environment decided or was overruled. run.dir stays None when not given: the train
+    command picks runs/NAME."""
     cfg, given = load_config(config_path, overrides)
-    return cfg, apply_environment(cfg, given, overrides, environ)
+    cfg._resume_given = "run.resume" in given  # runs/NAME is kept when run.resume=auto is asked for
+    return cfg, [*config_sources(config_path), *apply_environment(cfg, given, overrides, environ)]

@@ -4,7 +4,7 @@
 One handler from the start of a command to its end. The first signal only sets a flag, which each
 phase reads at its safe points: the training loop at a step boundary (all ranks agree, rank 0
 checkpoints), data preparation between images or chunks (`check()` raises Interrupted; temp files
-are removed on the way out). A second signal means the user insists: the process ends at once with
+are removed on the way out). SIGINT exits 130 after saving, the others 0 (`exit_code`). A second signal means the user insists: the process ends at once with
 the default action. Without this, USR1 would kill a process still preparing data (rc 138) and
 Slurm would never requeue it.
 
@@ -54,6 +54,18 @@ def uninstall() -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
     _installed, _requested = False, None
+
+
+# Ctrl-C at a terminal is a person stopping the command: the shell's convention (128 + SIGINT) tells
+# `train && export` not to go on. A scheduler's signal (SIGTERM at the time limit, SIGUSR1 before
+# preemption) keeps 0, so Slurm's requeue and torchrun's restarts treat the saved state as resumable.
+INTERACTIVE_EXIT = 128 + signal.SIGINT
+
+
+def exit_code(signame: Optional[str] = None) -> int:
+    """The exit code of a command stopped by `signame` (default: the signal received)."""
+    signame = signame or _requested
+    return INTERACTIVE_EXIT if signame == "SIGINT" else 0
 
 
 def requested() -> Optional[str]:

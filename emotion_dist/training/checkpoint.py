@@ -202,6 +202,184 @@ def is_run_dir(path: Path) -> bool:
     return any((Path(path) / name).exists() for name in RUN_DIR_FILES)
 
 
+# Every name a run writes at the top of its run directory (files and folders); a file of one of these
+# names that emotion-dist did not write is the only thing that makes a run refuse a folder.
+RUN_WRITES = (RUN_MARKER, "lease.json", "config.yaml", "metrics.jsonl", "checkpoints", "data_report.json",
+              "curves.png", "confusion_val.png", "confusion_test.png", "tensorboard", "wandb", "wandb_id.txt", "eval")
+_SAMPLE_IDS_RE = re.compile(r"^sample_ids\.rank\d+\.jsonl$")
+
+
+def _is_ours(run_dir: Path) -> bool:
+    """A run directory emotion-dist wrote: its run.json says so, or (a run from before run.json
+    was written) it holds a checkpoints/ folder with checkpoints, or a config.yaml with metrics.jsonl."""
+    if CheckpointFiles(run_dir).record is not None:
+        return True
+    ckpts = run_dir / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.glob("*.pt")):
+        return True
+    return (run_dir / "config.yaml").is_file() and (run_dir / "metrics.jsonl").is_file()
+
+
+def names_in_the_way(run_dir: Path) -> list[str]:
+    """In a folder emotion-dist did not write: the entries whose names a run would write. Other
+    files (a user's train.log, a Slurm output file) are neither read nor touched."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or _is_ours(run_dir):
+        return []
+    return sorted(p.name for p in run_dir.iterdir()
+                  if (p.name in RUN_WRITES or _SAMPLE_IDS_RE.match(p.name)) and not _marked_ours(p))
+
+
+def _marked_ours(path: Path) -> bool:
+    """A JSON file emotion-dist wrote (the lease of a run starting here): its marker key says so."""
+    import json
+
+    if path.suffix != ".json" or not path.is_file():
+        return False
+    try:
+        return "emotion_dist" in json.loads(path.read_bytes())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def folders_in_the_way(run_dir: Path) -> list[str]:
+    """In a folder emotion-dist did not write: its sub-folders of other names. A folder of folders
+    is a data set or another program's output, and a run is never written inside one."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or _is_ours(run_dir):
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if p.is_dir() and p.name not in RUN_WRITES)
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A run writes into a new folder, a run directory of emotion-dist's, or a folder of the user's
+    own files (a log the shell redirects there, a Slurm output file), beside them: those are neither
+    read nor touched. Refused: a folder holding sub-folders of another program (a data set, say),
+    or a file under a name the run writes (config.yaml, metrics.jsonl, ...) that it did not write."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir={run_dir} is a file, not a folder; point run.dir at a folder")
+    taken = names_in_the_way(run_dir)
+    if taken:
+        raise ConfigError(f"run.dir={run_dir} holds {run_dir / taken[0]}, which emotion-dist did not write but a run "
+                          f"writes under that name{f' (and {len(taken) - 1} more)' if len(taken) > 1 else ''}; "
+                          f"move it away or choose another run.dir")
+    folders = folders_in_the_way(run_dir)
+    if folders:
+        raise ConfigError(f"run.dir={run_dir} is not an emotion-dist run directory and holds folders of its own "
+                          f"({', '.join(f'{run_dir / f}/' for f in folders[:3])}): a data set or another program's "
+                          f"output, never written into; choose a new run.dir")
+
+
+@dataclass
+class RunStatus:
+    """Where the run in a run directory stands, read from its own newest checkpoint and metrics.jsonl."""
+
+    kind: str  # "none" (no run of emotion-dist's), "unfinished" or "finished"
+    epoch: int = 0
+    global_step: int = 0
+    test: Optional[dict] = None  # the recorded test pass at the final step, if any
+
+
+def _test_record(run_dir: Path, global_step: int) -> Optional[dict]:
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    found = None
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if isinstance(row, dict) and row.get("type") == "test" and row.get("step") == global_step:
+            found = row
+    return found
+
+
+def run_status(run_dir: Path, train_cfg) -> RunStatus:
+    """Finished: its epochs done (train.epochs) or early-stopped on train.patience, or its
+    train.max_steps reached with train.eval_test=false, by the config given now (a larger
+    train.epochs continues a finished run)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not _is_ours(run_dir):
+        return RunStatus("none")
+    found = CheckpointFiles(run_dir).newest_loadable()
+    if found is None:
+        return RunStatus("none" if not is_run_dir(run_dir) else "unfinished")
+    state = found[1]
+    epoch, step = int(state.get("epoch", 0)), int(state.get("global_step", 0))
+    best = int(state.get("best_epoch", -1))
+    patience = train_cfg.patience
+    epochs_done = epoch >= train_cfg.epochs or (patience > 0 and best > 0 and epoch - best >= patience)
+    # train.max_steps reached mid-epoch ends a run without its test pass; only one that asked for none is done
+    steps_done = bool(train_cfg.max_steps) and step >= train_cfg.max_steps and not train_cfg.eval_test
+    if not (epochs_done or steps_done):
+        return RunStatus("unfinished", epoch, step)
+    return RunStatus("finished", epoch, step, _test_record(run_dir, step))
+
+
+def finished_message(run_dir: Path, train_cfg) -> Optional[tuple[str, dict]]:
+    """For a finished run with nothing left to do (its test pass recorded, or none asked for): the
+    line saying so and the result; None when there is work left (training, or only the test pass)."""
+    status = run_status(run_dir, train_cfg)
+    if status.kind != "finished" or (train_cfg.eval_test and status.test is None):
+        return None
+    result = {"stopped": False, "already_finished": True, "global_step": status.global_step,
+              "epoch": status.epoch}
+    if status.test is not None:
+        result.update(test_accuracy=status.test.get("accuracy"), test_macro_f1=status.test.get("macro_f1"))
+        why = "test pass recorded"
+    else:
+        why = "train.eval_test=false"
+    return (f"{run_dir}: already finished at epoch {status.epoch} ({why}); nothing to do (a larger train.epochs "
+            f"continues it; run.name or run.dir starts another)", result)
+
+
+def choose_run_dir(run_cfg, train_cfg, resume_given: bool) -> tuple[str, Optional[str]]:
+    """run.dir when given; else runs/NAME, or the next runs/NAMEn when that holds a finished run (or
+    any run, with run.resume=never), as ultralytics increments `name`. runs/NAME is kept with
+    run.exist_ok, or when run.resume=auto is asked for on the command line (it resumes or finishes
+    the run there). Returns the folder and a start-line note when it is not runs/NAME."""
+    from emotion_dist.config import run_dir_candidates
+
+    if run_cfg.dir:
+        return run_cfg.dir, None
+    candidates = run_dir_candidates(run_cfg.name)
+    first = next(candidates)
+    if run_cfg.exist_ok or (resume_given and run_cfg.resume == "auto"):
+        return str(first), None
+    resume_from = None
+    if run_cfg.resume not in ("auto", "never"):
+        resume_from = Path(run_cfg.resume).resolve().parent.parent  # RUN_DIR/checkpoints/x.pt
+    d, skipped = first, None
+    while True:
+        status = "running" if _lease_fresh(d, run_cfg.lease_stale_s) else run_status(d, train_cfg).kind
+        if resume_from is not None and d.resolve() == resume_from:
+            break
+        if status == "none" and not names_in_the_way(d) and not folders_in_the_way(d):
+            break
+        if status == "unfinished" and run_cfg.resume == "auto":
+            break
+        skipped = skipped or (d, status)
+        d = next(candidates)
+    if d == first:
+        return str(d), None
+    what = {"finished": "a finished run", "running": "a run in progress"}.get(skipped[1], "another run")
+    return str(d), (f"run.dir={d} ({skipped[0]} holds {what}; run.exist_ok=true writes there, run.name=X picks "
+                    f"another name)")
+
+
+def _lease_fresh(run_dir: Path, stale_after_s: float) -> bool:
+    """A job holds the folder now: its lease (distributed/lease.py) was refreshed within
+    run.lease_stale_s. Another `train` picks the next name instead of waiting on it."""
+    try:
+        return time.time() - (Path(run_dir) / "lease.json").stat().st_mtime < stale_after_s
+    except OSError:
+        return False
+
+
 @dataclass
 class StartPlan:
     """How a run starts in its run directory: fresh, or from a checkpoint (path and loaded state)."""
@@ -209,16 +387,6 @@ class StartPlan:
     run_id: str
     path: Optional[Path] = None
     state: Optional[dict] = None
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """A run writes only into a new or empty folder, or a run directory of emotion-dist's."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run.dir={run_dir} is a file, not a folder; point run.dir at a folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
-        raise ConfigError(f"run.dir={run_dir} is a non-empty folder that is not an emotion-dist run directory; "
-                          f"choose a new or empty run.dir")
 
 
 def plan_start(files: CheckpointFiles, resume: str) -> StartPlan:

@@ -16,7 +16,8 @@ import numpy as np
 
 def inject_fault(rank: int, step: int) -> bool:
     """Test hook for real failures in real processes: EMOTION_DIST_FAULT=RANK:STEP:KIND, KIND one of
-    raise | kill (SIGKILL itself) | hang | nan (poison the loss from STEP on) | nan1 (at STEP only).
+    raise | kill (SIGKILL itself) | hang | nan (poison the loss from STEP on) | nan1 (at STEP only) |
+    SIGINT, SIGTERM or SIGUSR1 (the process sends itself that signal, as Ctrl-C or a scheduler would).
     EMOTION_DIST_FAULT_ONCE=FILE makes it fire once (the file records that it did). Returns True
     when this step's loss is to be poisoned."""
     spec = os.environ.get("EMOTION_DIST_FAULT")
@@ -38,6 +39,8 @@ def inject_fault(rank: int, step: int) -> bool:
         os.kill(os.getpid(), signal.SIGKILL)
     if kind == "hang":
         time.sleep(10**6)
+    if kind in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        os.kill(os.getpid(), getattr(signal, kind))
     return False
 
 
