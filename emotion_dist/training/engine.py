@@ -337,11 +337,13 @@ class Trainer:
             return
         path, state = found
         p = self.progress
-        self.logger.line(
-            f"resumed from {path}: epoch {p.epoch + 1}, step {p.global_step}, "
-            f"{self.sampler.consumed}/{self.sampler.n} samples of the epoch done "
-            f"(saved on world size {state['world_size']} with {state['strategy']})"
-        )
+        saved_on = f"saved on world size {state['world_size']} with {state['strategy']}"
+        if p.epoch >= self.cfg.train.epochs or p.out_of_patience(self.cfg.train.patience):
+            self.logger.line(f"resumed from {path}: training finished at epoch {p.epoch} ({saved_on}); "
+                             f"{'nothing to do' if p.test_recorded else 'running only the test pass'}")
+        else:
+            self.logger.line(f"resumed from {path}: epoch {p.epoch + 1}, step {p.global_step}, "
+                             f"{self.sampler.consumed}/{self.sampler.n} samples of the epoch done ({saved_on})")
         changed = config_diff(config_from_dict(state.get("config", {})), self.cfg)
         if changed:
             self.logger.line("config changed since that checkpoint: " + ", ".join(f"{k} {a!r} -> {b!r}"
