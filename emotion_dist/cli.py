@@ -136,10 +136,31 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-detect", action="store_true",
                     help="each image (or frame) is one face crop (FER-style inputs)")
 
-    x = sub.add_parser("export", help="export a checkpoint to ONNX (verified with onnxruntime) or safetensors")
+    x = sub.add_parser("export", help="export a checkpoint to ONNX (verified with onnxruntime), safetensors, or a "
+                                      "Hugging Face model folder with a model card")
     x.add_argument("--checkpoint", required=True, help="a .pt checkpoint")
-    x.add_argument("--format", choices=["onnx", "safetensors"], required=True, help="the file format")
-    x.add_argument("--out", default=None, help="output file (default: next to the checkpoint)")
+    x.add_argument("--format", choices=["onnx", "safetensors", "hf"], required=True,
+                   help="the file format; hf: a folder (config.json, model.safetensors, README.md model card, "
+                        "confusion_test.png) that EmotionNet.from_pretrained and --checkpoint DIR read")
+    x.add_argument("--out", default=None, help="output file, or the folder for --format hf (default: next to the "
+                                                "checkpoint)")
+    x.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="--format hf: upload the folder to the Hugging Face Hub as OWNER/NAME (token: HF_TOKEN or "
+                        "`hf auth login`)")
+    x.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    x.add_argument("--license", default="unknown", help="--format hf: the model card's license (default unknown)")
+    x.add_argument("--int8", action="store_true",
+                   help="--format onnx: a static int8 (QDQ, per-channel) model calibrated on training images, "
+                        "checked against fp32 on the test split (default out: NAME.int8.onnx)")
+    x.add_argument("--calibration", type=_positive_int, default=300, metavar="N",
+                   help="--int8: calibration images from the training split (default 300)")
+    x.add_argument("--min-agreement", type=float, default=0.98, metavar="FRACTION",
+                   help="--int8: refuse when int8 and fp32 agree on fewer test images than this (default 0.98)")
+    x.add_argument("--force", action="store_true", help="--int8: write even below --min-agreement")
+    x.add_argument("--batch", type=_positive_int, default=None, metavar="N",
+                   help="--format onnx: a fixed batch of N instead of a dynamic batch axis")
+    x.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="--int8: change the checkpoint's config for the data it reads, e.g. data.root=PATH")
 
     from emotion_dist.commands.bench import rows_arg  # torch-free at import
 
@@ -248,11 +269,9 @@ def _run(args) -> int:
 
         return run_predict(args)
     if args.command == "export":
-        from emotion_dist.commands.export import export
+        from emotion_dist.commands.export import run_export
 
-        path = export(args.checkpoint, args.format, args.out)
-        print(f"exported {path} (+ {path.with_suffix('.json').name})")
-        return 0
+        return run_export(args)
     if args.command == "bench":
         from emotion_dist.commands.bench import run_bench
 

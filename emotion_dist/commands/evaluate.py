@@ -33,7 +33,10 @@ def report_dir(args) -> Path:
         return Path(args.out)
     if args.json_out and args.json_out != "-":
         return Path(args.json_out).parent
-    return Path(args.checkpoint[0]).resolve().parent.parent / "eval"
+    model = Path(args.checkpoint[0]).resolve()
+    if model.is_dir():  # an export --format hf folder: beside it, never inside what may be uploaded
+        return model.parent / f"{model.name}-eval"
+    return model.parent.parent / "eval"
 
 
 def check_outputs(args) -> Path:

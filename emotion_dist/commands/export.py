@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emotion_dist.errors import ConfigError
 from emotion_dist.modelio import load_model
 from emotion_dist.utils.fsutil import atomic_write_bytes, guard_output
 from emotion_dist.model import EmotionNet
@@ -76,3 +77,30 @@ def onnx_max_diff(model: EmotionNet, onnx_model: bytes, channels: int, size: int
         got = sess.run(None, {"images": x.numpy()})[0]
         worst = max(worst, float(np.abs(ref - got).max()))
     return worst
+
+
+def run_export(args) -> int:
+    """`emotion-dist export`: the format's writer; every check that can refuse comes before any work."""
+    if args.push_to_hub and args.format != "hf":
+        raise ConfigError("--push-to-hub uploads a Hugging Face folder; add --format hf")
+    if args.int8 and args.format != "onnx":
+        raise ConfigError("--int8 quantizes an ONNX model; use it with --format onnx")
+    if args.format == "hf":
+        from emotion_dist.inference import hub
+
+        token = hub.hub_token() if args.push_to_hub else None  # refused in one line before any work
+        out = hub.check_hf_out(args.out, args.checkpoint)
+        folder = hub.write_hf_folder(args.checkpoint, out, license=args.license)
+        print(f"exported {folder}/ (config.json, model.safetensors, README.md)")
+        if args.push_to_hub:
+            url = hub.push_folder(folder, args.push_to_hub, token=token, private=args.private)
+            print(f"pushed {folder} to {url}")
+        return 0
+    if args.int8:
+        from emotion_dist.commands.quantize_export import export_int8
+
+        path = export_int8(args)
+    else:
+        path = export(args.checkpoint, args.format, args.out)
+    print(f"exported {path} (+ {path.with_suffix('.json').name})")
+    return 0

@@ -36,6 +36,37 @@ NO_FACE = "no face found (use --no-detect for images that are already face crops
 EXPORT_FIX = "re-run emotion-dist export --format onnx to write the model and its sidecar again"
 
 
+def preprocessing_recipe(meta: dict, config: Optional[dict] = None) -> dict:
+    """How predict turns a photo into the model's input, in words and numbers a consumer without
+    emotion-dist can follow (the ONNX metadata, the sidecars and the model card carry it): the face
+    detector, the crop margin, the alignment (the run's data.face_crop when it has one), the resize
+    chain, the scaling, the normalisation and the channel order. It mirrors Classifier.preprocess."""
+    data = (config or {}).get("data", {})
+    channels = meta["in_channels"]
+    return {
+        "detector": "OpenCV Haar cascade haarcascade_frontalface_default.xml (scaleFactor 1.1, minNeighbors 5)",
+        "crop_margin": MARGIN,  # of the box's width (left and right) and height (top and bottom)
+        "alignment": data.get("face_crop") or "none",
+        "resize": [{"size": meta["data_size"], "interpolation": "area", "why": "the size the training images were stored at"},
+                   {"size": meta["image_size"], "interpolation": "bilinear", "why": "the model's input size"}],
+        "scale": "pixel / 255",
+        "mean": meta["normalization"]["mean"],
+        "std": meta["normalization"]["std"],
+        "channel_order": "gray (BT.601 luma, cv2.COLOR_RGB2GRAY)" if channels == 1 else "RGB",
+        "layout": f"float32 N x {channels} x {meta['image_size']} x {meta['image_size']}",
+        "output": "logits N x num_classes, in the order of classes; softmax for probabilities",
+    }
+
+
+def recipe_sentence(recipe: dict) -> str:
+    """The recipe as one sentence (the model card's)."""
+    steps = " then ".join(f"{r['interpolation']} to {r['size']} px" for r in recipe["resize"])
+    return (f"Detect the face, widen its box by {recipe['crop_margin']:.0%} on every side, crop "
+            f"(alignment: {recipe['alignment']}), convert to {recipe['channel_order'].split(' (')[0]}, resize {steps}, "
+            f"divide by 255, subtract mean {recipe['mean']} and divide by std {recipe['std']}, and feed "
+            f"{recipe['layout']}.")
+
+
 @dataclass
 class Face:
     file: str

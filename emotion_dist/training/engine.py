@@ -256,7 +256,8 @@ class Trainer:
             result["test_accuracy"], result["test_macro_f1"] = test["accuracy"], test["macro_f1"]
             self.logger.log({"type": "test", "step": p.global_step, "checkpoint": "best.pt",
                              "tta": self.cfg.train.test_tta,
-                             **{k: test[k] for k in ("loss", "accuracy", "macro_f1", "count")}})
+                             **{k: test[k] for k in ("loss", "accuracy", "macro_f1", "count", "per_class")},
+                             "confusion_matrix": cm.cpu().tolist()})  # the model card reads these
             tta = "" if self.cfg.train.test_tta == "none" else f", TTA {self.cfg.train.test_tta}"
             self.logger.line(f"test (best.pt, epoch {p.best_epoch}{tta}): accuracy {test['accuracy']:.4f}  "
                              f"macro-F1 {test['macro_f1']:.4f}")
