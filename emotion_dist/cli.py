@@ -157,8 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--min-agreement", type=float, default=0.98, metavar="FRACTION",
                    help="--int8: refuse when int8 and fp32 agree on fewer test images than this (default 0.98)")
     x.add_argument("--force", action="store_true", help="--int8: write even below --min-agreement")
-    x.add_argument("--batch", type=_positive_int, default=None, metavar="N",
-                   help="--format onnx: a fixed batch of N instead of a dynamic batch axis")
     x.add_argument("overrides", nargs="*", metavar="key=value",
                    help="--int8: change the checkpoint's config for the data it reads, e.g. data.root=PATH")
 

@@ -44,25 +44,44 @@ def output_path(checkpoint: str, fmt: str, out: str | None) -> Path:
 def export(checkpoint: str, fmt: str, out: str | None = None) -> Path:
     path = output_path(checkpoint, fmt, out)
     model, meta = load_model(checkpoint)
+    meta["preprocessing"] = recipe_of(checkpoint, meta)
     if fmt == "safetensors":
         from safetensors.torch import save
 
         data = save({k: v.contiguous() for k, v in model.state_dict().items()},
-                    metadata={"classes": json.dumps(meta["classes"])})
+                    metadata={"classes": json.dumps(meta["classes"]), "preprocessing": json.dumps(meta["preprocessing"])})
     else:
-        c, s = meta["in_channels"], meta["image_size"]
-        buf = io.BytesIO()
-        torch.onnx.export(model, (torch.randn(1, c, s, s),), buf, input_names=["images"],
-                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17, dynamo=False)
-        data = buf.getvalue()
-        diff = onnx_max_diff(model, data, c, s)  # verified before anything is written
-        if diff > MAX_ONNX_DIFF:
-            raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.2e} (> {MAX_ONNX_DIFF}); export refused")
-        meta["onnx_max_abs_diff"] = diff
+        data = onnx_bytes(model, meta)
     atomic_write_bytes(path, data)
     atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
     return path
+
+
+def recipe_of(checkpoint: str, meta: dict) -> dict:
+    """The preprocessing recipe of a checkpoint (its config says whether faces were aligned)."""
+    from emotion_dist.inference.predict import preprocessing_recipe
+    from emotion_dist.modelio import load_checkpoint
+
+    return preprocessing_recipe(meta, load_checkpoint(checkpoint).get("config", {}))
+
+
+def onnx_bytes(model: EmotionNet, meta: dict) -> bytes:
+    """The fp32 ONNX model (dynamic batch, OpenCV DNN-compatible reshapes), checked against PyTorch
+    before anything is written, with the classes and the recipe in its metadata_props."""
+    from emotion_dist.inference.standalone import add_metadata, opencv_compatible
+
+    c, s = meta["in_channels"], meta["image_size"]
+    buf = io.BytesIO()
+    with opencv_compatible(model):
+        torch.onnx.export(model, (torch.randn(1, c, s, s),), buf, input_names=["images"],
+                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    data = buf.getvalue()
+    diff = onnx_max_diff(model, data, c, s)  # verified before anything is written
+    if diff > MAX_ONNX_DIFF:
+        raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.2e} (> {MAX_ONNX_DIFF}); export refused")
+    meta["onnx_max_abs_diff"] = diff
+    return add_metadata(data, meta, meta["preprocessing"])
 
 
 def onnx_max_diff(model: EmotionNet, onnx_model: bytes, channels: int, size: int) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_checkpoint
+from lively import lively_checkpoint
 from emotion_dist import cli
 from emotion_dist.model import EmotionNet
 
@@ -40,7 +40,7 @@ def run_dir(tmp_path):
 
     run = tmp_path / "run"
     cfg = Config().to_dict()
-    ckpt = write_checkpoint(run / "checkpoints/best.pt", config=cfg, global_step=40, seed=5)
+    ckpt = lively_checkpoint(run / "checkpoints/best.pt", config=cfg, global_step=40, seed=5)
     row = trainer_test_row(list(CLASSES))
     (run / "metrics.jsonl").write_text(json.dumps({"type": "epoch", "epoch": 1, "val_macro_f1": 0.5}) + "\n"
                                        + json.dumps(row) + "\n")
@@ -59,7 +59,7 @@ def test_hf_folder_round_trip_is_bit_identical(run_dir, tmp_path):
     assert {"config.json", "model.safetensors", "README.md", "confusion_test.png"} <= files
     config = json.loads((tmp_path / "hf/config.json").read_text())
     assert config["in_channels"] == 1 and config["num_classes"] == 7 and config["label_names"][0] == "angry"
-    assert config["pretrained_cfg"]["crop_margin"] == 0.15 and config["emotion_dist"]["checkpoint"]["image_size"] == 32
+    assert config["pretrained_cfg"]["crop_margin"] == 0.15 and config["emotion_dist"]["checkpoint"]["image_size"] == 64
     model = EmotionNet.from_pretrained(tmp_path / "hf")
     ref = torch.load(ckpt, weights_only=True)["model_state_dict"]
     got = model.state_dict()
