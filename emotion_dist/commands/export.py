@@ -116,10 +116,45 @@ def run_export(args) -> int:
             print(f"pushed {folder} to {url}")
         return 0
     if args.int8:
-        from emotion_dist.commands.quantize_export import export_int8
-
         path = export_int8(args)
     else:
         path = export(args.checkpoint, args.format, args.out)
     print(f"exported {path} (+ {path.with_suffix('.json').name})")
     return 0
+
+
+def export_int8(args) -> Path:
+    """--format onnx --int8: the fp32 graph, quantized on training images, checked against fp32 on the
+    test split; written (model + sidecar with the check) only when they agree well enough or --force."""
+    from emotion_dist.commands.evaluate import checkpoint_config
+    from emotion_dist.inference import quantize
+    from emotion_dist.inference.standalone import add_metadata
+    from emotion_dist.modelio import load_checkpoint
+
+    if not 0 < args.min_agreement <= 1:
+        raise ConfigError(f"--min-agreement {args.min_agreement} is not a fraction in (0, 1]; e.g. 0.98")
+    path = output_path(args.checkpoint, "onnx", args.out or str(Path(args.checkpoint).with_suffix(".int8.onnx")))
+    cfg = checkpoint_config(load_checkpoint(args.checkpoint), args.overrides)
+    model, meta = load_model(args.checkpoint)
+    meta["preprocessing"] = recipe_of(args.checkpoint, meta)
+    fp32 = onnx_bytes(model, meta)
+    calibration, _, _ = quantize.split_arrays(cfg, split="train", limit=args.calibration, seed=cfg.train.seed)
+    x, labels, classes = quantize.split_arrays(cfg, split="test")
+    if classes != meta["classes"]:
+        raise ConfigError(f"the data's classes {classes} are not the checkpoint's {meta['classes']}; give "
+                          f"data.root=PATH of the data it was trained on")
+    int8 = quantize.quantize(fp32, calibration)
+    check = {**quantize.compare(fp32, int8, x, labels), "calibration_images": int(len(calibration)),
+             "min_agreement": args.min_agreement}
+    print(f"int8 vs fp32 on {check['test_images']} test images: agreement {check['agreement']:.4f}, accuracy "
+          f"{check['int8_accuracy']:.4f} (fp32 {check['fp32_accuracy']:.4f}), {check['speed_ratio']:.2f}x the "
+          f"speed, {check['int8_bytes'] / check['fp32_bytes']:.2f}x the size")
+    if check["agreement"] < args.min_agreement and not args.force:
+        raise ConfigError(f"int8 agrees with fp32 on {check['agreement']:.2%} of the test images, below "
+                          f"--min-agreement {args.min_agreement}; nothing written: calibrate on more images "
+                          f"(--calibration N), use the fp32 export, or pass --force")
+    meta.pop("onnx_max_abs_diff", None)  # that figure is fp32's; int8's is the agreement below
+    meta["precision"], meta["int8"] = "int8", check
+    atomic_write_bytes(path, add_metadata(int8, meta, meta["preprocessing"]))
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
+    return path
