@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "tencrop (4 corner + centre crops, 40 of 48 px, and their mirrors); probabilities averaged")
     e.add_argument("--out", default=None, help="folder for the confusion-matrix PNG (default: next to the JSON report, "
                                                 "else RUN_DIR/eval)")
+    e.add_argument("--cam", type=_positive_int, default=None, metavar="N",
+                   help="also write Grad-CAM figures, cam_<class>.png: for each class N test images predicted right "
+                        "beside N predicted wrong")
+    e.add_argument("--cam-layer", default="backbone.6", metavar="LAYER",
+                   help="the layer Grad-CAM reads (default backbone.6)")
     e.add_argument("overrides", nargs="*", metavar="key=value",
                    help="change the checkpoint's config, e.g. data.root=PATH to evaluate on another folder")
 
@@ -135,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "frames (default 5; 1 = raw)")
     pr.add_argument("--no-detect", action="store_true",
                     help="each image (or frame) is one face crop (FER-style inputs)")
+    pr.add_argument("--cam", action="store_true",
+                    help="images, with --out: also write Grad-CAM overlays, NAME_faceK_cam.png on each face crop and "
+                         "NAME_cam.png on the photo (a .pt or an export --format hf folder)")
+    pr.add_argument("--cam-layer", default="backbone.6", metavar="LAYER",
+                    help="the layer Grad-CAM reads (default backbone.6, stride 16; backbone.8 is coarser)")
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX (verified with onnxruntime), safetensors, or a "
                                       "Hugging Face model folder with a model card")

@@ -107,6 +107,10 @@ def run_evaluate(args) -> int:
         if split is None:
             raise ConfigError(f"{ds.root} has no test split (test/ or val/ folder); pass --split val or data.root=PATH")
         models = [model_from_state(s, p).to(env.device) for (s, _), p in zip(loaded, args.checkpoint)]  # no DDP
+        if args.cam:
+            from emotion_dist.inference.cam import check_layer
+
+            check_layer(models[0], args.cam_layer)  # a typo is one line before the evaluation, not after
         transform = BatchTransform(ds.channels, cfg.data.image_size, env.device, cfg.train.seed)
         res, cm = evaluate_split(models[0], split, transform, env, ds.classes, cfg.train.batch_size,
                                  cfg.train.precision, tta=args.tta, extra_models=models[1:],
@@ -123,6 +127,13 @@ def run_evaluate(args) -> int:
             plot_confusion(cm.cpu(), ds.classes, png, f"{args.split}: {Path(names[0]).name}"
                            + (f" + {len(names) - 1} more" if len(names) > 1 else ""))
             report["confusion_png"] = str(png)
+            if args.cam:
+                from emotion_dist.inference.cam import evaluate_cams
+
+                cams = evaluate_cams(models[0], split, transform, ds.classes, per_class=args.cam,
+                                     layer=args.cam_layer, out_dir=out_dir)
+                report["cam"] = {"method": "Grad-CAM (torchcam)", "layer": args.cam_layer, "per_class": args.cam,
+                                 "files": [str(c) for c in cams]}
             to_stdout = args.json or args.json_out == "-"
             print_table(report, sys.stderr if to_stdout else sys.stdout)
             if to_stdout:

@@ -348,13 +348,26 @@ def run_images(args) -> int:
     annotations = plan_annotations(files, args.out) if args.out else None
     if json_out:
         remove_stale_temps(json_out.parent)
+    cam_layer = getattr(args, "cam_layer", None) if getattr(args, "cam", False) else None
+    if cam_layer and not annotations:
+        raise ConfigError("--cam writes overlay PNGs beside the annotated copies; add --out FOLDER")
     classifier = load_classifier(args.checkpoint)
+    if cam_layer and not isinstance(classifier, TorchClassifier):
+        raise ConfigError("--cam needs the PyTorch model (a .pt checkpoint or an export --format hf folder): an "
+                          "ONNX file has no gradients")
     interrupts.install()
-    faces, messages = [], []
+    faces, messages, cams = [], [], []
     done = 0
-    for _, found, message in iter_predictions(classifier, files, not args.no_detect, annotations):
+    for i, (path, found, message) in enumerate(iter_predictions(classifier, files, not args.no_detect, annotations)):
         done += 1
         faces += found
+        if cam_layer and found:
+            from emotion_dist.inference.cam import write_predict_cams
+
+            stem = annotations[i].with_name(annotations[i].stem.replace("_pred", "", 1))
+            cams += [str(p) for p in write_predict_cams(classifier, read_image(path), [f.box for f in found],
+                                                        stem_path=stem, layer=cam_layer,
+                                                        margin=0.0 if args.no_detect else MARGIN)]
         if message:
             messages.append(message)
             print(message, file=sys.stderr, flush=True)
@@ -367,6 +380,8 @@ def run_images(args) -> int:
             print(messages[-1], file=sys.stderr, flush=True)
             break
     document = {"emotion_dist": "predict", "faces": [asdict(f) for f in faces], "messages": messages}
+    if cam_layer:
+        document["cam"] = {"method": "Grad-CAM (torchcam)", "layer": cam_layer, "files": cams}
     if args.json:
         print(json.dumps(document, indent=1), flush=True)
     if json_out:
