@@ -1,13 +1,13 @@
 """export --format onnx --int8: static QDQ int8 calibrated on training images, checked against fp32
 on the test split, written with its check in the sidecar; predict reads it like the fp32 file.
-(The refusal below --min-agreement needs a model whose answers can change: tests/system/test_share.py.)"""
+The model is lively_checkpoint's (answers that differ per picture, so int8 can change some)."""
 
 import json
 
 import pytest
 
-from conftest import write_checkpoint
 from emotion_dist import cli
+from lively import lively_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +18,26 @@ def int8_export(tmp_path_factory, tiny_data):
     cfg = Config()
     cfg.data.source, cfg.data.root, cfg.data.image_size = "folder", str(tiny_data), 32
     cfg.run.cache_dir = str(d / "cache")
-    ckpt = write_checkpoint(d / "best.pt", config=cfg.to_dict())
+    ckpt = lively_checkpoint(d / "best.pt", image_size=32, spread=0.01, config=cfg.to_dict())
     assert cli.main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(d / "fp32.onnx")]) == 0
-    assert cli.main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--int8", "--calibration", "24"]) == 0
+    assert cli.main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--int8", "--calibration", "24",
+                     "--min-agreement", "0.5"]) == 0
     return d
+
+
+def test_int8_below_min_agreement_is_refused_in_one_line_and_writes_nothing(int8_export, tmp_path, capsys):
+    check = json.loads((int8_export / "best.int8.json").read_text())["int8"]
+    assert check["agreement"] < 1.0  # this untrained model's answers move under int8
+    capsys.readouterr()
+    out = tmp_path / "q.onnx"
+    args = ["export", "--checkpoint", str(int8_export / "best.pt"), "--format", "onnx", "--int8", "--calibration",
+            "24", "--min-agreement", "1.0", "--out", str(out)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "below --min-agreement 1.0" in err[0] and "nothing written" in err[0]
+    assert list(tmp_path.iterdir()) == []
+    assert cli.main([*args, "--force"]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["int8"]["agreement"] == check["agreement"]
 
 
 def test_int8_is_smaller_and_its_sidecar_reports_the_check(int8_export):
