@@ -46,7 +46,7 @@ def preprocessing_recipe(meta: dict, config: Optional[dict] = None) -> dict:
     return {
         "detector": "OpenCV Haar cascade haarcascade_frontalface_default.xml (scaleFactor 1.1, minNeighbors 5)",
         "crop_margin": MARGIN,  # of the box's width (left and right) and height (top and bottom)
-        "alignment": data.get("face_crop") or "none",
+        "alignment": meta.get("face_crop") or data.get("face_crop") or "none",
         "resize": [{"size": meta["data_size"], "interpolation": "area", "why": "the size the training images were stored at"},
                    {"size": meta["image_size"], "interpolation": "bilinear", "why": "the model's input size"}],
         "scale": "pixel / 255",

@@ -174,3 +174,22 @@ def test_push_without_a_token_is_refused_before_any_work(unit_checkpoint, tmp_pa
     err = capsys.readouterr().err
     assert "HF_TOKEN" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "hf").exists() and rec.calls == []
+
+
+def test_evaluate_on_the_folder_equals_evaluate_on_the_pt(tiny_data, tmp_path):
+    from emotion_dist.config import Config
+
+    cfg = Config()
+    cfg.data.source, cfg.data.root, cfg.data.image_size = "folder", str(tiny_data), 32
+    cfg.run.cache_dir = str(tmp_path / "cache")
+    ckpt = lively_checkpoint(tmp_path / "run/checkpoints/best.pt", image_size=32, config=cfg.to_dict())
+    assert export_hf(ckpt, tmp_path / "hf") == 0
+    reports = []
+    for model, name in ((ckpt, "pt"), (tmp_path / "hf", "dir")):
+        out = tmp_path / f"{name}.json"
+        assert cli.main(["evaluate", "--checkpoint", str(model), "--json-out", str(out), "--out",
+                         str(tmp_path / f"eval-{name}")]) == 0
+        reports.append(json.loads(out.read_text()))
+    assert reports[0]["count"] == 63 and len({tuple(r) for r in reports[0]["confusion_matrix"]}) > 1
+    for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix"):
+        assert reports[0][key] == reports[1][key]
