@@ -38,9 +38,7 @@ def is_hf_folder_ours(path: Path) -> bool:
 
 def check_hf_out(out: Optional[str], checkpoint: str) -> Path:
     """Before any work: the folder must be new, empty, or one `export --format hf` wrote."""
-    if not out:
-        return Path(checkpoint).resolve().parent / (Path(checkpoint).stem + "-hf")
-    path = Path(out)
+    path = Path(out) if out else Path(checkpoint).resolve().parent / (Path(checkpoint).stem + "-hf")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path} is a file; --format hf writes a folder (config.json, model.safetensors, "
                           f"README.md): give a new folder name")
