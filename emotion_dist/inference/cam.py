@@ -70,7 +70,8 @@ def crop_box(shape: tuple[int, int], box, margin: float) -> tuple[int, int, int,
 
 
 def photo_map(shape: tuple[int, int], crops: list[tuple[tuple, np.ndarray]]) -> np.ndarray:
-    """The crops' maps (each at its crop's size) put back where they were cut: H x W, 0 elsewhere."""
+    """The crops' maps (each at its crop's size) put back where they were cut: H x W, 0 elsewhere
+    (NAME_cam.png draws exactly this, over the photo inside the crops)."""
     full = np.zeros(shape[:2], np.float32)
     for (x0, y0, x1, y1), cam in crops:
         full[y0:y1, x0:x1] = np.maximum(full[y0:y1, x0:x1], cam[: y1 - y0, : x1 - x0])
@@ -100,8 +101,12 @@ def write_predict_cams(classifier, img: np.ndarray, boxes: list, *, stem_path: P
         path = stem_path.with_name(f"{stem_path.name}_face{k}_cam.png")
         atomic_write_bytes(path, png_bytes(overlay(f["crop"], f["cam"])))
         written.append(path)
+    canvas = np.repeat(img[..., None], 3, 2) if img.ndim == 2 else img.copy()
+    for f in faces:  # each map over its own crop of the photo (in the photo's colours); the rest untouched
+        x0, y0, x1, y1 = f["box"]
+        canvas[y0:y1, x0:x1] = overlay(canvas[y0:y1, x0:x1], f["cam"])
     path = stem_path.with_name(f"{stem_path.name}_cam.png")
-    atomic_write_bytes(path, png_bytes(overlay(img, photo_map(img.shape, [(f["box"], f["cam"]) for f in faces]))))
+    atomic_write_bytes(path, png_bytes(canvas))
     return written + [path]
 
 
