@@ -137,9 +137,12 @@ def evaluate_figure(rows: list[dict], *, title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     n = max(1, max(len(r) for r in rows))
-    fig, axes = plt.subplots(n, 2, figsize=(4.4, 2.2 * n + 0.5), squeeze=False)
+    fig, axes = plt.subplots(n, 2, figsize=(4.4, 2.4 * n + 0.5), squeeze=False)
     for col, (side, items) in enumerate(zip(("correct", "wrong"), rows)):
         axes[0, col].set_title(side, fontsize=10)
+        if not items:
+            none = "no test image\npredicted " + ("right" if side == "correct" else "wrong")
+            axes[0, col].text(0.5, 0.5, none, ha="center", va="center", fontsize=8, transform=axes[0, col].transAxes)
         for i in range(n):
             ax = axes[i, col]
             ax.axis("off")
