@@ -1,6 +1,6 @@
 """A static int8 ONNX model and its check against fp32: onnxruntime's `quant_pre_process`, then
-`quantize_static` (QDQ, per-channel weights, signed int8 weights and activations: the format
-onnxruntime's x86 kernels run fastest), calibrated on training images read exactly as training reads
+`quantize_static` (QDQ, per-channel signed int8 weights, unsigned int8 activations: on this
+CPU (AVX-512 VNNI) U8S8 ran 2-3x faster than S8S8 for this graph), calibrated on training images read exactly as training reads
 them (the data pipeline's decoded images, BatchTransform.eval's resize and normalisation). Dynamic
 int8 is not offered: on this CNN it was 2-5x slower than fp32 on CPU.
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from emotion_dist.errors import ConfigError
 
-METHOD = "onnxruntime quantize_static: QDQ, per-channel, int8 weights and activations, MinMax calibration"
+METHOD = "onnxruntime quantize_static: QDQ, per-channel, int8 weights, uint8 activations, MinMax calibration"
 BATCH = 64
 
 
@@ -64,7 +64,7 @@ def quantize(fp32: bytes, calibration: np.ndarray, *, batch: int = 16) -> bytes:
         src.write_bytes(fp32)
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
         return out.read_bytes()
 
