@@ -79,10 +79,10 @@ def test_evaluate_cam_writes_right_and_wrong_per_class(tiny_data, tmp_path):
     cfg.run.cache_dir = str(tmp_path / "cache")
     ckpt = lively_checkpoint(tmp_path / "run/checkpoints/best.pt", image_size=32, config=cfg.to_dict())
     report = tmp_path / "eval.json"
-    assert cli.main(["evaluate", "--checkpoint", str(ckpt), "--cam", "2", "--json-out", str(report),
+    assert cli.main(["evaluate", "--checkpoint", str(ckpt), "--cam", "1", "--json-out", str(report),
                      "--out", str(tmp_path / "eval")]) == 0
     doc = json.loads(report.read_text())
-    assert doc["cam"]["layer"] == "backbone.6" and doc["cam"]["per_class"] == 2
+    assert doc["cam"]["layer"] == "backbone.6" and doc["cam"]["per_class"] == 1
     names = sorted(Path(f).name for f in doc["cam"]["files"])
     assert names == sorted(f"cam_{c}.png" for c in doc["per_class"])
     assert all(Path(f).stat().st_size > 1000 for f in doc["cam"]["files"])

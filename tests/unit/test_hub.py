@@ -31,14 +31,15 @@ def trainer_test_row(classes) -> dict:
             "per_class": per_class, "confusion_matrix": cm}
 
 
-@pytest.fixture
-def run_dir(tmp_path):
-    """A run folder as training leaves it: checkpoints/best.pt, metrics.jsonl, confusion_test.png."""
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run folder as training leaves it: checkpoints/best.pt, metrics.jsonl, confusion_test.png
+    (read-only: the tests export from it into their own folders)."""
     from emotion_dist.config import Config
     from emotion_dist.data.readers.synthetic import CLASSES
     from emotion_dist.training.metrics import plot_confusion
 
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("hub") / "run"
     cfg = Config().to_dict()
     ckpt = lively_checkpoint(run / "checkpoints/best.pt", config=cfg, global_step=40, seed=5)
     row = trainer_test_row(list(CLASSES))
