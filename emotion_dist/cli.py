@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "averaged (default: the checkpoint's train.test_tta, none if it records none)")
     e.add_argument("--out", default=None, help="folder for the confusion-matrix PNG (default: next to the JSON report, "
                                                 "else RUN_DIR/eval)")
+    e.add_argument("--cam", type=_positive_int, default=None, metavar="N",
+                   help="also write Grad-CAM figures, cam_<class>.png: for each class N test images predicted right "
+                        "beside N predicted wrong")
+    e.add_argument("--cam-layer", default="backbone.6", metavar="LAYER",
+                   help="the layer Grad-CAM reads (default backbone.6)")
     e.add_argument("overrides", nargs="*", metavar="key=value",
                    help="change the checkpoint's config, e.g. data.root=PATH to evaluate on another folder")
 
@@ -216,15 +221,40 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--detect-every", type=_positive_int, default=None, metavar="N",
                     help="video/camera: run the detector on every N-th processed frame and hold the faces it "
                          "found in between (default 1 = every processed frame)")
+    pr.add_argument("--cam", action="store_true",
+                    help="images, with --out: also write Grad-CAM overlays, NAME_faceK_cam.png on each face crop and "
+                         "NAME_cam.png on the photo (a .pt or an export --format hf folder)")
+    pr.add_argument("--cam-layer", default="backbone.6", metavar="LAYER",
+                    help="the layer Grad-CAM reads (default backbone.6, stride 16; backbone.8 is coarser)")
 
-    x = _sub(sub, "export", "export a checkpoint to ONNX (verified with onnxruntime) or safetensors",
+    x = _sub(sub, "export", "export a checkpoint to ONNX (verified with onnxruntime), safetensors, or a Hugging "
+                            "Face model folder with a model card",
              description="Export a .pt checkpoint to ONNX (dynamic batch; its outputs checked against PyTorch's "
-                         "with onnxruntime before anything is written) or safetensors, each with a JSON sidecar "
-                         "(classes, sizes, channels, normalization) so predict needs neither torch nor this "
-                         "repository's config.", epilog=EXIT_CODES)
+                         "with onnxruntime before anything is written; --int8 for a calibrated int8 model), "
+                         "safetensors, each with a JSON sidecar (classes, sizes, channels, normalization, the "
+                         "preprocessing recipe) so predict needs neither torch nor this repository's config, or a "
+                         "Hugging Face folder with a model card (--format hf, --push-to-hub).", epilog=EXIT_CODES)
     x.add_argument("--checkpoint", required=True, help="a .pt checkpoint")
-    x.add_argument("--format", choices=["onnx", "safetensors"], required=True, help="the file format")
-    x.add_argument("--out", default=None, help="output file (default: next to the checkpoint)")
+    x.add_argument("--format", choices=["onnx", "safetensors", "hf"], required=True,
+                   help="the file format; hf: a folder (config.json, model.safetensors, README.md model card, "
+                        "confusion_test.png) that EmotionNet.from_pretrained and --checkpoint DIR read")
+    x.add_argument("--out", default=None, help="output file, or the folder for --format hf (default: next to the "
+                                                "checkpoint)")
+    x.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="--format hf: upload the folder to the Hugging Face Hub as OWNER/NAME (token: HF_TOKEN or "
+                        "`hf auth login`)")
+    x.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    x.add_argument("--license", default="unknown", help="--format hf: the model card's license (default unknown)")
+    x.add_argument("--int8", action="store_true",
+                   help="--format onnx: a static int8 (QDQ, per-channel) model calibrated on training images, "
+                        "checked against fp32 on the test split (default out: NAME.int8.onnx)")
+    x.add_argument("--calibration", type=_positive_int, default=300, metavar="N",
+                   help="--int8: calibration images from the training split (default 300)")
+    x.add_argument("--min-agreement", type=float, default=0.98, metavar="FRACTION",
+                   help="--int8: refuse when int8 and fp32 agree on fewer test images than this (default 0.98)")
+    x.add_argument("--force", action="store_true", help="--int8: write even below --min-agreement")
+    x.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="--int8: change the checkpoint's config for the data it reads, e.g. data.root=PATH")
 
     dm = _sub(sub, "demo", "serve a web page (upload or camera) and a JSON API that box each face with its expression",
               description="Serve the web demo: a page where a person uploads a photo or turns on their own camera\n"
@@ -463,14 +493,12 @@ def _run(args) -> int:
 
         interrupts.install()  # a stop signal ends the export at its next phase, before anything is written
         try:
-            from emotion_dist.commands.export import export  # torch: seconds
+            from emotion_dist.commands.export import run_export  # torch: seconds
 
-            path = export(args.checkpoint, args.format, args.out)
+            return run_export(args)
         except Interrupted as e:
             print(f"stopped by {e.signame} before the export was written; nothing written", file=sys.stderr, flush=True)
-            return 0
-        print(f"exported {path} (+ {path.with_suffix('.json').name})")
-        return 0
+            return interrupts.exit_code(e.signame)
     if args.command == "demo":
         from emotion_dist.commands.demo import run_demo
 

