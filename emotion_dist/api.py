@@ -72,19 +72,22 @@ class Model:
     def __repr__(self) -> str:
         return f"emotion_dist.Model({str(self.path)!r}, {self.kind}, classes={self.classes})"
 
-    def predict(self, images, *, detect: bool = True) -> Predictions:
+    def predict(self, images, *, detect: bool = True, detector: str = "retinaface", align: bool = True) -> Predictions:
         """Faces and expressions in `images`: a path (an image or a folder of images), a list of
         paths, or pictures in memory (a numpy uint8 array, H x W grayscale or H x W x 3 RGB, or a
-        PIL image), alone or in a list. `detect=False`: each picture is one face crop (the CLI's
-        --no-detect). Paths go through the CLI's own loop (inference.predict.iter_predictions)."""
-        from emotion_dist.inference.predict import Face, classify_faces, face_record, iter_images, iter_predictions
+        PIL image), alone or in a list. The CLI's face pipeline (inference.predict.FaceSource):
+        `detector` retinaface (5 landmarks, faces aligned by them unless `align=False`) or haar;
+        `detect=False`: each picture is one face crop (the CLI's --no-detect). Paths go through the
+        CLI's own loop (inference.predict.iter_predictions)."""
+        from emotion_dist.inference.predict import Face, FaceSource, iter_images, iter_predictions
 
+        source = FaceSource(detector=detector if detect else None, align=align)
         items = [images] if _single(images) else list(images)
         faces, messages = [], []
         paths: list[str] = []
 
         def flush_paths() -> None:
-            for _, found, message in iter_predictions(self.classifier, iter_images(paths), detect):
+            for _, found, message in iter_predictions(self.classifier, iter_images(paths), source):
                 faces.extend(found)
                 messages.extend([message] if message else [])
             paths.clear()
@@ -94,11 +97,11 @@ class Model:
                 paths.append(str(item))
                 continue
             flush_paths()
-            img, name = _picture(item), f"<image {i}>"
-            boxes, probs = classify_faces(self.classifier, img, detect)
-            if not boxes:
+            name = f"<image {i}>"
+            records = source.faces(self.classifier, Path(name), _picture(item))
+            if not records:
                 messages.append(f"{name}: no face found (use detect=False for pictures that are already face crops)")
-            faces += [Face(name, list(map(int, b)), **face_record(self.classifier, p)) for b, p in zip(boxes, probs)]
+            faces += [Face(name, **r) for r in records]
         flush_paths()
         return Predictions(faces, messages)
 

@@ -22,8 +22,9 @@ def model_pt(tmp_path_factory):
 
 
 def test_predict_cam_writes_overlays_whose_map_fits_the_crop(model_pt, tmp_path):
+    from emotion_dist.config import FaceCrop
     from emotion_dist.inference import cam
-    from emotion_dist.inference.predict import MARGIN, TorchClassifier, read_image
+    from emotion_dist.inference.predict import TorchClassifier, read_image
 
     out = tmp_path / "out"
     assert cli.main(["predict", "--checkpoint", str(model_pt), str(astronaut()), "--out", str(out), "--cam",
@@ -35,7 +36,7 @@ def test_predict_cam_writes_overlays_whose_map_fits_the_crop(model_pt, tmp_path)
 
     img = read_image(astronaut())
     box = doc["faces"][0]["box"]
-    [face] = cam.face_cams(TorchClassifier(str(model_pt)), img, [box], layer="backbone.6", margin=MARGIN)
+    [face] = cam.face_cams(TorchClassifier(str(model_pt)), img, [box], layer="backbone.6", margin=FaceCrop().margin)
     assert face["cam"].shape == face["crop"].shape[:2]  # the map at the crop's own size
     assert face["cam"].max() > face["cam"].min()  # a map, not a constant
     from PIL import Image

@@ -229,15 +229,17 @@ def _model(seed: int, gain: float = 1.25) -> EmotionNet:
     return model
 
 
-META = {"in_channels": 1, "image_size": 32, "normalization": {"mean": [0.449], "std": [0.226]}}
+META = {"in_channels": 1, "image_size": 32, "data_size": 32, "normalization": {"mean": [0.449], "std": [0.226]},
+        "classes": ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]}
 
 
 @pytest.fixture(scope="module")
 def graph() -> bytes:
     """_model(2) as ONNX, exported once for the parity tests."""
     from emotion_dist.commands.export import onnx_bytes
+    from emotion_dist.inference.predict import preprocessing_recipe
 
-    return onnx_bytes(_model(2), 1, 32)
+    return onnx_bytes(_model(2), {**META, "preprocessing": preprocessing_recipe(META)})
 
 
 def test_parity_scales_its_tolerance_with_the_logits(graph):

@@ -91,7 +91,7 @@ def test_model_card_holds_the_runs_test_figures(run_dir, tmp_path):
     assert metrics == {"accuracy": row["accuracy"], "f1": row["macro_f1"]}
     for c, m in row["per_class"].items():
         assert f"| {c} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |" in card.text
-    assert "read once" in card.text and "![Confusion matrix" in card.text and "widen its box by 15%" in card.text
+    assert "read once" in card.text and "![Confusion matrix" in card.text and "widen the box by 15%" in card.text
     assert "from_pretrained" in card.text and "Intended use and limitations" in card.text
 
 
