@@ -42,7 +42,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                         "several times to merge files in order (a later file's keys win; the start line says "
                         "which file set what)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides anywhere on the line, e.g. train.epochs=3 (all keys: emotion-dist config keys)")
+                   help="dotted overrides anywhere on the line, e.g. train.epochs=3 "
+                        "(all keys: emotion-dist config keys)")
 
 
 def _sub(sub, name: str, help: str, description: str | None = None, epilog: str | None = None, **kw):
@@ -68,7 +69,8 @@ start line says when one overruled another.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="emotion-dist", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="emotion-dist", epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Distributed training harness for EmotionNet (facial expressions).")
     p.add_argument("--version", action="version", version=f"emotion-dist {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -132,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, action="append",
                    help="a .pt checkpoint; give it several times to evaluate an ensemble (probabilities averaged)")
     e.add_argument("--split", choices=["test", "val"], default="test", help="which split (default test)")
-    e.add_argument("--json", action="store_true", help="print the report as one JSON document on stdout (the table goes to stderr)")
+    e.add_argument("--json", action="store_true",
+                   help="print the report as one JSON document on stdout (the table goes to stderr)")
     e.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON report to FILE")
     e.add_argument("--tta", nargs="?", const="flip", default=None, choices=["none", "flip", "tencrop"],
                    help="test-time augmentation: none, flip (the image and its mirror; the default of a bare --tta) "
@@ -286,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which rows, as letters (default abcde): a classic loader, b fast loader, c model step, "
                         "d end-to-end classic, e end-to-end fast")
     b.add_argument("--compile", action="store_true",
-                   help="train.compile=true; with --ultralytics, ultralytics trains with compile=train.compile_mode too")
+                   help="train.compile=true; "
+                        "with --ultralytics, ultralytics trains with compile=train.compile_mode too")
     b.add_argument("--ultralytics", action="store_true",
                    help="also rows f and g: ultralytics' own trainer and our fit() on the same images")
     b.add_argument("--epochs", type=_positive_int, default=2, help="epochs of the --ultralytics comparison (default 2)")

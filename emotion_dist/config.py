@@ -165,7 +165,8 @@ class TrainConfig:
     warmup_epochs: float = setting(1.0, "linear warmup, then cosine decay")
     label_smoothing: float = setting(0.1, "cross-entropy label smoothing")
     augment_warmup_epochs: float = setting(
-        1.0, "augmentation curriculum: none in epoch 1, rising linearly to full from epoch N+1 (0 = full from the start)")
+        1.0, "augmentation curriculum: none in epoch 1, "
+             "rising linearly to full from epoch N+1 (0 = full from the start)")
     class_weights: Literal["none", "balanced", "sqrt"] = setting(
         "sqrt", "each sample's loss x its class's weight; `balanced`: n / (k * count_c), `sqrt`: its square root")
     logit_adjust: float = setting(
@@ -468,10 +469,12 @@ def validate(cfg: Config) -> None:
     _check(math.isfinite(d.prepare_timeout_s) and d.prepare_timeout_s > 0,
            f"data.prepare_timeout_s={d.prepare_timeout_s} must be a positive number of seconds (e.g. 21600)")
     _check(d.source != "folder" or bool(d.root), "data.source=folder needs data.root=PATH to an ImageFolder tree")
-    _check(d.source != "fer2013_csv" or bool(d.root), "data.source=fer2013_csv needs data.root=PATH to fer2013.csv or icml_face_data.csv")
+    _check(d.source != "fer2013_csv" or bool(d.root),
+           "data.source=fer2013_csv needs data.root=PATH to fer2013.csv or icml_face_data.csv")
     csv_root = d.source == "fer2013_csv" or (d.source == "auto" and str(d.root or "").lower().endswith(".csv"))
     _check(d.ferplus is None or csv_root,
-           "data.ferplus (FER+ votes) joins fer2013.csv row by row; set data.source=fer2013_csv data.root=PATH/fer2013.csv")
+           "data.ferplus (FER+ votes) joins fer2013.csv row by row; "
+           "set data.source=fer2013_csv data.root=PATH/fer2013.csv")
     _check(d.label_mode == "majority" or d.ferplus is not None,
            f"data.label_mode={d.label_mode} needs FER+ votes; set data.ferplus=PATH to fer2013new.csv")
     _check(cfg.model.in_channels in (1, 3), f"model.in_channels={cfg.model.in_channels} is invalid; allowed: 1, 3")
@@ -481,7 +484,8 @@ def validate(cfg: Config) -> None:
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
     _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
     _check(t.warmup_epochs >= 0, f"train.warmup_epochs={t.warmup_epochs} must be >= 0")
-    _check(t.augment_warmup_epochs >= 0, f"train.augment_warmup_epochs={t.augment_warmup_epochs} must be >= 0 (0 = off)")
+    _check(t.augment_warmup_epochs >= 0,
+           f"train.augment_warmup_epochs={t.augment_warmup_epochs} must be >= 0 (0 = off)")
     _check(0 <= t.label_smoothing < 1, f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
     _check(math.isfinite(t.logit_adjust) and 0 <= t.logit_adjust <= 4,
            f"train.logit_adjust={t.logit_adjust} must be in [0, 4] (0 = off, 1 = Menon et al.'s tau)")

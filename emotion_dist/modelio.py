@@ -58,7 +58,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
                               f"written by emotion-dist")
     if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"checkpoint {path} has format version {version}, newer than this emotion-dist ({FORMAT_VERSION}); upgrade emotion-dist"
+            f"checkpoint {path} has format version {version}, "
+            f"newer than this emotion-dist ({FORMAT_VERSION}); upgrade emotion-dist"
         )
     return state
 
@@ -124,7 +125,8 @@ FIRST_CONV, HEAD = "backbone.0.conv.weight", "classify.linear.weight"  # they fi
 WEIGHT_KEYS = ("model_state_dict", "ema_state_dict")
 
 
-FIX = "the file was edited or damaged: use the checkpoint as emotion-dist train wrote it (runs/NAME/checkpoints/best.pt)"
+FIX = ("the file was edited or damaged: use the checkpoint as emotion-dist train wrote it "
+       "(runs/NAME/checkpoints/best.pt)")
 
 
 def require_metadata(state: dict, path) -> None:

@@ -121,7 +121,8 @@ def main() -> int:
     clients = [int(c) for c in args.clients.split(",")]
     if not all(1 <= c <= 64 for c in clients):
         p.error("--clients: each level 1..64")
-    image = Path(args.image) if args.image else Path(__import__("skimage.data", fromlist=["x"]).__file__).parent / "astronaut.png"
+    image = (Path(args.image) if args.image
+             else Path(__import__("skimage.data", fromlist=["x"]).__file__).parent / "astronaut.png")
     body, boundary = multipart(image)
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.checkpoint) if args.checkpoint else random_model(Path(tmp), args.onnx)
@@ -132,7 +133,8 @@ def main() -> int:
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(30)
-    print(f"model {model.name}, photo {image.name}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})")
+    print(f"model {model.name}, photo {image.name}, "
+          f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})")
     print("| clients | requests | req/s | p50 ms | p95 ms |\n|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['clients']} | {r['requests']} | {r['requests_per_s']} | {r['p50_ms']} | {r['p95_ms']} |")

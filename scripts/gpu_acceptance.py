@@ -32,7 +32,8 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (  # the targets in docs/benchmarks.md, on one H100 or H200
-    ("end to end >= 60,000 img/s at 96 px, bf16 (stretch 150,000)", "bench_96_reduce-overhead", "e", "img_per_s", 60_000),
+    ("end to end >= 60,000 img/s at 96 px, bf16 (stretch 150,000)",
+     "bench_96_reduce-overhead", "e", "img_per_s", 60_000),
     (">= 15,000 img/s at 224 px", "bench_224_reduce-overhead", "e", "img_per_s", 15_000),
     ("input pipeline <= 3 % of the step", "bench_96_reduce-overhead", None, "input_share_of_step", 0.03),
 )
@@ -74,7 +75,8 @@ def build_plan(work: Path, quick: bool, steps: int, cpu: bool = False) -> list[C
     def bench(size: int, rows: str, mode: Optional[str], estimate: float, quick_too: bool, *extra: str) -> Check:
         name = f"bench_{size}_{mode or 'eager'}" + ("_host" if "data.on_device=false" in extra else "")
         out = work / f"{name}.json"
-        argv = [*cli, "bench", *data, f"data.image_size={px[size]}", f"train.batch_size={batch}", "train.precision=bf16",
+        argv = [*cli, "bench", *data, f"data.image_size={px[size]}",
+                f"train.batch_size={batch}", "train.precision=bf16",
                 f"data.num_workers={0 if cpu else 8}", *compiled(mode), *extra,
                 "--rows", rows, "--steps", str(steps), "--json-out", str(out), "--workdir", str(work / name)]
         what = (f"bench {px[size]} px, bf16, batch {batch}, {'compiled ' + mode if mode else 'eager'}, rows {rows}"
@@ -96,7 +98,8 @@ def build_plan(work: Path, quick: bool, steps: int, cpu: bool = False) -> list[C
     checks = [
         Check("env", "versions, devices, bf16 support, ultralytics importable", [], 5, "env"),
         Check("data", f"synthetic FER-like set ({n_train} train images), decoded once into the cache",
-              [*cli, "data", "synthetic", "--out", str(work / "data"), "--train", str(n_train), "--test", str(n_train // 5)],
+              [*cli, "data", "synthetic", "--out", str(work / "data"),
+               "--train", str(n_train), "--test", str(n_train // 5)],
               10 if quick else 20, "data"),
         train("train_bf16_nccl1", "train one epoch in bf16 under torchrun, 1 GPU, NCCL (validation and test pass "
               "included)", "bf16", "1", 30, True, *nccl),
@@ -273,7 +276,8 @@ def markdown(report: dict, checks: list[Check]) -> str:
             figs = (f"{e['row']}: {_n(e['img_per_s'])} img/s, MFU {_n(e.get('mfu'), '.1%')}; first step "
                     f"{f['first_step_s']:.1f} s; compiled graphs {(f.get('compiled') or {}).get('graphs', '-')}")
         elif c.kind == "env" and f:
-            figs = f"torch {f['torch']}, CUDA {f['cuda']}, NCCL {f['nccl']}, ultralytics {f['ultralytics']}, bf16 {f['bf16_supported']}"
+            figs = (f"torch {f['torch']}, CUDA {f['cuda']}, NCCL {f['nccl']}, ultralytics {f['ultralytics']}, "
+                    f"bf16 {f['bf16_supported']}")
         else:
             figs = ""
         status = c.status + (f": {c.reason}" if c.reason else "")
@@ -326,7 +330,8 @@ def dry_run(checks: list[Check], why: str, quick: bool, budget: float) -> int:
     for i, c in enumerate(checks, 1):
         problem = check_arguments(c)
         bad += bool(problem)
-        print(f"{i:3d}. {c.name}  ~{c.estimate_s:.0f} s  {c.what}" + (f"  [needs {c.min_gpus} GPUs]" if c.min_gpus > 1 else ""))
+        print(f"{i:3d}. {c.name}  ~{c.estimate_s:.0f} s  {c.what}"
+              + (f"  [needs {c.min_gpus} GPUs]" if c.min_gpus > 1 else ""))
         print("       " + (" ".join(a.replace(sys.executable, "python") for a in c.argv) or "(in this process)"))
         if problem:
             print(f"       REFUSED: {problem}")
@@ -344,7 +349,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--budget-s", type=float, default=None, help="stop starting checks after this long "
                    "(default 300 with --quick, else 540: a device call is limited to 600 s)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per bench row (default 30)")
-    p.add_argument("--only", default=None, metavar="NAMES", help="comma-separated check names (env and data always run)")
+    p.add_argument("--only", default=None, metavar="NAMES",
+                   help="comma-separated check names (env and data always run)")
     p.add_argument("--dry-run", action="store_true", help="list the checks and check their arguments; run nothing")
     p.add_argument("--cpu-rehearsal", action="store_true",
                    help="run the same plan at toy sizes on the CPU, to test this script without a GPU")
@@ -396,7 +402,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if c.kind == "env":
                 c.figures = report["env"] = env_figures()
                 if c.figures["ultralytics"] is None:
-                    c.status, c.reason = "fail", "ultralytics is not importable: carry its wheel (scripts/gpu_wheels.sh)"
+                    c.status, c.reason = ("fail",
+                                          "ultralytics is not importable: carry its wheel (scripts/gpu_wheels.sh)")
             else:
                 logs[c.name] = run_check(c, max(left - 5, 1), child_env)[-6000:]
                 if c.kind == "train":

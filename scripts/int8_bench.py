@@ -24,7 +24,7 @@ def main(fp32: str, int8: str) -> None:
         sess = session(Path(path).read_bytes())
         rows.append((name, Path(path).stat().st_size / 1e6, latency_ms(sess, x, 1, 200), latency_ms(sess, x, 64, 30),
                      check[f"{name}_accuracy"]))
-    print(f"| model | size MB | batch 1 ms | batch 64 ms | test accuracy |\n|---|---:|---:|---:|---:|")
+    print("| model | size MB | batch 1 ms | batch 64 ms | test accuracy |\n|---|---:|---:|---:|---:|")
     for name, mb, b1, b64, acc in rows:
         print(f"| {name} | {mb:.2f} | {b1:.2f} | {b64:.1f} | {acc:.4f} |")
     print(f"\nagreement {check['agreement']:.4f} on {check['test_images']} test images; calibration "

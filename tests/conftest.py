@@ -14,7 +14,8 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 def env_for_child(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "ACCELERATE_", "TORCHELASTIC"))}
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_",
+                                "SLURM_", "ACCELERATE_", "TORCHELASTIC"))}
     env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -26,9 +27,11 @@ def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bo
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        raise AssertionError(f"{cmd} timed out after {timeout}s\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}") from None
+        raise AssertionError(f"{cmd} timed out after {timeout}s\n--- stdout\n{out[-4000:]}"
+                             f"\n--- stderr\n{err[-4000:]}") from None
     if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"{cmd} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-4000:]}")
     return proc
 
 

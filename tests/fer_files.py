@@ -42,7 +42,7 @@ def synthetic_fer(folder: Path, per_class: dict[str, int], seed: int = 0) -> tup
     votes_order = FERPLUS_HEADER.split(",")[2:]
     row = 0
     for usage, n in per_class.items():
-        for i in range(n):
+        for _i in range(n):
             for emotion in FER_ORDER:
                 img = np.asarray(draw_face(CLASSES.index(emotion), np.random.default_rng([seed, row])))
                 fer.append((str(FER_ORDER.index(emotion)), pixels(img), usage))

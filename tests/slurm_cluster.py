@@ -65,7 +65,8 @@ SlurmctldPidFile={d}/slurmctld.pid
 SlurmdPidFile={d}/slurmd.%n.pid
 SlurmctldLogFile={d}/log/slurmctld.log
 SlurmdLogFile={d}/log/slurmd.%n.log
-NodeName=n[1-{n}] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[{d_port}-{d_port_last}] CPUs={cpus} Sockets=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory=1000 State=UNKNOWN
+NodeName=n[1-{n}] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[{d_port}-{d_port_last}] CPUs={cpus} \
+Sockets=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=n[1-{n}] Default=YES MaxTime=INFINITE State=UP
 """
 

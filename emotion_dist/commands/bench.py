@@ -305,7 +305,8 @@ def _bench(cfg, env, args, workdir: Path) -> dict:
         if key in by:
             by[key]["mfu"] = flops * by[key]["img_per_s"] / world / peak
     ratios = {}
-    for label, num, den in (("fast_loader_vs_model_step (b/c)", "b", "c"), ("end_to_end_fast_vs_model_step (e/c)", "e", "c"),
+    for label, num, den in (("fast_loader_vs_model_step (b/c)", "b", "c"),
+                            ("end_to_end_fast_vs_model_step (e/c)", "e", "c"),
                             ("end_to_end_fast_vs_classic (e/d)", "e", "d")):
         if num in by and den in by:
             ratios[label] = by[num]["img_per_s"] / by[den]["img_per_s"]

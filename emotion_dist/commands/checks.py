@@ -114,10 +114,12 @@ def problems(cfg, report: dict) -> list[str]:
 
 def gather(cfg) -> dict:
     """The whole report for this config (no problem lines yet)."""
-    return {"emotion_dist_version": __version__, "python": sys.version.split()[0], "platform": f"{platform.system()} {platform.release()} {platform.machine()}",  # no `uname -p` process
+    return {"emotion_dist_version": __version__, "python": sys.version.split()[0],
+            "platform": f"{platform.system()} {platform.release()} {platform.machine()}",  # no `uname -p` process
             "executable": sys.executable, "cpus": os.cpu_count(), "versions": package_versions(),
             "cuda": cuda_report(), "slurm": slurm_report(), "launch": launch_report(),
-            "space": {"run.cache_dir": free_space(cfg.run.cache_dir), "run.dir": free_space(cfg.run.dir or f"runs/{cfg.run.name}")}}
+            "space": {"run.cache_dir": free_space(cfg.run.cache_dir),
+                      "run.dir": free_space(cfg.run.dir or f"runs/{cfg.run.name}")}}
 
 
 def format_report(report: dict) -> str:
@@ -132,7 +134,8 @@ def format_report(report: dict) -> str:
     gpus = ", ".join(f"{g['index']}: {g['name']} {g['memory_gib']} GiB (sm {g['capability']})" for g in cuda["gpus"])
     row("CUDA", f"torch built with {cuda['torch_cuda'] or 'no CUDA'}; "
                  f"{len(cuda['gpus'])} GPU(s) visible{': ' + gpus if gpus else ''}"
-                 f" (CUDA_VISIBLE_DEVICES={cuda['CUDA_VISIBLE_DEVICES'] if cuda['CUDA_VISIBLE_DEVICES'] is not None else 'unset'})")
+                 " (CUDA_VISIBLE_DEVICES="
+                 f"{cuda['CUDA_VISIBLE_DEVICES'] if cuda['CUDA_VISIBLE_DEVICES'] is not None else 'unset'})")
     row("NCCL", f"{'available' if cuda['nccl_available'] else 'not available'}"
                  f"{' ' + cuda['nccl_version'] if cuda['nccl_version'] else ''}; gloo "
                  f"{'available' if cuda['gloo_available'] else 'not available'}")
@@ -144,7 +147,8 @@ def format_report(report: dict) -> str:
         row("launcher", f"cannot tell: {launch['error']}")
     else:
         row("launcher", f"{launch['launcher']} (rank {launch['rank']} of {launch['world_size']}, local rank "
-                     f"{launch['local_rank']}){'; ' + ' '.join(f'{k}={v}' for k, v in launch['env'].items()) if launch['env'] else ''}")
+                     f"{launch['local_rank']})"
+                     f"{'; ' + ' '.join(f'{k}={v}' for k, v in launch['env'].items()) if launch['env'] else ''}")
     for key, s in report["space"].items():
         low = "  (low)" if s["low"] else ""
         row(key, f"{s['path']}: {s['free_gib']} GiB free of {s['total_gib']} GiB{low}")

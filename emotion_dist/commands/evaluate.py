@@ -127,7 +127,8 @@ def _evaluate(args) -> int:
     loaded = load_models(args.checkpoint)
     state, meta = loaded[0]
     cfg = checkpoint_config(state, args.overrides)
-    if any(parse_override(o)[0] == "model.in_channels" for o in args.overrides) and cfg.model.in_channels != meta.in_channels:
+    if (any(parse_override(o)[0] == "model.in_channels" for o in args.overrides)
+            and cfg.model.in_channels != meta.in_channels):
         raise ConfigError(f"{args.checkpoint[0]} takes in_channels={meta.in_channels} images; drop "
                           f"model.in_channels={cfg.model.in_channels} (evaluate uses the checkpoint's)")
     out_dir = check_outputs(args, cfg)

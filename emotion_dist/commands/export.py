@@ -85,7 +85,8 @@ def export(checkpoint: str, fmt: str, out: str | None = None) -> Path:
         from safetensors.torch import save
 
         data = save({k: v.contiguous() for k, v in model.state_dict().items()},
-                    metadata={"classes": json.dumps(meta["classes"]), "preprocessing": json.dumps(meta["preprocessing"])})
+                    metadata={"classes": json.dumps(meta["classes"]),
+                              "preprocessing": json.dumps(meta["preprocessing"])})
     else:
         data = onnx_bytes(model, meta)
         interrupts.check()

@@ -80,7 +80,8 @@ def load_result(path: str | Path) -> dict:
                 record = r
         if record is None:
             raise ConfigError(f"{metrics} has no test record (the run did not finish, or train.eval_test=false); "
-                              f"run emotion-dist evaluate --checkpoint {p}/checkpoints/best.pt --json-out FILE and pass "
+                              f"run emotion-dist evaluate --checkpoint {p}/checkpoints/best.pt "
+                              "--json-out FILE and pass "
                               f"FILE")
         settings = _settings(p)
         source, seed = "metrics.jsonl", (settings or {}).get("train.seed")
@@ -88,7 +89,8 @@ def load_result(path: str | Path) -> dict:
         try:
             record = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ConfigError(f"{p} is not JSON; pass a run directory or an emotion-dist evaluate --json report") from None
+            raise ConfigError(f"{p} is not JSON; "
+                              "pass a run directory or an emotion-dist evaluate --json report") from None
         if not isinstance(record, dict) or not all(isinstance(record.get(k), (int, float)) for k in METRICS):
             raise ConfigError(f"{p} has no accuracy and macro_f1; pass an emotion-dist evaluate --json report")
         source, seed, settings = "evaluate report", record.get("seed"), None

@@ -167,7 +167,8 @@ def _check_search(search, where: str, configs: list[str], base: list[str]) -> di
             raise ConfigError(f"{where}: search {key} must be a list of choices or {{low: X, high: Y}} "
                               f"(log: true and step: S allowed)")
         try:
-            load_config(configs or None, [*base, f"{key}={sample if isinstance(sample, str) else format_default(sample)}"])
+            load_config(configs or None,
+                        [*base, f"{key}={sample if isinstance(sample, str) else format_default(sample)}"])
         except ConfigError as e:
             raise ConfigError(f"{where}: search {key}: {e}") from None
     return dict(search)
@@ -238,7 +239,7 @@ def run_local(sweep: Sweep, args) -> dict:
             proc = subprocess.Popen(_child_argv(args.file, args, point), start_new_session=True,
                                     stdout=log or (sys.stderr if args.json else None), stderr=log or None)
             running[point.index] = (proc, point, log)
-        for index, (proc, point, log) in list(running.items()):
+        for index, (proc, _point, log) in list(running.items()):
             code = proc.poll()
             if code is None:
                 continue

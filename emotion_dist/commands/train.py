@@ -125,7 +125,8 @@ def _train(cfg, notes: list[str], env) -> tuple[int, dict | None]:
                 log.info("stopped by %s at step %s; the checkpoint is saved: the same command resumes it (exit %d)",
                          signame, result.get("global_step"), interrupts.exit_code(signame))
         elif env.is_main:
-            log.info("done: %s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+            log.info("done: %s",
+                     " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
         ok = True
         return (interrupts.exit_code(signame) if result.get("stopped") and signame else EXIT_OK), result
     except UserError as e:

@@ -68,7 +68,8 @@ def augment_params(index: torch.Tensor, seed: int, epoch: int, strength: float =
 class BatchTransform:
     """uint8 N x C x S x S (any device) -> normalized float N x C x size x size on `device`."""
 
-    def __init__(self, channels: int, size: int, device: torch.device, seed: int, *, augment_warmup_epochs: float = 0.0):
+    def __init__(self, channels: int, size: int, device: torch.device,
+                 seed: int, *, augment_warmup_epochs: float = 0.0):
         mean, std = normalization(channels)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)

@@ -444,7 +444,8 @@ class _Build:
                                              for i in range(self.lo, self.hi, 512)),
                                lambda r, _: found.update(tuple(s) for s in r), team.check_abort)
                 sizes = team.gather(json.dumps(sorted(found)))
-                plan = json.loads(team.broadcast(json.dumps(self._after_sizes(sizes, plan)) if team.is_leader else None))
+                plan = json.loads(team.broadcast(json.dumps(self._after_sizes(sizes, plan))
+                                                 if team.is_leader else None))
             if plan["do"] == "build":
                 self._build(plan)
         except OSError as e:

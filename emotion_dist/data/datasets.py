@@ -101,7 +101,8 @@ class Datasets:
     duplicates: Optional[dict] = None  # the leak audit's report (data.dedupe=warn|drop)
 
 
-def _decoded(split: RawSplit, channels: int, cache: Path, d) -> tuple[np.ndarray, np.ndarray, list[str], list, Optional[np.ndarray]]:
+def _decoded(split: RawSplit, channels: int,
+             cache: Path, d) -> tuple[np.ndarray, np.ndarray, list[str], list, Optional[np.ndarray]]:
     """(images, labels, ids, skipped, soft targets) of a reader's split: files go through the cache."""
     if split.files is None:
         ids = split.ids or [f"#{i}" for i in range(len(split))]

@@ -221,8 +221,8 @@ class Team:
             return None
         out = [value]
         for i, r in enumerate(self.ranks[1:], 1):
-            out.append(self.board.wait(lambda: self.board.read(f"{step}/{i}"), lambda: [r],
-                                       lambda: f"rank {r} to finish its share of {self.what}"))
+            out.append(self.board.wait(lambda: self.board.read(f"{step}/{i}"), lambda: [r],  # noqa: B023
+                                       lambda: f"rank {r} to finish its share of {self.what}"))  # noqa: B023
         return out
 
     def broadcast(self, value: Optional[str] = None) -> str:
@@ -298,7 +298,8 @@ class Preparation:
 
     def _board(self, what: str) -> StepStore:
         self._steps += 1
-        return StepStore(self.store, f"emotion_dist/prepare/{self._steps}", self.topo, self.timeout_s, what, self.stale_s)
+        return StepStore(self.store, f"emotion_dist/prepare/{self._steps}",
+                         self.topo, self.timeout_s, what, self.stale_s)
 
     def _step(self, what: str, body: Callable[[Optional[StepStore]], T]) -> T:
         """Run `body` on every rank, then wait until every rank is done with it (a store barrier);
@@ -359,9 +360,11 @@ class Preparation:
             who = "each node's ranks together" if together else "each node's first rank while the others wait"
             return f"prepared once per node ({topo.num_nodes} nodes) by {who} ({limit})"
         team = topo.node_ranks[0] if together else (0,)
-        who = f"the {len(team)} ranks on {topo.node_names[0]} together" if len(team) > 1 else f"rank 0 on {topo.node_names[0]}"
+        who = (f"the {len(team)} ranks on {topo.node_names[0]} together" if len(team) > 1
+               else f"rank 0 on {topo.node_names[0]}")
         waiting = topo.world_size - len(team)
-        return f"prepared once by {who}" + (f"; {waiting} other rank{'s wait' if waiting > 1 else ' waits'} ({limit})" if waiting else "")
+        return f"prepared once by {who}" + (f"; {waiting} other rank{'s wait' if waiting > 1 else ' waits'} ({limit})"
+                                            if waiting else "")
 
     # ------------------------------------------------------------ which scope
     def decide_scope(self, cache_dir: Path, wanted: str) -> str:

@@ -4,7 +4,8 @@
 One handler from the start of a command to its end. The first signal only sets a flag, which each
 phase reads at its safe points: the training loop at a step boundary (all ranks agree, rank 0
 checkpoints), data preparation between images or chunks (`check()` raises Interrupted; temp files
-are removed on the way out). SIGINT exits 130 after saving, the others 0 (`exit_code`). A second signal means the user insists: the process ends at once with
+are removed on the way out). SIGINT exits 130 after saving, the others 0 (`exit_code`). A second
+signal means the user insists: the process ends at once with
 the default action. Without this, USR1 would kill a process still preparing data (rc 138) and
 Slurm would never requeue it.
 

@@ -118,7 +118,8 @@ class LeaseRecord:
     def describe(self) -> str:
         parts = [f"host {self.host}", f"pid {self.pid}"]
         if self.slurm_job_id:
-            parts.append(f"Slurm job {self.slurm_job_id}" + (f" (array task {self.slurm_array})" if self.slurm_array else ""))
+            parts.append(f"Slurm job {self.slurm_job_id}"
+                         + (f" (array task {self.slurm_array})" if self.slurm_array else ""))
         if self.torchrun_run_id:
             parts.append(f"torchrun run {self.torchrun_run_id}")
         requeue, restart = self.attempt
@@ -200,7 +201,8 @@ class RunDirLease:
         except ConfigError as e:
             return str(e)
         except OSError as e:
-            return f"run.dir={self.run_dir}: {disk_error(e, f'the lease {self.path}', 'set run.dir to a writable folder')}"
+            return (f"run.dir={self.run_dir}: "
+                    f"{disk_error(e, f'the lease {self.path}', 'set run.dir to a writable folder')}")
         return None
 
     def check(self) -> None:
@@ -247,7 +249,8 @@ class RunDirLease:
 
     def _judge(self, holder: LeaseRecord, beat: float) -> tuple[str, str]:
         """("restart" (this job's) or "stale" (another job's), why to take it over), ("refuse", the
-        one line) or ("retry", "") for a lease held by `holder` whose heartbeat was stamped at `beat` (the filesystem's clock)."""
+        one line) or ("retry", "") for a lease held by `holder` whose heartbeat was stamped at
+        `beat` (the filesystem's clock)."""
         age = self._age(beat)
         stale_s = max(self.stale_after_s, 3 * holder.interval_s)
         same_job = holder.job_key() is not None and holder.job_key() == self.me.job_key()

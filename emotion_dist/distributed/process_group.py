@@ -35,7 +35,8 @@ class LaunchInfo:
     local_rank: int
     master_addr: str
     master_port: int
-    rendezvous: bool = True  # False for one process started without a rendezvous (python, accelerate's one-process launcher)
+    # False for one process started without a rendezvous (python, accelerate's one-process launcher)
+    rendezvous: bool = True
 
 
 # what accelerate's one-process launcher (`prepare_simple_launcher_cmd_env`) always sets; it sets no RANK/WORLD_SIZE
@@ -79,7 +80,8 @@ def detect_launch(env: dict | None = None) -> LaunchInfo:
             _int_env(env, "SLURM_PROCID"),
             _int_env(env, "SLURM_STEP_NUM_TASKS"),
             _int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
-            env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", ""))),
+            env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_STEP_NODELIST",
+                                                               env.get("SLURM_JOB_NODELIST", ""))),
             _int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + job % 20000,
         )
     else:
@@ -126,7 +128,8 @@ def check_launch(cfg: Config, info: LaunchInfo) -> None:
     """Launch-dependent config checks, before the process group starts (the strategy's own:
     strategy.check_world_size)."""
     if cfg.dist.backend == "nccl" and (cfg.train.device == "cpu" or not torch.cuda.is_available()):
-        raise ConfigError("dist.backend=nccl needs CUDA GPUs and none is in use here; use dist.backend=auto (gloo on CPU)")
+        raise ConfigError("dist.backend=nccl needs CUDA GPUs and none is in use here; "
+                          "use dist.backend=auto (gloo on CPU)")
 
 
 def _init_error(e: Exception, info: LaunchInfo, timeout_s: float) -> LaunchError:

@@ -31,7 +31,8 @@ def check_layer(model, layer: str) -> str:
     return layer
 
 
-def grad_cam(model, x, *, layer: str = DEFAULT_LAYER, class_idx: Optional[list[int]] = None) -> tuple[np.ndarray, list[int]]:
+def grad_cam(model, x, *, layer: str = DEFAULT_LAYER,
+             class_idx: Optional[list[int]] = None) -> tuple[np.ndarray, list[int]]:
     """Maps (N x h x w, each scaled to [0, 1], at the layer's resolution) for the given classes, by
     default the predicted ones, and those classes."""
     import torch
@@ -179,8 +180,8 @@ def evaluate_cams(model, split, transform, classes: list[str], *, per_class: int
     preds = []
     with torch.no_grad():
         for i in range(0, len(index), batch_size):
-            preds.append(model(transform.eval(torch.from_numpy(np.ascontiguousarray(split.images[index[i:i + batch_size]]))))
-                         .argmax(1).cpu().numpy())
+            preds.append(model(transform.eval(torch.from_numpy(np.ascontiguousarray(
+                split.images[index[i:i + batch_size]])))).argmax(1).cpu().numpy())
     preds = np.concatenate(preds) if preds else np.zeros(0, int)
     written = []
     for c, name in enumerate(classes):

@@ -154,14 +154,17 @@ def model_card(config: dict, state: dict, test_rows: list[dict], *, license: str
                               datasets=datasets, model_name="EmotionNet", eval_results=evals or None)
     classes = config["label_names"]
     lines = [f"# EmotionNet ({len(classes)} facial expressions)", "",
-             f"A YOLO12-style CNN (ultralytics blocks) trained with emotion-dist {ed['version']} to classify a face crop "
+             f"A YOLO12-style CNN (ultralytics blocks) trained with emotion-dist {ed['version']} "
+             "to classify a face crop "
              f"into: {', '.join(classes)}. Input: {config['in_channels']}-channel "
              f"{config['pretrained_cfg']['input_size'][1]} px images. Weights: the "
-             f"{'exponential moving average (EMA)' if ed['weights'] == 'ema' else 'trained model'} of the checkpoint.", ""]
+             f"{'exponential moving average (EMA)' if ed['weights'] == 'ema' else 'trained model'} "
+             "of the checkpoint.", ""]
     lines += ["## Results on the test split", ""]
     if test:
         lines += [f"Accuracy **{test['accuracy']:.4f}**, macro-F1 **{test['macro_f1']:.4f}** on {test['count']} test "
-                  f"images ({test.get('checkpoint', 'best.pt')}, test-time augmentation: {test.get('tta', 'none')}).", ""]
+                  f"images ({test.get('checkpoint', 'best.pt')}, "
+                  f"test-time augmentation: {test.get('tta', 'none')}).", ""]
         per_class = test.get("per_class")
         if per_class:
             lines += ["| class | precision | recall | F1 | support |", "| --- | ---: | ---: | ---: | ---: |"]
@@ -176,15 +179,18 @@ def model_card(config: dict, state: dict, test_rows: list[dict], *, license: str
     else:
         lines += ["This run recorded no test pass (train.eval_test=false, or no test split); "
                   "`emotion-dist evaluate --checkpoint THIS_FOLDER` measures it.", ""]
-    val_how = (f"a stratified, seeded (train.seed={train.get('seed')}) {data.get('val_fraction')} share of the training "
+    val_how = (f"a stratified, seeded (train.seed={train.get('seed')}) {data.get('val_fraction')} "
+               "share of the training "
                f"images" if data.get("val_fraction") is not None else "the data set's validation folder")
     lines += ["## How the data was split", "",
               f"Data: {dataset_name}" + (f" (`{data['kaggle_handle']}`)" if source == "kaggle" else "")
-              + f", labels: {ed['checkpoint'].get('label_mode', 'majority')}. The test split is the data set's own test "
+              + f", labels: {ed['checkpoint'].get('label_mode', 'majority')}. "
+                "The test split is the data set's own test "
               f"folder; validation is {val_how} (the data set's own validation folder where it has one). best.pt was "
               f"chosen on validation macro-F1.",
               ("The test split was read once, at the end of training, on best.pt." if len(test_rows) == 1 else
-               f"The run's metrics.jsonl holds {len(test_rows)} test passes (a resumed run repeats it); the last is shown."
+               f"The run's metrics.jsonl holds {len(test_rows)} test passes "
+               "(a resumed run repeats it); the last is shown."
                if test_rows else "The test split was not read during training."), ""]
     settings = {"epochs": train.get("epochs"), "steps": state.get("global_step"), "batch size (per process)":
                 train.get("batch_size"), "processes": ed["checkpoint"].get("world_size"),
@@ -192,7 +198,8 @@ def model_card(config: dict, state: dict, test_rows: list[dict], *, license: str
                 "weight decay": train.get("weight_decay"), "label smoothing": train.get("label_smoothing"),
                 "class weights": train.get("class_weights"), "EMA decay": train.get("ema_decay"),
                 "precision": train.get("precision"), "seed": train.get("seed"),
-                "image size": config["pretrained_cfg"]["input_size"][1], "stored image size": ed["checkpoint"].get("data_size")}
+                "image size": config["pretrained_cfg"]["input_size"][1],
+                "stored image size": ed["checkpoint"].get("data_size")}
     lines += ["## Training settings", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in settings.items() if v is not None]
     lines += ["", "## Preprocessing", "", recipe_sentence(ed["preprocessing"]),

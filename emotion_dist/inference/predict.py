@@ -65,7 +65,8 @@ def preprocessing_recipe(meta: dict, config: Optional[dict] = None) -> dict:
                       "eye_y": geometry.eye_y, "eye_distance": geometry.eye_distance},
         "crop_margin": geometry.margin,  # a face without landmarks: its box widened by this on every side
         "face_crop": geometry.to_dict(),
-        "resize": [{"size": meta["data_size"], "interpolation": "area", "why": "the size the training images were stored at"},
+        "resize": [{"size": meta["data_size"], "interpolation": "area",
+                    "why": "the size the training images were stored at"},
                    {"size": meta["image_size"], "interpolation": "bilinear", "why": "the model's input size"}],
         "scale": "pixel / 255",
         "mean": meta["normalization"]["mean"],
@@ -467,9 +468,9 @@ def run_images(args) -> int:
             from emotion_dist.inference.cam import write_predict_cams
 
             stem = annotations[i].with_name(annotations[i].stem.replace("_pred", "", 1))
-            cams += [str(p) for p in write_predict_cams(classifier, read_image(path), [f.box for f in found],
-                                                        stem_path=stem, layer=cam_layer,
-                                                        margin=0.0 if args.no_detect else geometry_of(classifier).margin)]
+            cams += [str(p) for p in write_predict_cams(
+                classifier, read_image(path), [f.box for f in found], stem_path=stem, layer=cam_layer,
+                margin=0.0 if args.no_detect else geometry_of(classifier).margin)]
         if message:
             messages.append(message)
             print(message, file=sys.stderr, flush=True)

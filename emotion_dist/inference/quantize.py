@@ -1,6 +1,7 @@
 """A static int8 ONNX model and its check against fp32: onnxruntime's `quant_pre_process`, then
 `quantize_static` (QDQ, per-channel signed int8 weights, unsigned int8 activations: on this
-CPU (AVX-512 VNNI) U8S8 ran 2-3x faster than S8S8 for this graph), calibrated on training images read exactly as training reads
+CPU (AVX-512 VNNI) U8S8 ran 2-3x faster than S8S8 for this graph), calibrated on training images
+read exactly as training reads
 them (the data pipeline's decoded images, BatchTransform.eval's resize and normalisation). Dynamic
 int8 is not offered: on this CNN it was 2-5x slower than fp32 on CPU.
 

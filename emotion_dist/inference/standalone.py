@@ -68,7 +68,8 @@ def add_metadata(onnx_bytes: bytes, meta: dict, recipe: dict) -> bytes:
     for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = META_PREFIX + key, json.dumps(value)
-    model.producer_name, model.doc_string = "emotion-dist", "EmotionNet facial-expression classifier: logits N x classes"
+    model.producer_name, model.doc_string = ("emotion-dist",
+                                             "EmotionNet facial-expression classifier: logits N x classes")
     return model.SerializeToString()
 
 

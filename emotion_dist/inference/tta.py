@@ -45,7 +45,8 @@ def describe(tta: str, data_size: int, image_size: int) -> str:
     if tta == "none":
         return f"none (one view: {data_size} px scaled to {image_size})"
     if tta == "flip":
-        return f"flip (2 views: the image and its mirror, {data_size} px scaled to {image_size}; probabilities averaged)"
+        return (f"flip (2 views: the image and its mirror, {data_size} px scaled to {image_size}; "
+                "probabilities averaged)")
     c = crop_size(data_size)
     return (f"tencrop (10 views: 4 corner + centre crops of {c}x{c} of {data_size}x{data_size} px and their mirrors, "
             f"each scaled to {image_size}x{image_size} bilinear; probabilities averaged)")

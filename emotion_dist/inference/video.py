@@ -3,7 +3,8 @@
 Each processed frame (every `--every`-th) goes through the same face pipeline as a still image
 (pipeline.py: detector, alignment, classifier); with `--detect-every N` the detector runs on every
 N-th processed frame only and the faces it found are held (classified again where they were) in
-between, which the records say (`detected`). Faces are tracked across frames with stable ids (`tracking.IoUTracker`) and their
+between, which the records say (`detected`). Faces are tracked across frames with stable ids
+(`tracking.IoUTracker`) and their
 probabilities averaged per track over the last `--smooth` processed frames. Records (frame, time,
 track, box, label, probabilities) stream as they come: JSON Lines on stdout with `--json`, to a file
 with `--json-out FILE.jsonl`, CSV with `--csv FILE.csv` (`-` = stdout). Status and fps go to stderr.
@@ -338,12 +339,12 @@ class Records:
 
     def write(self, records: list[dict]) -> None:
         for out in self.jsonl:
-            self._guard(lambda: (out.writelines(json.dumps(r) + "\n" for r in records), out.flush()))
+            self._guard(lambda: (out.writelines(json.dumps(r) + "\n" for r in records), out.flush()))  # noqa: B023
         for writer, out in self.csv:
             rows = [[r["frame"], r["time"], r["track"], *r["box"], r["label"], r["probability"],
                      "" if r["score"] is None else r["score"], int(r["aligned"]), int(r["detected"]),
                      *(r["probabilities"][c] for c in self.classes)] for r in records]
-            self._guard(lambda: (writer.writerows(rows), out.flush()))
+            self._guard(lambda: (writer.writerows(rows), out.flush()))  # noqa: B023
 
     @staticmethod
     def _guard(write) -> None:

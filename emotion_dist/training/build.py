@@ -146,7 +146,8 @@ def build_trainer(cfg: Config, env: process_group.DistEnv, *, ds: Datasets | Non
             "process x %s x %d accumulation = %d global | data %s (%d train / %d val / %d test, %d classes)%s",
             env.launcher, env.world_size, env.backend, env.device, t.precision, cfg.dist.strategy,
             env.topology.describe() if env.topology else "1 node", t.batch_size,
-            plural(env.world_size, "process", "processes"), t.grad_accum, global_batch, ds.root, len(ds.train), len(ds.val),
+            plural(env.world_size, "process", "processes"), t.grad_accum, global_batch,
+            ds.root, len(ds.train), len(ds.val),
             len(ds.test) if ds.test else 0, len(ds.classes), "".join(f" | {n}" for n in notes),
         )
     transform = BatchTransform(ds.channels, cfg.data.image_size, env.device, t.seed,

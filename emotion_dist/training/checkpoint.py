@@ -98,7 +98,8 @@ class CheckpointFiles:
     def begin(self, run_id: Optional[str] = None) -> str:
         """Mark the folder as this run's (a fresh start keeps the files of none before it)."""
         run_id = run_id or self.run_id or secrets.token_hex(6)
-        self.record = {"emotion_dist": "run", "run_id": run_id, "created": (self.record or {}).get("created", time.time()),
+        self.record = {"emotion_dist": "run", "run_id": run_id,
+                       "created": (self.record or {}).get("created", time.time()),
                        "checkpoints": sorted(self.owned() & {p.name for p in self.dir.glob("*.pt")})}
         atomic_write_json(self.marker, self.record)
         return run_id
@@ -398,7 +399,8 @@ def plan_start(files: CheckpointFiles, resume: str) -> StartPlan:
         existing = files.all_checkpoints()
         if existing:
             raise ConfigError(
-                f"{key}={run_dir} holds checkpoints of an earlier run ({len(existing)} files, e.g. {existing[-1].name}); "
+                f"{key}={run_dir} holds checkpoints of an earlier run "
+                f"({len(existing)} files, e.g. {existing[-1].name}); "
                 f"choose a new {key}, or continue that run with run.resume=auto")
         return StartPlan(files.begin(secrets.token_hex(6)))
     if resume == "auto":

@@ -167,7 +167,8 @@ class Trainer:
                 self.logger.stop_progress()
                 if stop:
                     signame = interrupts.requested() or "a signal on another rank"
-                    self.logger.line(f"stop requested ({signame}): saving at step {p.global_step} (mid-epoch) and exiting")
+                    self.logger.line(f"stop requested ({signame}): "
+                                     f"saving at step {p.global_step} (mid-epoch) and exiting")
                 else:
                     self.logger.line(f"train.max_steps={self.cfg.train.max_steps} reached: saving at step "
                                      f"{p.global_step} (mid-epoch)")

@@ -444,7 +444,8 @@ def build_logger(run_dir: Path, enabled: bool, cfg) -> RunLogger:
     if not enabled:
         return RunLogger(False, [])
     warnings = DiskWarnings()
-    sinks: list[Sink] = [ConsoleSink(max_steps=cfg.train.max_steps), JsonlSink(Path(run_dir) / "metrics.jsonl", warnings)]
+    sinks: list[Sink] = [ConsoleSink(max_steps=cfg.train.max_steps),
+                         JsonlSink(Path(run_dir) / "metrics.jsonl", warnings)]
     if cfg.log.wandb != "off":
         sinks.append(WandbSink(run_dir, cfg.log, cfg.to_dict()))
     if cfg.log.tensorboard:

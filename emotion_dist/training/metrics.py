@@ -87,7 +87,8 @@ def plot_curves(history: list[dict], path: Path, best_epoch: int = -1) -> None:
                     ax.plot(epochs, [np.nan if y is None else y for y in ys], marker="o",
                             label=name.split("_")[0] if key != "lr" else "lr")
             if best_epoch > 0:
-                ax.axvline(best_epoch, color="tab:green", linestyle="--", linewidth=1, label=f"best (epoch {best_epoch})")
+                ax.axvline(best_epoch, color="tab:green", linestyle="--", linewidth=1,
+                           label=f"best (epoch {best_epoch})")
             ax.set_title("learning rate" if key == "lr" else key)
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)

@@ -232,7 +232,8 @@ def ensure_writable_dir(path: Path, key: str) -> Path:
 
 def same_file(a: Path, b: Path) -> bool:
     try:
-        return Path(a).resolve() == Path(b).resolve() or (Path(a).exists() and Path(b).exists() and os.path.samefile(a, b))
+        return Path(a).resolve() == Path(b).resolve() or (Path(a).exists()
+                                                          and Path(b).exists() and os.path.samefile(a, b))
     except OSError:
         return False
 
@@ -307,7 +308,8 @@ def outputs_record_dir() -> Path:
 
 def _output_record(path: Path) -> tuple[Path, str]:
     real = str(Path(path).resolve())
-    return outputs_record_dir() / f"{hashlib.sha256(real.encode('utf-8', 'surrogateescape')).hexdigest()[:32]}.json", real
+    digest = hashlib.sha256(real.encode('utf-8', 'surrogateescape')).hexdigest()
+    return outputs_record_dir() / f"{digest[:32]}.json", real
 
 
 def record_output(path: Path) -> None:

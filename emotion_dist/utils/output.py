@@ -1,6 +1,7 @@
 """The output convention every command follows: `--json` prints exactly one JSON document on stdout
 and nothing else (human output goes to stderr), `--json-out FILE` writes the same document to a file
-(atomically; only over a JSON file emotion-dist can prove it wrote: its digest, utils/fsutil.py). Each document carries the marker key
+(atomically; only over a JSON file emotion-dist can prove it wrote: its digest, utils/fsutil.py).
+Each document carries the marker key
 `emotion_dist` naming the command that wrote it. (predict and evaluate apply the same convention in
 their own modules; predict streams JSON Lines for a video.)"""
 

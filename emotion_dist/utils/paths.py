@@ -77,8 +77,10 @@ def check_outside_data(output: Optional[PathLike], data: Iterable[tuple[str, Pat
             how = "lies inside"
         elif _inside(d, out):
             how = "contains"
-        elif d.suffix.lower() == ".csv" and d.is_file() and _inside(out, d.parent) and _csv_folder_is_data(d.parent, out):
-            how, what, given = "lies inside", f"the folder of {_named(what, given)}, which holds only CSV data:", d.parent
+        elif (d.suffix.lower() == ".csv" and d.is_file() and _inside(out, d.parent)
+              and _csv_folder_is_data(d.parent, out)):
+            how, what, given = ("lies inside", f"the folder of {_named(what, given)}, which holds only CSV data:",
+                                d.parent)
         else:
             continue
         resolved = f" ({out})" if str(out) != os.fspath(output) else ""

@@ -23,7 +23,8 @@ def main() -> int:
         counters.clear()
         rc = run_training(None, [*base, *overrides])
         report[name] = {"rc": rc, "frames": counters["frames"]["ok"], "frames_total": counters["frames"]["total"],
-                        "graphs": counters["stats"]["unique_graphs"], "recompiles": sum(counters["recompiles"].values())}
+                        "graphs": counters["stats"]["unique_graphs"],
+                        "recompiles": sum(counters["recompiles"].values())}
     print("COMPILE " + json.dumps(report), flush=True)
     return 0
 

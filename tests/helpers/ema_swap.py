@@ -48,7 +48,8 @@ def main() -> int:
     for name, got in (("avg", got_avg), ("live", got_live)):
         assert abs(got[0] - refs[name][0]) < 1e-4 and got[1] == refs[name][1], (name, got[0], refs[name][0])
     if env.is_main:
-        print(f"EMA SWAP OK {cfg.dist.strategy} world={env.world_size} loss live {got_live[0]:.5f} avg {got_avg[0]:.5f}")
+        print(f"EMA SWAP OK {cfg.dist.strategy} world={env.world_size} "
+              f"loss live {got_live[0]:.5f} avg {got_avg[0]:.5f}")
     trainer.close()
     process_group.close_distributed()
     return 0

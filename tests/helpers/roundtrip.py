@@ -39,7 +39,8 @@ def main() -> int:
                 n += 1
         assert len(saved["optimizer_state_dict"]["state"]) == sum(1 for _ in trainer.model.parameters()) > 100
         ema = " with EMA" if ema_sd else ""
-        print(f"ROUNDTRIP OK {cfg.dist.strategy} world={env.world_size} from {saved['strategy']} world={saved['world_size']}{ema} tensors={n}")
+        print(f"ROUNDTRIP OK {cfg.dist.strategy} world={env.world_size} "
+              f"from {saved['strategy']} world={saved['world_size']}{ema} tensors={n}")
     process_group.close_distributed()
     return 0
 

@@ -190,7 +190,8 @@ def _run_sampled(cmd: list[str], folder: Path) -> tuple[subprocess.CompletedProc
     while p.poll() is None:
         own = max(own, proc_field(f"/proc/{p.pid}/status", "RssAnon:"))
         if _temps(folder):
-            workers = max(workers, sum(proc_field(f"/proc/{k}/smaps_rollup", "Private_Dirty:") for k in descendants(p.pid)))
+            workers = max(workers, sum(proc_field(f"/proc/{k}/smaps_rollup", "Private_Dirty:")
+                                       for k in descendants(p.pid)))
         time.sleep(0.005)
     out, err = p.communicate()
     assert p.returncode == 0, err[-3000:]

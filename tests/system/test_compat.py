@@ -34,7 +34,8 @@ def test_a_checkpoint_from_before_loads_evaluates_exports_and_resumes(tmp_path):
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["count"] == 14 and 0.0 <= report["accuracy"] <= 1.0
 
-    run([*cli, "export", "--checkpoint", str(kept), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")])
+    run([*cli, "export", "--checkpoint", str(kept), "--format", "safetensors",
+         "--out", str(tmp_path / "m.safetensors")])
     assert (tmp_path / "m.safetensors").stat().st_size > 100_000
 
     out = run(train_cmd("data.source=folder", f"data.root={tmp_path / 'data'}", "data.image_size=32",

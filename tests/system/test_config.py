@@ -23,7 +23,8 @@ def test_launch_script_reports_unknown_key_exit_2():
 def test_help_does_not_import_torch():
     """`emotion-dist --help` stays instant because heavy imports are lazy."""
     code = ("import sys, contextlib, io\nfrom emotion_dist import cli\n"
-            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n    cli.main(['--help'])\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):"
+            "\n    cli.main(['--help'])\n"
             "print('torch' in sys.modules, 'ultralytics' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.stdout.split() == ["False", "False"], proc.stderr

@@ -101,7 +101,8 @@ def test_train_json_is_the_only_thing_on_stdout(trained):
 def test_json_for_ckpt_inspect_summarize_and_data(trained, tmp_path, capsys, restore_signals):
     d, _, _ = trained
     ckpt = d / "run/checkpoints/step-00000001.pt"
-    assert cli_main(["ckpt", "inspect", "train.epochs=5", str(ckpt), "--json", "--json-out", str(tmp_path / "i.json")]) == 0
+    assert cli_main(["ckpt", "inspect", "train.epochs=5", str(ckpt),
+                     "--json", "--json-out", str(tmp_path / "i.json")]) == 0
     out, err = capsys.readouterr()
     doc = json.loads(out)
     assert doc == json.loads((tmp_path / "i.json").read_text())
@@ -114,7 +115,8 @@ def test_json_for_ckpt_inspect_summarize_and_data(trained, tmp_path, capsys, res
     assert s["emotion_dist"] == "summarize" and s["n"] == 1 and s["runs"][0]["accuracy"] == pytest.approx(
         _records(d / "run", "test")[-1]["accuracy"])
 
-    assert cli_main(["data", "synthetic", "--out", str(tmp_path / "syn"), "--train", "14", "--test", "7", "--json"]) == 0
+    assert cli_main(["data", "synthetic", "--out", str(tmp_path / "syn"),
+                     "--train", "14", "--test", "7", "--json"]) == 0
     out, err = capsys.readouterr()
     doc = json.loads(out)
     assert doc.pop(DIGEST_KEY).startswith("hmac-sha256:")  # the proof that it is emotion-dist's own
@@ -176,7 +178,8 @@ def test_accelerate_settings_map_onto_the_config(tmp_path):
 
 
 def test_accelerate_one_process_start_line(tmp_path, tiny_data):
-    proc = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/single_gpu.yaml",
+    proc = run([sys.executable, "-m", "accelerate.commands.launch",
+                "--config_file", "configs/accelerate/single_gpu.yaml",
                 "launch/train.py", "--config", "configs/default.yaml", "data.source=folder", f"data.root={tiny_data}",
                 "data.image_size=32", "data.limit=8", "data.val_fraction=0.05", "train.batch_size=8", "train.epochs=1",
                 "train.eval_test=false", f"run.dir={tmp_path / 'run'}", f"run.cache_dir={tmp_path / 'cache'}"])
@@ -213,10 +216,12 @@ def test_the_runs_test_pass_is_best_pt_with_flip_tta_as_evaluate_reports_it(trai
     test = _records(d / "run", "test")[-1]  # the resumed run's, on the best.pt it left
     assert test["tta"] == "flip" and "TTA flip" in resumed.stdout
     run([sys.executable, "-m", "emotion_dist.cli", "evaluate", "--checkpoint", str(d / "run/checkpoints/best.pt"),
-         "--tta", "flip", "--json-out", str(tmp_path / "r.json"), "--out", str(tmp_path), f"run.cache_dir={d / 'cache'}"])
+         "--tta", "flip", "--json-out", str(tmp_path / "r.json"),
+         "--out", str(tmp_path), f"run.cache_dir={d / 'cache'}"])
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["tta"] == "flip" and report["count"] == test["count"]
-    assert report["accuracy"] == pytest.approx(test["accuracy"]) and report["macro_f1"] == pytest.approx(test["macro_f1"])
+    assert (report["accuracy"] == pytest.approx(test["accuracy"])
+            and report["macro_f1"] == pytest.approx(test["macro_f1"]))
 
 
 def test_wandb_environment_precedence(tmp_path):
@@ -254,7 +259,8 @@ def test_wandb_online_without_a_key_is_one_line_before_anything(tmp_path, fast_o
 
 # ---------------------------------------------------------------- 3. config ergonomics
 def test_overrides_anywhere_and_print_config(tmp_path, capsys):
-    argv = ["train", "train.max_steps=1", "--config", str(ROOT / "configs/default.yaml"), "data.limit=100", "--print-config",
+    argv = ["train", "train.max_steps=1", "--config", str(ROOT / "configs/default.yaml"),
+            "data.limit=100", "--print-config",
             f"run.dir={tmp_path / 'run'}", "log.wandb_tags=a,b"]
     assert parse_args(argv).overrides == ["train.max_steps=1", "data.limit=100", f"run.dir={tmp_path / 'run'}",
                                           "log.wandb_tags=a,b"]

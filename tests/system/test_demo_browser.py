@@ -37,7 +37,8 @@ def browser_or_skip():
     except ImportError:
         missing.append("the selenium package (the dev extra)")
     if missing:
-        reason = f"no browser for the demo test: {', '.join(missing)} missing (apt-get install chromium chromium-driver)"
+        reason = (f"no browser for the demo test: {', '.join(missing)} missing "
+                  "(apt-get install chromium chromium-driver)")
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the demo's browser test: {reason}")
         print(f"skipping: {reason}")
@@ -191,7 +192,8 @@ def test_upload_and_camera_in_a_real_browser(tmp_path, tiny_model):
         second = max(range(2), key=lambda i: expected[i]["box"][0])  # the one on the right
         bx, by, bw, bh = expected[second]["box"]
         view = driver.find_element(By.ID, "view")
-        rect = driver.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.width, r.height];", view)
+        rect = driver.execute_script("const r = arguments[0].getBoundingClientRect(); "
+                                     "return [r.width, r.height];", view)
         scale = rect[0] / 1024
         ActionChains(driver).move_to_element_with_offset(
             view, int((bx + bw / 2) * scale - rect[0] / 2), int((by + bh / 2) * scale - rect[1] / 2)).click().perform()
@@ -208,7 +210,8 @@ def test_upload_and_camera_in_a_real_browser(tmp_path, tiny_model):
         wait_for(driver, f"Number(document.body.dataset.answered) >= {before} + 4", 15, "four camera frames answered")
         wait_for(driver, "document.body.dataset.faces === '1'", 10, "her face found in a camera frame")
         elapsed = time.monotonic() - started
-        sent, answered = (int(driver.execute_script(f"return document.body.dataset.{k};")) for k in ("sent", "answered"))
+        sent, answered = (int(driver.execute_script(f"return document.body.dataset.{k};"))
+                          for k in ("sent", "answered"))
         assert sent - answered <= 1  # never more than one request in flight
         assert sent - before <= 4 * elapsed + 2, (sent - before, elapsed)  # at most 4 frames a second
         x, y, w, h = map(int, driver.find_element(By.CSS_SELECTOR, "#faces li").get_attribute("data-box").split(","))

@@ -34,7 +34,8 @@ def test_accelerate_launch_two_processes_on_cpu(tmp_path, fast_overrides):
     # accelerate 1.x's `--cpu` starts several processes only through mpirun; its multi-process
     # launcher (torch.distributed.run underneath) runs on CPU with gloo when no GPU is visible.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "bf16", "--main_process_port", "0", str(ROOT / "launch/train.py"),
+           "--num_machines", "1", "--mixed_precision", "bf16",
+           "--main_process_port", "0", str(ROOT / "launch/train.py"),
            *fast_overrides, "train.epochs=1"]
     proc = run(cmd)
     assert "launcher accelerate | world size 2 | backend gloo" in proc.stdout

@@ -72,7 +72,8 @@ def test_evaluate_and_export_use_the_average(tmp_path, fast_overrides):
     assert state["ema_updates"] == state["global_step"] == 42
     last = state["history"][-1]
     run([sys.executable, "-m", "emotion_dist.cli", "evaluate", "--checkpoint", str(ckpt), "--split", "val",
-         *[o for o in fast_overrides if o.startswith(("data.", "run.cache_dir"))], "--json-out", str(tmp_path / "val.json")])
+         *[o for o in fast_overrides if o.startswith(("data.", "run.cache_dir"))],
+         "--json-out", str(tmp_path / "val.json")])
     val = json.loads((tmp_path / "val.json").read_text())
     assert val["accuracy"] == last["val_accuracy"] and abs(val["loss"] - last["val_loss"]) < 1e-5
     run([sys.executable, "-m", "emotion_dist.cli", "export", "--checkpoint", str(ckpt), "--format", "safetensors"])

@@ -86,10 +86,14 @@ def _sampler_ids(run_dir, epoch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2])  # world 1 is the same sampler code: tests/unit/test_readers_fer.py resumes it in-process
+# world 1 is the same sampler code: tests/unit/test_readers_fer.py resumes it in-process
+@pytest.mark.parametrize("world", [2])
 def test_balanced_sampler_resumes_mid_epoch_exactly(tmp_path, fer_files, world):
     csv, _ = fer_files
-    args = lambda d, *x: _overrides(d, csv, "train.sampler=balanced", "train.epochs=2", "train.eval_test=false", *x)
+
+    def args(d, *x):
+        return _overrides(d, csv, "train.sampler=balanced", "train.epochs=2", "train.eval_test=false", *x)
+
     launch = (lambda *a: train_cmd(*a)) if world == 1 else (lambda *a: torchrun_cmd(2, *a))
     run(launch(*args(tmp_path / "full")))
     per_epoch = -(-70 // (8 * world))

@@ -49,7 +49,8 @@ def test_on_device_takes_yaml_booleans_and_defaults():
     cfg, _ = load_config(None, ["data.on_device=false"])
     assert cfg.data.on_device == "false"
     d = load_config(None, [])[0].dist
-    assert (d.bucket_cap_mb, d.gradient_as_bucket_view, d.static_graph, d.grad_compression) == (25.0, True, False, "none")
+    assert (d.bucket_cap_mb, d.gradient_as_bucket_view,
+            d.static_graph, d.grad_compression) == (25.0, True, False, "none")
 
 
 # ---------------------------------------------------------------- data.on_device
@@ -157,7 +158,8 @@ def test_ddp_knobs_train_the_same_weights(tmp_path, base_overrides):
                 "static": ["dist.static_graph=true"], "bf16": ["dist.grad_compression=bf16"]}
     out = run(torchrun_cmd(2, str(tmp_path), json.dumps(variants), *base_overrides, "train.max_steps=4",
                            script=str(ROOT / "tests/helpers/ddp_knobs.py")), timeout=900)
-    built = {d["variant"]: d for d in (json.loads(line[4:]) for line in out.stdout.splitlines() if line.startswith("DDP "))}
+    built = {d["variant"]: d for d in (json.loads(line[4:])
+                                       for line in out.stdout.splitlines() if line.startswith("DDP "))}
     assert built["default"] == {"variant": "default", "bucket_cap_bytes": 25 * 2**20, "gradient_as_bucket_view": True,
                                 "static_graph": False, "comm_hooks": [], "buckets": 1}
     assert not built["view_off"]["gradient_as_bucket_view"]
@@ -222,7 +224,8 @@ def test_gpu_acceptance_dry_run_lists_every_check(tmp_path):
     assert quick.returncode == 0 and "max-autotune" not in quick.stdout and "bench_224_reduce-overhead" in quick.stdout
     # and the argument check has teeth: a command the CLI or the config would refuse is reported
     acc = _acceptance_module()
-    bad = acc.Check("x", "x", [sys.executable, "-m", "emotion_dist.cli", "bench", "train.compile_mode=fast"], 1, "bench")
+    bad = acc.Check("x", "x",
+                    [sys.executable, "-m", "emotion_dist.cli", "bench", "train.compile_mode=fast"], 1, "bench")
     assert "train.compile_mode='fast' is invalid" in acc.check_arguments(bad)
     bad.argv = [sys.executable, "-m", "emotion_dist.cli", "bench", "--rows", "xyz"]
     assert "refuses" in acc.check_arguments(bad)
@@ -240,10 +243,12 @@ def test_gpu_acceptance_rehearsal_on_cpu_records_every_figure(tmp_path):
     assert list(checks) == ["env", "data", "train_fp16", "bench_224_reduce-overhead"]
     assert all(c["status"] == "pass" for c in checks.values()), out.stdout[-3000:]
     fp16 = checks["train_fp16"]["figures"]
-    assert "precision fp16" in fp16["start_line"] and fp16["grad_scaler_scale"] > 0 and fp16["test_accuracy"] is not None
+    assert ("precision fp16" in fp16["start_line"] and fp16["grad_scaler_scale"] > 0
+            and fp16["test_accuracy"] is not None)
     bench = checks["bench_224_reduce-overhead"]["figures"]
     assert bench["compile"] and bench["compiled"] == {"graphs": 1, "recompiles": 0}
     assert {r["row"][:3] for r in bench["rows"]} == {"(c)", "(e)"}
     md = (tmp_path / "out/gpu_acceptance.md").read_text()
-    assert "| train_fp16: train one epoch in fp16 with GradScaler | pass |" in md and "| target | measured | met? |" in md
+    assert ("| train_fp16: train one epoch in fp16 with GradScaler | pass |" in md
+            and "| target | measured | met? |" in md)
     assert "===== bench_224_reduce-overhead" in (tmp_path / "out/gpu_acceptance_logs.txt").read_text()

@@ -228,7 +228,7 @@ def test_racing_starts_end_with_exactly_one_holder(tmp_path):
             assert p.exitcode == 0
         winners = [pid for pid, msg in got if msg is None]
         assert len(winners) == 1, got
-        for pid, msg in got:
+        for _pid, msg in got:
             if msg is not None:
                 assert msg.startswith(f"run.dir={tmp_path} is in use by another job") and f"pid {winners[0]}," in msg
         if r < rounds - 1:

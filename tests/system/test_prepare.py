@@ -47,7 +47,8 @@ def test_a_failure_crosses_to_the_other_ranks_as_the_same_line():
     assert type(e) is DataError and str(e) == "class folders differ; fix them"
     assert decode_error(encode_error(Interrupted("SIGUSR1"), 1, "x")).signame == "SIGUSR1"
     bug = decode_error(encode_error(KeyError("labels"), 2, "the decoded images"))
-    assert type(bug) is TrainingAborted and str(bug) == "rank 2 failed while preparing the decoded images: KeyError: 'labels'"
+    assert type(bug) is TrainingAborted and str(bug) == ("rank 2 failed while preparing the decoded images: "
+                                                         "KeyError: 'labels'")
 
 
 # ---------------------------------------------------------------- real processes

@@ -42,7 +42,8 @@ def test_stuck_rank_ends_in_a_bounded_timeout_naming_rank_and_collective(tmp_pat
     elapsed = time.monotonic() - start
     assert out.returncode != 0
     msg = [l for l in out.stderr.splitlines() if l.startswith("error: [rank 0]")]
-    assert msg and "collective failed during" in msg[0] and "step 3" in msg[0] and "dist.timeout_s=10" in msg[0], out.stderr[-2000:]
+    assert (msg and "collective failed during" in msg[0] and "step 3" in msg[0]
+            and "dist.timeout_s=10" in msg[0]), out.stderr[-2000:]
     assert elapsed < 120
 
 
@@ -142,7 +143,8 @@ def test_checkpoint_shape_or_channel_mismatch_is_a_clear_error(tmp_path, fast_ov
 def test_fsdp_with_one_process_fails_before_the_process_group(tmp_path):
     out = run(train_cmd("dist.strategy=fsdp", f"run.dir={tmp_path}/r"), check=False)
     assert out.returncode == 2
-    assert out.stderr.strip() == "error: dist.strategy=fsdp needs at least 2 processes; launch with torchrun or use dist.strategy=ddp"
+    assert out.stderr.strip() == ("error: dist.strategy=fsdp needs at least 2 processes; "
+                                  "launch with torchrun or use dist.strategy=ddp")
     assert not (tmp_path / "r").exists()
 
 

@@ -70,6 +70,7 @@ def test_sharded_optimizer_state_loads_anywhere(tmp_path, fast_overrides, base_o
     assert load_checkpoint(ckpt)["strategy"] == saved
     base = base_overrides
     for world, strategy in loads:
-        args = [*base, *ema_on, f"dist.strategy={strategy}", f"run.resume={ckpt}", f"run.dir={tmp_path / strategy}{world}"]
+        args = [*base, *ema_on, f"dist.strategy={strategy}",
+                f"run.resume={ckpt}", f"run.dir={tmp_path / strategy}{world}"]
         out = run([sys.executable, ROUNDTRIP, *args] if world == 1 else torchrun_cmd(2, *args, script=ROUNDTRIP))
         assert f"ROUNDTRIP OK {strategy} world={world} from {saved} world=2{' with EMA' if ema else ''}" in out.stdout

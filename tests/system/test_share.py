@@ -48,7 +48,8 @@ def test_the_recipe_in_the_onnx_metadata_reproduces_predict(tiny_model, tmp_path
         inter = cv2.INTER_AREA if step["interpolation"] == "area" else cv2.INTER_LINEAR
         crop = cv2.resize(crop, (step["size"], step["size"]), interpolation=inter)
     t = ((crop.astype(np.float32) / 255 - recipe["mean"][0]) / recipe["std"][0])[None, None].astype(np.float32)
-    logits = ort.InferenceSession(str(tiny_model.onnx), providers=["CPUExecutionProvider"]).run(None, {"images": t})[0][0]
+    logits = ort.InferenceSession(str(tiny_model.onnx),
+                                  providers=["CPUExecutionProvider"]).run(None, {"images": t})[0][0]
     p = np.exp(logits - logits.max())
     p /= p.sum()
     assert classes[int(p.argmax())] == face["label"] and abs(float(p.max()) - face["probability"]) < 1e-5

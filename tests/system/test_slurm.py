@@ -92,7 +92,8 @@ def test_scripts_run_on_a_fresh_checkout_with_their_own_defaults(cluster, tmp_pa
                                    *args, env=env, cwd=repo) for script in ("train", "multinode")}
     for script, jid in jobs.items():
         info = cluster.wait(jid, timeout=180, until=lambda j: j.get("Reason") == "PartitionConfig")
-        assert info.get("Reason") != "PartitionConfig", f"{script}.sbatch asks more than a 2-CPU node has (pending forever)"
+        assert info.get("Reason") != "PartitionConfig", (f"{script}.sbatch asks more than a 2-CPU node has "
+                                                         "(pending forever)")
         logs = list(repo.glob(f"slurm-*-{jid}.out"))
         assert logs, f"{script}.sbatch wrote no output file ({info['JobState']}, {info.get('Reason')})"
         assert info["JobState"] == "COMPLETED", logs[0].read_text()[-3000:]

@@ -71,7 +71,7 @@ def test_init_from_loads_weights_for_a_new_head_and_inspect_reports(tmp_path, fa
     two = tmp_path / "two"
     for cls in ("happy", "sad"):
         (two / "train" / cls).mkdir(parents=True)
-        for i, f in enumerate(sorted((tiny_data / "train/train" / cls).glob("*.jpg"))[:12]):
+        for _i, f in enumerate(sorted((tiny_data / "train/train" / cls).glob("*.jpg"))[:12]):
             (two / "train" / cls / f.name).write_bytes(f.read_bytes())
     base = without(fast_overrides, "data.root", "run.dir")
     out = run(train_cmd(*base, f"data.root={two}", "model.num_classes=2", f"model.init_from={ckpt}",
@@ -79,7 +79,8 @@ def test_init_from_loads_weights_for_a_new_head_and_inspect_reports(tmp_path, fa
     assert "init_from" in out.stdout and "shape mismatch none" in out.stdout
     assert load_checkpoint(tmp_path / "ft/checkpoints/last.pt")["class_names"] == ["happy", "sad"]
 
-    info = run([sys.executable, "-m", "emotion_dist.cli", "ckpt", "inspect", str(ckpt), *fast_overrides, "train.epochs=5"])
+    info = run([sys.executable, "-m", "emotion_dist.cli", "ckpt", "inspect",
+                str(ckpt), *fast_overrides, "train.epochs=5"])
     assert "global step     21" in info.stdout and "strategy ddp" in info.stdout
     assert "train.epochs: 1 -> 5" in info.stdout
 

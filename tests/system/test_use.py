@@ -94,7 +94,8 @@ def test_predict_finds_the_face_in_a_real_photo_and_none_in_a_cup(trained, tmp_p
     x, y, w, h = face["box"]
     assert face["file"].endswith("astronaut.png") and abs(x - 177) < 15 and abs(y - 66) < 15 and 80 < w < 110
     assert face["label"] in face["probabilities"] and abs(sum(face["probabilities"].values()) - 1) < 1e-4
-    assert result["messages"] == [f"{PHOTOS / 'coffee.png'}: no face found (use --no-detect for images that are already face crops)"]
+    assert result["messages"] == [f"{PHOTOS / 'coffee.png'}: no face found "
+                                  "(use --no-detect for images that are already face crops)"]
     annotated = Image.open(tmp_path / "ann" / "astronaut_pred.png")
     assert annotated.size == (512, 512)
 

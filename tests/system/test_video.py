@@ -124,7 +124,8 @@ def test_video_records_stable_track_csv_and_annotated_frames(tiny_model, clip, t
                                  "aligned", "detected", *classes]
     assert [row.split(",") for row in rows] == [
         [str(r["frame"]), str(r["time"]), str(r["track"]), *map(str, r["box"]), r["label"], str(r["probability"]),
-         str(r["score"]), str(int(r["aligned"])), str(int(r["detected"])), *(str(r["probabilities"][c]) for c in classes)]
+         str(r["score"]), str(int(r["aligned"])), str(int(r["detected"])),
+         *(str(r["probabilities"][c]) for c in classes)]
         for r in records]
 
 

@@ -3,7 +3,8 @@
 write_checkpoint()'s model at its random initialisation gives nearly the same logits for every
 input (BatchNorm's running statistics are still 0 and 1), which would let an agreement figure, a
 class-activation map or "same answer as the .pt" pass for any model. Here the BatchNorm statistics
-are measured on smooth random pictures (normalised as training does) and the head is rescaled so the logits spread by about 2:
+are measured on smooth random pictures (normalised as training does) and the head is rescaled so
+the logits spread by about 2:
 still untrained, but every input gets its own answer. For an ONNX export pass a small `spread`
 (0.01): on the parity check's noise inputs such an untrained net amplifies float rounding, and its
 1e-4 bound holds only when the logits are that small.
@@ -27,7 +28,8 @@ def lively_checkpoint(path: Path, *, in_channels: int = 1, image_size: int = 64,
             m.momentum = None  # a plain average over the batches below
     g = torch.Generator().manual_seed(seed)
     shape = (16, in_channels, image_size, image_size)
-    pictures = [(torch.nn.functional.avg_pool2d(torch.rand(shape, generator=g), 5, 1, 2) - 0.45) / 0.23 for _ in range(4)]
+    pictures = [(torch.nn.functional.avg_pool2d(torch.rand(shape, generator=g), 5, 1, 2) - 0.45) / 0.23
+                for _ in range(4)]
     model.train()
     with torch.no_grad():
         for x in pictures:

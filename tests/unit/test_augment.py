@@ -52,7 +52,8 @@ def test_augmentation_warmup_starts_clean_and_reaches_the_full_transform(ds):
     assert not torch.equal(half, full.train(x, idx, 1)) and not torch.equal(half, full.eval(x))
     p = augment_params(torch.arange(20000), 0, 1, 0.5)
     assert abs(p["flip"].float().mean().item() - 0.25) < 0.02
-    assert p["angle"].abs().max() <= 7.5 and p["crop"].min() >= 0.9 - 1e-6 and (p["brightness"] - 1).abs().max() <= 0.1 + 1e-6
+    assert (p["angle"].abs().max() <= 7.5 and p["crop"].min() >= 0.9 - 1e-6
+            and (p["brightness"] - 1).abs().max() <= 0.1 + 1e-6)
     # the classic pipeline warms up alike: strength 0 is its evaluation transform
     clean, plain = (ClassicDataset(ds.train, channels=1, size=64, train=True, seed=0, strength=0.0),
                     ClassicDataset(ds.train, channels=1, size=64, train=False, seed=0))

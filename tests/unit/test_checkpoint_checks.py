@@ -41,7 +41,8 @@ CASES = {
     'normalization {"mean": "x"}': (lambda: {"normalization": {"mean": "x"}}, "normalization={'mean': 'x'} is not"),
     "std [0.0]": (lambda: {"normalization": {"mean": [0.449], "std": [0.0]}},
                   "normalization.std=[0.0] holds a value <= 0"),
-    "image_size 100000": (lambda: {"image_size": 100000, "data_size": 48}, "image_size=100000 is not a model input size"),
+    "image_size 100000": (lambda: {"image_size": 100000, "data_size": 48},
+                          "image_size=100000 is not a model input size"),
     "image_size 0": (lambda: {"image_size": 0, "data_size": 48}, "image_size=0 is not a model input size"),
     'image_size "64"': (lambda: {"image_size": "64", "data_size": 48}, "image_size='64' is a str, not a whole number"),
     "8 class names on a 7-way head": (lambda: {"class_names": [*"abcdefgh"]},
@@ -50,14 +51,17 @@ CASES = {
     "in_channels 3 on 1-channel weights": (lambda: {"in_channels": 3, "model_state_dict": gray_weights()},
                                            "in_channels=3 but model_state_dict's first convolution takes 1 "
                                            "channel(s) (backbone.0.conv.weight (16, 1, 3, 3)); set in_channels=1"),
-    "one wrong tensor shape": (lambda: {"model_state_dict": {**gray_weights(), "backbone.3.conv.weight": torch.zeros(2, 2)}},
+    "one wrong tensor shape": (lambda: {"model_state_dict": {**gray_weights(),
+                                                             "backbone.3.conv.weight": torch.zeros(2, 2)}},
                                "backbone.3.conv.weight is (2, 2) where the model has (128, 64, 3, 3)"),
     "one missing key": (lambda: {"model_state_dict": {k: v for k, v in gray_weights().items()
                                                       if k != "classify.linear.bias"}},
-                        "model_state_dict does not fit EmotionNet(in_channels=1, 7 classes): missing classify.linear.bias"),
+                        "model_state_dict does not fit EmotionNet(in_channels=1, 7 classes): "
+                        "missing classify.linear.bias"),
     "NaN weights": (lambda: {"model_state_dict": nan_weights()}, "non-finite weights: NaN in backbone.0.conv.weight"),
     "config 5": (lambda: {"config": 5}, "config is an int (5), not the training run's settings"),
-    "inf weights": (lambda: {"model_state_dict": {**gray_weights(), "classify.linear.bias": torch.full((7,), math.inf)}},
+    "inf weights": (lambda: {"model_state_dict": {**gray_weights(),
+                                                  "classify.linear.bias": torch.full((7,), math.inf)}},
                     "non-finite weights: inf in classify.linear.bias"),
 }
 
@@ -200,7 +204,8 @@ def test_the_export_reports_its_parity_figures(onnx_export, unit_checkpoint, tmp
     assert cli.main(["export", "--checkpoint", str(unit_checkpoint), "--format", "onnx", "--out", str(out)]) == 0
     lines = capfd.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[1] == f"exported {out} (+ m.json)"
-    assert lines[0].startswith("ONNX parity on 6 in-range images: max |diff| ") and "predicted class agrees on" in lines[0]
+    assert (lines[0].startswith("ONNX parity on 6 in-range images: max |diff| ")
+            and "predicted class agrees on" in lines[0])
 
 
 def test_the_sidecar_checks_import_no_torch():

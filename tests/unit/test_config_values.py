@@ -8,7 +8,8 @@ from emotion_dist.config import ConfigError, load_config
 
 
 def test_yaml_plus_dotted_overrides():
-    cfg, given = load_config(str(ROOT / "configs/default.yaml"), ["train.epochs=3", "data.image_size=96", "train.lr=1e-3"])
+    cfg, given = load_config(str(ROOT / "configs/default.yaml"),
+                             ["train.epochs=3", "data.image_size=96", "train.lr=1e-3"])
     assert cfg.train.epochs == 3 and cfg.data.image_size == 96 and cfg.train.lr == 1e-3
     assert {"train.epochs", "data.image_size"} <= given
 

@@ -43,17 +43,20 @@ def _write_tree(root: Path, classes=("a", "b"), n=4):
 @pytest.mark.parametrize("layout", ["kaggle", "plain-test", "plain-val"])
 def test_folder_layouts(tmp_path, layout):
     if layout == "kaggle":
-        _write_tree(tmp_path / "train" / "train"); _write_tree(tmp_path / "test" / "test")
+        _write_tree(tmp_path / "train" / "train")
+        _write_tree(tmp_path / "test" / "test")
         expect = (tmp_path / "train/train", tmp_path / "test/test")
     else:
         other = "test" if layout == "plain-test" else "val"
-        _write_tree(tmp_path / "train"); _write_tree(tmp_path / other)
+        _write_tree(tmp_path / "train")
+        _write_tree(tmp_path / other)
         expect = (tmp_path / "train", tmp_path / other)
     assert find_splits(tmp_path) == expect
 
 
 def test_class_sets_must_match_and_classes_must_not_be_empty(tmp_path):
-    _write_tree(tmp_path / "train", ("a", "b")); _write_tree(tmp_path / "test", ("a", "c"))
+    _write_tree(tmp_path / "train", ("a", "b"))
+    _write_tree(tmp_path / "test", ("a", "c"))
     classes, _, _ = scan(tmp_path / "train")
     with pytest.raises(ConfigError, match="differ from the training classes"):
         scan(tmp_path / "test", classes)

@@ -27,7 +27,8 @@ def _load(tmp_path, root, *extra, check_classes=True):
     ([], "Training or PublicTest"),  # the header alone
 ])
 def test_fer_csv_without_training_or_publictest_rows_is_refused_before_training(tmp_path, usages, missing):
-    csv = write_fer(tmp_path / "data" / "fer2013.csv", [(str(i % 7), _face(i), u) for i, u in enumerate(usages)], FER_HEADER)
+    csv = write_fer(tmp_path / "data" / "fer2013.csv",
+                    [(str(i % 7), _face(i), u) for i, u in enumerate(usages)], FER_HEADER)
     with pytest.raises(DataError) as e:
         _load(tmp_path, csv, "model.num_classes=7")
     msg = str(e.value)

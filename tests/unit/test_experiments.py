@@ -225,7 +225,8 @@ def test_a_data_tree_is_never_a_run_dir(tmp_path):
     d = tmp_path / "my-fer"
     (d / "train" / "happy").mkdir(parents=True)
     (d / "notes.txt").write_text("")
-    with pytest.raises(ConfigError, match=r"not an emotion-dist run directory and holds folders of its own \(.*my-fer/train/\)"):
+    with pytest.raises(ConfigError,
+                       match=r"not an emotion-dist run directory and holds folders of its own \(.*my-fer/train/\)"):
         check_run_dir(d)
 
 

@@ -47,14 +47,16 @@ def place(tmp_path, unit_checkpoint):
     (tmp_path / "clip.mp4").write_bytes(b"not really a video")
     (tmp_path / "link").symlink_to(data / "train")
     write_checkpoint(tmp_path / "ckpt/trained.pt", config={"data": {"root": str(data)}})
-    return {"T": str(tmp_path), "D": str(data), "CK": str(unit_checkpoint), "TRAINED": str(tmp_path / "ckpt/trained.pt")}
+    return {"T": str(tmp_path), "D": str(data), "CK": str(unit_checkpoint),
+            "TRAINED": str(tmp_path / "ckpt/trained.pt")}
 
 
 # (case, argv with {T} tmp_path / {D} data.root / {CK} a checkpoint, the output as named, the data as named)
 REFUSED = [
     ("run.dir inside data.root", ["train", "data.source=folder", "data.root={D}", "run.dir={D}/train/train/happy/run"],
      "run.dir={D}/train/train/happy/run", "data.root={D}"),
-    ("run.dir is data.root", ["train", "data.source=folder", "data.root={D}", "run.dir={D}"], "run.dir={D}", "data.root={D}"),
+    ("run.dir is data.root", ["train", "data.source=folder", "data.root={D}", "run.dir={D}"],
+     "run.dir={D}", "data.root={D}"),
     ("run.dir contains data.root", ["train", "data.source=folder", "data.root={D}", "run.dir={T}"], "run.dir={T}",
      "data.root={D}"),
     ("run.dir through a symlink", ["train", "data.source=folder", "data.root={D}", "run.dir={T}/link/run"],
@@ -64,7 +66,8 @@ REFUSED = [
     ("run.cache_dir is data.root", ["train", "data.source=folder", "data.root={D}", "run.cache_dir={D}"],
      "run.cache_dir={D}", "data.root={D}"),
     ("run.cache_dir inside data.root", ["train", "data.source=folder", "data.root={D}",
-                                        "run.cache_dir={D}/train/train"], "run.cache_dir={D}/train/train", "data.root={D}"),
+                                        "run.cache_dir={D}/train/train"],
+     "run.cache_dir={D}/train/train", "data.root={D}"),
     ("run.cache_dir via data cache", ["data", "cache", "data.source=folder", "data.root={D}", "run.cache_dir={D}/c"],
      "run.cache_dir={D}/c", "data.root={D}"),
     ("run.dir inside the CSV's own folder", ["train", "data.source=fer2013_csv", "data.root={T}/fer/fer2013.csv",
@@ -76,7 +79,8 @@ REFUSED = [
      "data.ferplus={T}/fer/fer2013new.csv"),
     ("train --json-out", ["train", "data.source=folder", "data.root={D}", "run.dir={T}/run", "--json-out",
                           "{D}/r.json"], "--json-out {D}/r.json", "data.root={D}"),
-    ("data synthetic --json-out inside --out", ["data", "synthetic", "--out", "{T}/syn", "--json-out", "{T}/syn/r.json"],
+    ("data synthetic --json-out inside --out",
+     ["data", "synthetic", "--out", "{T}/syn", "--json-out", "{T}/syn/r.json"],
      "--json-out {T}/syn/r.json", "--out {T}/syn"),
     ("evaluate --json-out", ["evaluate", "--checkpoint", "{CK}", "data.source=folder", "data.root={D}",
                              "run.cache_dir={T}/c", "--json-out", "{D}/train/r.json"], "--json-out {D}/train/r.json",

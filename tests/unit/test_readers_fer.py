@@ -115,7 +115,7 @@ EXPECT_TRAIN = {
 EXPECT_TRAIN["probability"] = EXPECT_TRAIN["crossentropy"]
 
 
-def write_ferplus(path, rows=PLUS, header=",".join(FERPLUS_HEADER)):
+def write_ferplus(path, rows=PLUS, header=",".join(FERPLUS_HEADER)):  # noqa: B008  (a str of a constant, built once)
     lines = [header]
     for usage, name, v in rows:
         lines.append(f"{usage},{name}," + (",".join(map(str, v)) if v is not None else "4,x,0,0,0,0,0,0,0,0"))
@@ -246,7 +246,8 @@ def test_audit_finds_planted_duplicates_and_drop_removes_them():
 
 def test_near_duplicate_thresholds_are_what_the_report_states():
     img = blocky(1, 3)
-    h, unit = A.fingerprints(np.concatenate([img, np.clip(img.astype(int) + 12, 0, 255).astype(np.uint8), img[..., ::-1]]))
+    h, unit = A.fingerprints(np.concatenate([img, np.clip(img.astype(int) + 12, 0, 255).astype(np.uint8),
+                                             img[..., ::-1]]))
     assert int(np.bitwise_count(h[0] ^ h[1])) <= A.NEAR_MAX_HAMMING and float(unit[0] @ unit[1]) >= A.NEAR_MIN_CORR
     assert int(np.bitwise_count(h[0] ^ h[2])) > A.NEAR_MAX_HAMMING  # a mirrored face is another image
 
@@ -368,14 +369,17 @@ def _run(tmp_path, name, seed, acc, f1, count=3589):
     (d / "config.yaml").write_text(f"train:\n  seed: {seed}\n")
     (d / "metrics.jsonl").write_text(
         json.dumps({"type": "epoch", "epoch": 1, "val_accuracy": 0.1}) + "\n"
-        + json.dumps({"type": "test", "checkpoint": "best.pt", "loss": 1.0, "accuracy": 0.1, "macro_f1": 0.1, "count": count}) + "\n"
+        + json.dumps({"type": "test", "checkpoint": "best.pt", "loss": 1.0, "accuracy": 0.1,
+                      "macro_f1": 0.1, "count": count}) + "\n"
         + '{"type": "te' + "\n"  # a line torn by a crash
-        + json.dumps({"type": "test", "checkpoint": "best.pt", "loss": 1.0, "accuracy": acc, "macro_f1": f1, "count": count}) + "\n")
+        + json.dumps({"type": "test", "checkpoint": "best.pt", "loss": 1.0, "accuracy": acc,
+                      "macro_f1": f1, "count": count}) + "\n")
     return d
 
 
 def test_seed_summary_mean_and_std(tmp_path, capsys):
-    runs = [_run(tmp_path, f"seed{i}", i, acc, f1) for i, (acc, f1) in enumerate([(0.70, 0.60), (0.72, 0.65), (0.71, 0.61)])]
+    runs = [_run(tmp_path, f"seed{i}", i, acc, f1)
+            for i, (acc, f1) in enumerate([(0.70, 0.60), (0.72, 0.65), (0.71, 0.61)])]
     report = tmp_path / "eval.json"
     report.write_text(json.dumps({"split": "test", "tta": "none", "accuracy": 0.73, "macro_f1": 0.66, "count": 3589}))
     assert cli_main(["summarize", *map(str, runs), str(report), "--json"]) == 0
@@ -403,7 +407,8 @@ def test_seed_summary_mean_and_std(tmp_path, capsys):
 # ---------------------------------------------------------------- config keys
 def test_config_keys_for_the_fer_protocol():
     cfg, _ = load_config(None, [])
-    assert (cfg.data.ferplus, cfg.data.label_mode, cfg.data.dedupe, cfg.train.sampler) == (None, "majority", "warn", "uniform")
+    assert (cfg.data.ferplus, cfg.data.label_mode,
+            cfg.data.dedupe, cfg.train.sampler) == (None, "majority", "warn", "uniform")
     cfg, _ = load_config(None, ["data.source=fer2013_csv", "data.root=x.csv", "data.ferplus=y.csv",
                                 "data.label_mode=crossentropy", "data.dedupe=off", "train.sampler=balanced"])
     assert (cfg.data.dedupe, cfg.train.sampler) == ("off", "balanced")

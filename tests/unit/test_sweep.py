@@ -42,7 +42,8 @@ def test_the_grid_becomes_numbered_points_each_with_its_run_dir(tmp_path, monkey
 
 @pytest.mark.parametrize("spec, message", [
     ({"grid": {"train.lr": 0.1}}, "`grid` must map config keys to non-empty lists"),
-    ({"grid": {"train.lrr": [0.1]}}, "sweep point 0 (train.lrr=0.1): unknown config key 'train.lrr'; did you mean train.lr"),
+    ({"grid": {"train.lrr": [0.1]}},
+     "sweep point 0 (train.lrr=0.1): unknown config key 'train.lrr'; did you mean train.lr"),
     ({"seeds": [0, 0]}, "lists a seed twice"),
     ({"grdi": {}}, "unknown key 'grdi'"),
     ({"grid": {"train.seed": [1, 2]}}, "put the seeds under `seeds:`"),

@@ -21,7 +21,8 @@ def test_lr_schedule_is_warmup_then_cosine_in_epochs():
     assert lr_factor(0.0, 0, 10) == 1.0  # no warmup
     xs = [lr_factor(p / 10, 1, 5) for p in range(51)]
     peak = xs.index(max(xs))
-    assert all(a <= b for a, b in zip(xs[:peak], xs[1:peak + 1])) and all(a >= b for a, b in zip(xs[peak:], xs[peak + 1:]))
+    assert (all(a <= b for a, b in zip(xs[:peak], xs[1:peak + 1]))
+            and all(a >= b for a, b in zip(xs[peak:], xs[peak + 1:])))
 
 
 def test_progress_lr_sets_every_group_and_keeps_base_lrs_over_a_resume():

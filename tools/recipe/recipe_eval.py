@@ -115,7 +115,8 @@ def probe_best(run_dir: Path, args, env: dict) -> dict:
     prior = [c / sum(FER_COUNTS) for c in FER_COUNTS]
     out = {}
     for tta in (False, True):
-        r = evaluate(run_dir, "probe", tta, env, f"data.root={data}", f"run.cache_dir={Path(args.work) / 'probe-cache'}")
+        r = evaluate(run_dir, "probe", tta, env, f"data.root={data}",
+                     f"run.cache_dir={Path(args.work) / 'probe-cache'}")
         assert list(r["per_class"]) == CLASSES
         w = reweighted(r["confusion_matrix"], prior)
         key = "probe_tta_" if tta else "probe_"
@@ -145,10 +146,12 @@ def run_one(label: str, set_name: str, args, overrides: list[str]) -> dict:
     (Path(args.work) / label).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(args.work) / label / f"{set_name}.log", proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise SystemExit(f"error: {label} on {set_name} exited {proc.returncode}; see {args.work}/{label}/{set_name}.log")
+        raise SystemExit(f"error: {label} on {set_name} exited {proc.returncode}; "
+                         f"see {args.work}/{label}/{set_name}.log")
     row = {"label": label, "what": args.what, "set": set_name, "role": BY_NAME[set_name].role, **read_metrics(run_dir),
            "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "load1_start": before_load, "load1_end": after_load,
-           "threads": args.threads or "unset", "overrides": overrides, "commit": git_commit(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "threads": args.threads or "unset", "overrides": overrides,
+           "commit": git_commit(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
            "command": shlex.join(cmd)}
     if not args.no_extras:
         row.update(evaluate_best(run_dir, env))
@@ -184,7 +187,8 @@ def table(results: Path) -> str:
     out = ["| recipe | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
     for label, cells in by_label.items():
         out.append(f"| {label} | " + " | ".join(
-            f"{c['accuracy']:.4f} / {c['macro_f1']:.4f} ({c['wall_s']:.0f} s, {c['cpu_s']:.0f} cpu-s, load {c['load1_start']:.1f})"
+            f"{c['accuracy']:.4f} / {c['macro_f1']:.4f} ({c['wall_s']:.0f} s, "
+            f"{c['cpu_s']:.0f} cpu-s, load {c['load1_start']:.1f})"
             if (c := cells.get(s)) else "" for s in sets) + " |")
     return "\n".join(out)
 
@@ -200,7 +204,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/recipe/runs")
     p.add_argument("--results", default=str(Path(__file__).with_name("runs.jsonl")))
     p.add_argument("--keep", action="store_true", help="keep checkpoints and the decode cache")
-    p.add_argument("--no-extras", action="store_true", help="skip the evaluate passes after training (flip TTA, probe set)")
+    p.add_argument("--no-extras", action="store_true",
+                   help="skip the evaluate passes after training (flip TTA, probe set)")
     p.add_argument("--table", action="store_true", help="print the results as a markdown table and exit")
     p.add_argument("--probe", metavar="CHECKPOINT", help="print the probe figures of a kept best.pt and exit")
     args, overrides = p.parse_known_args(argv)

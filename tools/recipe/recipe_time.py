@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
 
     from emotion_dist.data.augment import BatchTransform
-    from emotion_dist.model import build_model
     from emotion_dist.data.readers.synthetic import draw_face
+    from emotion_dist.model import build_model
 
     torch.manual_seed(0)
     model = build_model(1, 7, args.image_size).to(memory_format=torch.channels_last)
@@ -63,8 +63,8 @@ def main(argv=None) -> int:
         idx = torch.arange(b)
 
         def step():
-            x = transform.train(x_u8, idx, 0).contiguous(memory_format=torch.channels_last)
-            F.cross_entropy(model(x), y, label_smoothing=0.1).backward()
+            x = transform.train(x_u8, idx, 0).contiguous(memory_format=torch.channels_last)  # noqa: B023
+            F.cross_entropy(model(x), y, label_smoothing=0.1).backward()  # noqa: B023
             opt.step()
             opt.zero_grad(set_to_none=True)
 

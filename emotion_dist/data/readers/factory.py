@@ -15,13 +15,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from emotion_dist.data.readers import fer, folder, synthetic  # noqa: F401  (each registers its reader)
+from emotion_dist.data.readers.base import READERS, Reader
 from emotion_dist.errors import DataError
 
 log = logging.getLogger("emotion_dist")
-
-
-from emotion_dist.data.readers import fer, folder, synthetic  # noqa: F401  (each registers its reader)
-from emotion_dist.data.readers.base import READERS, Reader
 
 
 def resolve_source(cfg) -> str:

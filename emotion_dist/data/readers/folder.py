@@ -11,13 +11,11 @@ from typing import Optional
 import numpy as np
 
 from emotion_dist.data.images import IMAGE_EXTS, printable
+from emotion_dist.data.readers.base import RawData, RawSplit, Reader, register
 from emotion_dist.distributed import interrupts
 from emotion_dist.errors import DataError
 
 log = logging.getLogger("emotion_dist")
-
-
-from emotion_dist.data.readers.base import RawData, RawSplit, Reader, register
 
 
 # ------------------------------------------------------------------------------------ folders
