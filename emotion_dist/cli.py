@@ -46,7 +46,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                         "(all keys: emotion-dist config keys)")
 
 
-def _sub(sub, name: str, help: str, description: str | None = None, epilog: str | None = None, **kw):
+def _sub(sub, name: str, help: str, *, description: str | None = None, epilog: str | None = None, **kw):
     return sub.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".",
                           epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
 
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from emotion_dist.utils.output import MARKER, check_json_out, emit, human
+    from emotion_dist.utils.output import MARKER, check_json_out, emit, text_stream
 
     if args.command == "train":
         from emotion_dist.commands.train import run_training
@@ -476,7 +476,7 @@ def _run(args) -> int:
         check_json_out(args, data=[("--out", args.out)])  # never a file inside the set it writes
         interrupts.install()  # a stop signal mid-generation removes the temp folder and exits 0
         out = generate(args.out, args.train, args.test, args.seed)
-        print(f"synthetic dataset ready: {out}", file=human(args))
+        print(f"synthetic dataset ready: {out}", file=text_stream(args))
         emit(args, {MARKER: "data synthetic", "root": str(out), "train": args.train, "test": args.test,
                     "seed": args.seed})
         return 0
@@ -544,14 +544,14 @@ def train_in_process(config, overrides: list[str], out: argparse.Namespace) -> i
 
 def _config_keys(args) -> int:
     from emotion_dist.config import describe_keys, format_default, keys_markdown
-    from emotion_dist.utils.output import MARKER, check_json_out, emit, human
+    from emotion_dist.utils.output import MARKER, check_json_out, emit, text_stream
 
     check_json_out(args)  # never over a JSON file emotion-dist cannot prove it wrote
     rows = [k for k in describe_keys() if k.key.startswith(args.prefix)]
     if not rows:
         return _fail(f"no config key starts with {args.prefix!r}; the sections are data, model, train, dist, run, "
                      f"ckpt, log")
-    out = human(args)
+    out = text_stream(args)
     if args.json:  # stdout holds the document; the table would only repeat it on stderr
         pass
     elif args.markdown:

@@ -321,3 +321,19 @@ def load_model(path: str | Path) -> tuple[EmotionNet, dict]:
     state = load_checkpoint(path)
     model = model_from_state(state, path)
     return model, model_meta(read_meta(state, path))
+
+
+def recorded_data(checkpoint: str | os.PathLike) -> list[tuple[str, Path]]:
+    """The data the checkpoint was trained on, as its config records it (data.root, data.ferplus):
+    the one data root an export or the demo knows, which their outputs must stay out of. Only
+    absolute paths: a relative one was relative to a working folder nobody recorded. A file that
+    cannot be read gives no data here (loading it for the command says why, in one line)."""
+    from emotion_dist.errors import UserError
+    from emotion_dist.utils.paths import data_paths
+
+    try:
+        data = load_checkpoint(checkpoint).get("config", {}).get("data", {})
+        found = data_paths(data.get("root"), data.get("ferplus")) if isinstance(data, dict) else []
+    except (UserError, AttributeError, TypeError):
+        return []
+    return [(key, path) for key, path in found if path.is_absolute()]

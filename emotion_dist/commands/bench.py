@@ -154,7 +154,7 @@ def run_bench(args) -> int:
     from emotion_dist.distributed import process_group
     from emotion_dist.errors import ConfigError
     from emotion_dist.training.strategy import check_world_size
-    from emotion_dist.utils.output import check_json_out, emit, human, stdout_to_stderr
+    from emotion_dist.utils.output import check_json_out, emit, stdout_to_stderr, text_stream
     from emotion_dist.utils.paths import check_outside_data, data_paths
 
     check_json_out(args)
@@ -175,7 +175,7 @@ def run_bench(args) -> int:
         with stdout_to_stderr(args.json):  # ultralytics' logger and C code too: stdout holds the JSON alone
             summary = _bench(cfg, env, args, workdir)
         if env.is_main:
-            print_report(summary, human(args))
+            print_report(summary, text_stream(args))
             emit(args, summary)
         ok = True
         return 0

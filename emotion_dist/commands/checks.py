@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from emotion_dist import __version__
-from emotion_dist.utils.output import MARKER, emit, human
+from emotion_dist.utils.output import MARKER, emit, text_stream
 
 # distribution names (what pip knows them as), in the order the report lists them
 PACKAGES = ("torch", "torchvision", "ultralytics", "numpy", "opencv-python", "onnx", "onnxruntime", "safetensors",
@@ -165,6 +165,6 @@ def run_checks(args) -> int:
     cfg, _ = load_config(args.config, args.overrides)
     report = gather(cfg)
     report["problems"] = problems(cfg, report)
-    human(args).write(format_report(report))
+    text_stream(args).write(format_report(report))
     emit(args, {MARKER: "checks", **report})
     return 2 if report["problems"] else 0

@@ -11,7 +11,7 @@ import sys
 from emotion_dist.config import apply_overrides, config_diff, config_from_dict, load_config, validate
 from emotion_dist.errors import EXIT_USAGE
 from emotion_dist.modelio import checkpoint_findings, load_checkpoint, read_meta
-from emotion_dist.utils.output import MARKER, check_json_out, emit, human
+from emotion_dist.utils.output import MARKER, check_json_out, emit, text_stream
 
 
 def describe(path: str, config_path: str | None, overrides: list[str], state: dict | None = None) -> dict:
@@ -97,6 +97,6 @@ def inspect(args) -> int:
         emit(args, {MARKER: "ckpt inspect", "checkpoint": str(args.path), "problems": problems})
         return EXIT_USAGE
     d = describe(args.path, args.config, args.overrides, state=state)
-    print_description(d, human(args))
+    print_description(d, text_stream(args))
     emit(args, d)
     return 0

@@ -13,6 +13,8 @@ import socket
 import sys
 
 from emotion_dist.errors import ConfigError
+from emotion_dist.utils import filekind
+from emotion_dist.utils.paths import check_outside_data
 
 LOOPBACK_HINT = "only this machine can reach it; --host 0.0.0.0 serves it to the network"
 
@@ -49,6 +51,10 @@ def run_demo(args) -> int:
 
     from emotion_dist.inference.demo.app import create_app
 
+    if args.save and filekind.kind(args.checkpoint) == filekind.TORCH:  # the data it was trained on, if recorded
+        from emotion_dist.modelio import recorded_data  # torch: only for a .pt
+
+        check_outside_data(args.save, recorded_data(args.checkpoint), option="--save")
     app = create_app(args.checkpoint, max_upload_mb=args.max_upload_mb, save_dir=args.save)  # bad model: one line
     sock = bind(args.host, args.port)
     port = sock.getsockname()[1]

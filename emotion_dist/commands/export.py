@@ -17,7 +17,7 @@ import torch
 from emotion_dist.distributed import interrupts
 from emotion_dist.errors import CheckpointError, ConfigError
 from emotion_dist.model import EmotionNet
-from emotion_dist.modelio import load_model
+from emotion_dist.modelio import load_model, recorded_data
 from emotion_dist.utils.fsutil import atomic_write_bytes, guard_output
 
 # The ONNX graph must give PyTorch's logits to within PARITY_RTOL of their magnitude (at least 1):
@@ -43,23 +43,6 @@ def is_our_export(path: Path) -> bool:
         return False
 
 
-def trained_on(checkpoint: str) -> list:
-    """The data the checkpoint was trained on, as its config records it (data.root, data.ferplus):
-    the one data root export knows. Only absolute paths: a relative one was relative to a working
-    folder nobody recorded. Read with the checkpoint loader (weights_only); a file it cannot read
-    gives no data here (loading it for the export says why, in one line)."""
-    from emotion_dist.errors import UserError
-    from emotion_dist.modelio import load_checkpoint
-    from emotion_dist.utils.paths import data_paths
-
-    try:
-        data = load_checkpoint(checkpoint).get("config", {}).get("data", {})
-        found = data_paths(data.get("root"), data.get("ferplus")) if isinstance(data, dict) else []
-    except (UserError, AttributeError, TypeError):
-        return []
-    return [(key, path) for key, path in found if path.is_absolute()]
-
-
 def output_path(checkpoint: str, fmt: str, out: str | None) -> Path:
     """Where the export goes, checked before any work: never the checkpoint, never inside the data
     it was trained on, never a file of another kind or one emotion-dist did not write; a folder
@@ -68,7 +51,7 @@ def output_path(checkpoint: str, fmt: str, out: str | None) -> Path:
     path = Path(out) if out else Path(checkpoint).with_suffix(suffix)
     if path.is_dir() or (out and out.endswith(("/", "\\"))):
         path = path / Path(checkpoint).with_suffix(suffix).name
-    data = trained_on(checkpoint)
+    data = recorded_data(checkpoint)
     guard_output(path, what=f"the {fmt} export", suffixes=(suffix,), inputs=[Path(checkpoint)], ours=is_our_export,
                  data=data)
     guard_output(path.with_suffix(".json"), what="the sidecar", suffixes=(".json",), inputs=[Path(checkpoint)],

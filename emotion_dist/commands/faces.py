@@ -39,7 +39,8 @@ from emotion_dist.utils.fsutil import (
     remove_stale_temps,
     with_proof,
 )
-from emotion_dist.utils.output import MARKER, check_json_out, emit, human
+from emotion_dist.utils.output import MARKER, check_json_out, emit, text_stream
+from emotion_dist.utils.paths import check_outside_data
 
 REPORT = "faces_report.json"
 JOURNAL = ".faces_journal.jsonl"
@@ -67,16 +68,6 @@ class Result:
     crops: list[str] = field(default_factory=list)  # names written, relative to --out
     faces: int = 0  # faces found (at least --min-size)
     error: Optional[str] = None
-
-
-def check_out_path(raw: Path, out: Path) -> None:
-    # shared output-path rule: --out is never RAW, inside RAW, or a folder that holds RAW
-    r, o = raw.resolve(), out.resolve()
-    if o == r or r in o.parents:
-        raise ConfigError(f"--out {printable(out)} is inside --from {printable(raw)}; data faces never writes into "
-                          f"the photos' folder: choose an --out outside it")
-    if o in r.parents:
-        raise ConfigError(f"--out {printable(out)} holds --from {printable(raw)}; choose an --out folder beside it")
 
 
 def list_photos(raw: Path) -> list[Photo]:
@@ -175,7 +166,7 @@ class Worker:
 
 def run_data_faces(args) -> int:
     raw, out = Path(args.raw), Path(args.out)
-    check_out_path(raw, out)
+    check_outside_data(out, [("--from", raw)], option="--out", fix="choose an --out folder outside --from")
     photos = list_photos(raw)
     check_out_is_ours(out)
     check_json_out(args, [out / REPORT])
@@ -195,7 +186,7 @@ def run_data_faces(args) -> int:
     workers = args.workers or min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
     worker = Worker(out=out, detector=args.detector, geometry=geometry, size=args.size, min_size=args.min_size,
                     multi=args.multi)
-    stream = human(args)
+    stream = text_stream(args)
     print(f"data faces: {len(photos)} photos in {printable(raw)}, {len(photos) - len(todo)} done before; "
           f"{workers} worker(s), {args.detector}, crops {args.size}px at {geometry.spec()}", file=stream, flush=True)
     interrupts.install()

@@ -26,7 +26,7 @@ from pathlib import Path
 from emotion_dist.commands.sweep import Sweep, load_sweep, record
 from emotion_dist.config import format_default
 from emotion_dist.errors import ConfigError
-from emotion_dist.utils.output import MARKER, emit, human
+from emotion_dist.utils.output import MARKER, emit, text_stream
 
 JOURNAL = "optuna.log"
 
@@ -96,7 +96,7 @@ class Search:
             pruner=self.optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
         self.lock = threading.Lock()
         self.children: list[subprocess.Popen] = []
-        self.out = human(args)
+        self.out = text_stream(args)
 
     def objective(self, trial) -> float:
         if self.interrupts.requested():  # a worker thread taking a trial after the stop: none started
@@ -213,7 +213,7 @@ def run_search(args) -> int:
                                        f"{' '.join(f'{k}={v}' for k, v in best['params'].items())} in {best['run_dir']}"
                                        if best else "no trial completed yet")
           + (f"; stopped by {result['stopped']}: the same command carries on" if result["stopped"] else ""),
-          file=human(args), flush=True)
+          file=text_stream(args), flush=True)
     emit(args, {MARKER: "sweep", "name": sweep.name, "folder": str(sweep.folder), "search": "optuna", **result})
     from emotion_dist.distributed import interrupts
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from emotion_dist.errors import ConfigError
-from emotion_dist.utils.output import MARKER, check_json_out, emit, human
+from emotion_dist.utils.output import MARKER, check_json_out, emit, text_stream
 
 METRICS = ("accuracy", "macro_f1")
 
@@ -236,11 +236,11 @@ def run_summarize(args) -> int:
         if s["points"]:
             s["plot"] = str(Path(args.runs[0]) / "summary.png")
             plot_sweep(s, Path(s["plot"]))
-        print_sweep(s, human(args))
+        print_sweep(s, text_stream(args))
         emit(args, {MARKER: "summarize", **s})
         return 0
     s = summarize_runs(args.runs)
-    print_summary(s, human(args))
+    print_summary(s, text_stream(args))
     for w in s["warnings"]:
         print(f"warning: {w}", file=sys.stderr, flush=True)
     emit(args, {MARKER: "summarize", **s})

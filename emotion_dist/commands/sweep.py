@@ -40,7 +40,7 @@ import yaml
 from emotion_dist.config import config_paths, format_default, load_config
 from emotion_dist.errors import ConfigError
 from emotion_dist.utils.fsutil import atomic_write_json
-from emotion_dist.utils.output import MARKER, emit, human
+from emotion_dist.utils.output import MARKER, emit, text_stream
 
 SWEEP_FILE = "sweep.json"
 KEYS = ("name", "config", "base", "grid", "seeds", "search")
@@ -217,7 +217,7 @@ def run_local(sweep: Sweep, args) -> dict:
     interrupts.install()
     todo = [p for p in sweep.points if not point_done(sweep, p)]
     skipped = len(sweep.points) - len(todo)
-    out = human(args)
+    out = text_stream(args)
     print(f"sweep {sweep.name}: {len(sweep.points)} points in {sweep.folder} ({skipped} finished, {len(todo)} to run, "
           f"{args.parallel} at a time)", file=out, flush=True)
     running: dict[int, tuple[subprocess.Popen, Point, Any]] = {}
@@ -274,7 +274,7 @@ def run_sweep(args) -> int:
     sweep = load_sweep(args.file, args.out)
     if args.list:
         for p in sweep.points:
-            print(f"{p.index}\t{p.run_dir}\t{' '.join([*p.overrides, f'train.seed={p.seed}'])}", file=human(args))
+            print(f"{p.index}\t{p.run_dir}\t{' '.join([*p.overrides, f'train.seed={p.seed}'])}", file=text_stream(args))
         emit(args, {MARKER: "sweep", "name": sweep.name, "folder": str(sweep.folder),
                     "points": [point_doc(p) for p in sweep.points]})
         return 0
@@ -290,7 +290,7 @@ def run_sweep(args) -> int:
     print(f"sweep {sweep.name}: {result['ran']} ran, {result['skipped']} already finished"
           f"{', failed: points ' + ', '.join(map(str, result['failed'])) if result['failed'] else ''}"
           f"{'; stopped by ' + result['stopped'] + ': the same command carries on' if result['stopped'] else ''}; "
-          f"emotion-dist summarize {sweep.folder}", file=human(args), flush=True)
+          f"emotion-dist summarize {sweep.folder}", file=text_stream(args), flush=True)
     emit(args, {MARKER: "sweep", "name": sweep.name, "folder": str(sweep.folder), **result})
     from emotion_dist.distributed import interrupts
 

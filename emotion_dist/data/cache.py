@@ -8,7 +8,7 @@ become square by `data.fit`: resize (stretch), crop (centre square) or pad (cent
 Resizing is antialiased (PIL's filters widen with the scale factor).
 
 Build: streamed and parallel. The leader allocates the whole file up front (so a full disk is one
-line before any decoding, never a SIGBUS); every member of the node's Team decodes a contiguous
+line before any decoding, never a SIGBUS); every member of the node's BuildGroup decodes a contiguous
 slice of the images in worker processes, each worker writing its rows straight into the file
 (`os.pwrite`), so no process ever holds more than a chunk of images. The leader then closes the
 gaps left by unreadable images, writes the final header, fsyncs and renames the file into place,
@@ -158,7 +158,7 @@ def _sizes_task(decoder: Decoder, items: list) -> list[list[int]]:
 
 
 def _decode_task(decoder: Decoder, items: list, first_row: int, path: str, offset: int, size: int,
-                 fit: str) -> tuple[list[tuple[int, str]], float]:
+                 fit: str) -> tuple[list[tuple[int, str]], float]:  # positional: the worker pool passes a tuple
     """Decode `items` into rows first_row.. of the cache file; returns (row, reason) of unreadable
     ones and the CPU seconds spent (images/s per core on a machine that other work shares)."""
     cpu = time.process_time()
@@ -386,7 +386,7 @@ class _Bar:
 def build(folder: Path, items: Sequence, labels: Sequence[int], decoder: Decoder, *, cache_size="auto",
           image_size: int = 64, fit: str = "resize", what: str = "images", team=None) -> Cached:
     """The cache of `items` in `folder`, built now if it is missing or damaged. Called by every
-    member of a prepare.Team at once (they share the work), alone, or by a rank that only reads
+    member of a prepare.BuildGroup at once (they share the work), alone, or by a rank that only reads
     (prepare.READER: another node built it)."""
     from emotion_dist.data import prepare
 
@@ -399,8 +399,9 @@ def build(folder: Path, items: Sequence, labels: Sequence[int], decoder: Decoder
     fixed = parse_cache_size(cache_size)
     if role == prepare.READER:
         return _read_only(folder, content, fixed, image_size)
-    team = role if role is not None else prepare.Team.solo()
-    b = _Build(folder, items, labels, decoder, fixed, image_size, fit, what, team, content)
+    team = role if role is not None else prepare.BuildGroup.solo()
+    b = SharedCacheBuild(folder, items=items, labels=labels, decoder=decoder, fixed=fixed, image_size=image_size,
+                         fit=fit, what=what, team=team, content=content)
     return b.run()
 
 
@@ -420,11 +421,11 @@ def _read_only(folder: Path, content: str, fixed: Optional[int], image_size: int
     return cached
 
 
-class _Build:
+class SharedCacheBuild:
     """One build, run by every member of the team. The leader decides (ready / read the sizes
     first / build) and posts JSON decisions; every member does its slice of each phase."""
 
-    def __init__(self, folder, items, labels, decoder, fixed, image_size, fit, what, team, content):
+    def __init__(self, folder, *, items, labels, decoder, fixed, image_size, fit, what, team, content):
         self.folder, self.items, self.labels, self.decoder = folder, items, labels, decoder
         self.fixed, self.image_size, self.fit, self.what, self.team = fixed, image_size, fit, what, team
         self.content = content

@@ -16,7 +16,7 @@ and re-raised by every other rank as the same one-line error. Every step ends wh
 done with it, so no rank enters a collective while another still prepares.
 
 Sharing. `once(..., together=True)`: the ranks of the preparing node all run `fn` at the same time
-and the decoded-image cache (cache.py) splits its build among them (a `Team`); ranks of other
+and the decoded-image cache (cache.py) splits its build among them (a `BuildGroup`); ranks of other
 nodes (scope `job` only) wait and then only read what was built (`READER`).
 """
 
@@ -73,7 +73,7 @@ class StepStore:
     """The keys of one preparation step on the process group's store. Reads never block: a wait is
     a loop of `check`, so it answers stop signals, dead peers and its own limit."""
 
-    def __init__(self, store, ns: str, topo: Topology, timeout_s: float, what: str, stale_s: Optional[float] = None):
+    def __init__(self, store, ns: str, topo: Topology, *, timeout_s: float, what: str, stale_s: Optional[float] = None):
         self.store, self.ns, self.topo = store, ns, topo
         self.timeout_s, self.what = timeout_s, what
         self.stale_s = STALE_S if stale_s is None else stale_s
@@ -175,7 +175,7 @@ def stop_signals():
 
 
 # ---------------------------------------------------------------- building together
-class Team:
+class BuildGroup:
     """The ranks of one node that build one cache together; the first of them leads. Members call
     the same methods in the same order (they run the same code); each call is one exchange."""
 
@@ -187,7 +187,7 @@ class Team:
         self._checked = 0.0
 
     @classmethod
-    def solo(cls) -> "Team":
+    def solo(cls) -> "BuildGroup":
         return cls(None, (0,), 0)
 
     @property
@@ -252,7 +252,7 @@ class Team:
         return self.board.add(f"team{self.leader}/progress", n)
 
 
-_role: object = None  # None (build alone), a Team, or READER
+_role: object = None  # None (build alone), a BuildGroup, or READER
 
 
 def current_role():
@@ -280,7 +280,7 @@ class Preparation:
     """`Preparation.start(cfg, env)` right after the process group starts, on every rank; then
     `prep.once(what, fn)` for each preparation, called by every rank in the same order."""
 
-    def __init__(self, topo: Topology, scope: str, timeout_s: float, store=None, stale_s: Optional[float] = None):
+    def __init__(self, topo: Topology, scope: str, *, timeout_s: float, store=None, stale_s: Optional[float] = None):
         self.topo, self.scope, self.timeout_s, self.store, self.stale_s = topo, scope, timeout_s, store, stale_s
         self._steps = 0
 
@@ -289,7 +289,7 @@ class Preparation:
         topo = env.topology if env is not None and env.topology is not None else topology.detect(
             env.local_rank if env is not None else 0)
         store = _default_store() if topo.world_size > 1 else None
-        prep = cls(topo, "job", cfg.data.prepare_timeout_s, store)
+        prep = cls(topo, "job", timeout_s=cfg.data.prepare_timeout_s, store=store)
         prep.scope = prep.decide_scope(Path(cfg.run.cache_dir), cfg.data.prepare_scope)
         return prep
 
@@ -298,8 +298,8 @@ class Preparation:
 
     def _board(self, what: str) -> StepStore:
         self._steps += 1
-        return StepStore(self.store, f"emotion_dist/prepare/{self._steps}",
-                         self.topo, self.timeout_s, what, self.stale_s)
+        return StepStore(self.store, f"emotion_dist/prepare/{self._steps}", self.topo, timeout_s=self.timeout_s,
+                         what=what, stale_s=self.stale_s)
 
     def _step(self, what: str, body: Callable[[Optional[StepStore]], T]) -> T:
         """Run `body` on every rank, then wait until every rank is done with it (a store barrier);
@@ -329,19 +329,19 @@ class Preparation:
     def once(self, what: str, fn: Callable[[], T], together: bool = False) -> T:
         """`fn` runs first on the scope's preparer(s) while the others wait, then on the others
         (which find its result on disk). With `together`, every rank of the preparing node runs
-        `fn` at once and cache builds inside it are shared (Team); other nodes' ranks only read."""
+        `fn` at once and cache builds inside it are shared (BuildGroup); other nodes' ranks only read."""
         topo = self.topo
 
         def body(board: Optional[StepStore]):
             if board is None:
-                with role(Team.solo() if together else None):
+                with role(BuildGroup.solo() if together else None):
                     return fn()
             mine = self.preparer_of(topo.rank)
             team = topo.node_ranks[topo.node_of(mine)] if together else (mine,)
             if topo.rank == 0:
                 log.info("%s: %s", what, self.plan_text(together))
             if topo.rank in team:
-                with role(Team(board, team, topo.rank, what) if together else None):
+                with role(BuildGroup(board, team, topo.rank, what) if together else None):
                     result = fn()
                 if topo.rank == mine:
                     board.post(f"done/{mine}", "ok")

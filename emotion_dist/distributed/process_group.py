@@ -184,6 +184,11 @@ def init_distributed(cfg: Config, info: LaunchInfo) -> DistEnv:
     backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     timeout = timedelta(seconds=cfg.dist.timeout_s)
     if not dist.is_initialized():
+        # ultralytics (EmotionNet's blocks) builds its settings on first import inside its
+        # torch_distributed_zero_first, which calls dist.barrier() once a process group exists: a first
+        # import on one rank alone (rank 0 reading a checkpoint for a decision) would wait for the
+        # other ranks forever. Imported on every rank before the group exists, it never does.
+        import ultralytics.utils  # noqa: F401
         if not info.rendezvous:
             store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout)
             dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)

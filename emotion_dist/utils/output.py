@@ -36,7 +36,7 @@ def check_json_out(args, inputs: Iterable[Path] = (), data: Iterable[tuple[str, 
                         ours=json_written_by_us, option="--json-out", data=data)
 
 
-def human(args):
+def text_stream(args):
     """Where human-readable output goes: stderr when stdout is reserved for JSON."""
     return sys.stderr if getattr(args, "json", False) else sys.stdout
 

@@ -95,7 +95,8 @@ def test_early_stop_is_taken_by_every_rank_at_the_same_epoch(tmp_path, fast_over
     assert len(rows) == best + 1 < 40, f1  # stopped exactly `patience` epochs after the last improvement
     assert f"early stop after epoch {best + 1}" in proc.stdout
     again = run(torchrun_cmd(2, *args))  # resumed: nothing left to do
-    assert len(_records(tmp_path / "run", "epoch")) == len(rows) and "early stop" in again.stdout
+    assert len(_records(tmp_path / "run", "epoch")) == len(rows)
+    assert f"already finished at epoch {best + 1}" in again.stdout and "nothing to do" in again.stdout
 
 
 def test_one_rank_raising_ends_the_whole_job(tmp_path, fast_overrides):

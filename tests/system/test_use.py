@@ -50,10 +50,17 @@ def _png_ok(path: Path, min_side=300):
 
 def test_training_leaves_curves_confusion_and_a_wandb_run(trained):
     run_dir = trained / "run"
-    for name in ("curves.png", "confusion_val.png"):
+    for name in ("curves.png", "confusion_val.png", "train_batch.png", "val_errors.png"):
         _png_ok(run_dir / name)
+    assert Image.open(run_dir / "curves.png").size[0] >= 1500  # four panels: loss, accuracy, macro-F1, lr
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (per_class,) = [r for r in records if r["type"] == "val_classes"]
+    assert per_class["epoch"] == 1 and 0 <= per_class["happy_f1"] <= 1 and "angry_recall" in per_class
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
     (offline,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}")
+    log_bytes = (offline / f"run-{run_id}.wandb").read_bytes()
+    for key in (b"train_batch", b"val_errors", b"confusion_val", b"val_classes/happy_f1"):
+        assert key in log_bytes, key  # the pictures and the per-class figures went to W&B too
     # the best checkpoint went in as a model artifact: its name and the file's md5 are in the run's log
     log = (offline / f"run-{run_id}.wandb").read_bytes()
     md5 = base64.b64encode(hashlib.md5((run_dir / "checkpoints/best.pt").read_bytes()).digest())

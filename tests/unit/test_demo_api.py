@@ -299,3 +299,18 @@ def test_command_binds_loopback_by_default_and_says_who_can_reach_it(tmp_path, c
     assert cli.main(["demo", "--checkpoint", str(tmp_path / "missing.pt"), "--port", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err
+
+
+def test_the_demo_serves_an_exported_hugging_face_folder(tmp_path, unit_checkpoint):
+    from emotion_dist.inference import hub
+
+    folder = hub.write_hf_folder(str(unit_checkpoint), hub.check_hf_out(str(tmp_path / "hf"), str(unit_checkpoint)))
+    model = demo.load_demo_model(folder)
+    assert model.info["format"] == "hf" and model.info["classes"] == load_classifier(str(unit_checkpoint)).classes
+    with TestClient(demo.create_app(folder), raise_server_exceptions=False) as c:
+        via_folder = post(c, "astronaut.png", ASTRONAUT.read_bytes()).json()
+    with TestClient(demo.create_app(unit_checkpoint), raise_server_exceptions=False) as c:
+        via_pt = post(c, "astronaut.png", ASTRONAUT.read_bytes()).json()
+    assert via_folder["faces"] and len(via_folder["faces"]) == len(via_pt["faces"])
+    for a, b in zip(via_folder["faces"], via_pt["faces"]):
+        assert a["box"] == b["box"] and a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6)

@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 
 from emotion_dist.data.images import printable, to_uint8
-from emotion_dist.errors import CheckpointError, ConfigError
+from emotion_dist.errors import ConfigError
 from emotion_dist.inference import predict as pipeline
 from emotion_dist.utils import filekind
 
@@ -67,16 +67,12 @@ class DemoModel:
 
 
 def load_demo_model(path: str | Path) -> DemoModel:
-    """A .pt checkpoint or an exported .onnx (+ its sidecar); one line (CheckpointError) otherwise."""
+    """A .pt checkpoint, an exported .onnx (+ its sidecar) or an `export --format hf` folder; one
+    line (CheckpointError) otherwise."""
     path = Path(path)
-    if path.is_dir():
-        # Where the exported shareable (Hugging Face) folder will be read once `export --format hf`
-        # writes one: load it here into a Classifier and say what it holds in `info`.
-        raise CheckpointError(f"{printable(path)} is a folder; the demo takes a .pt checkpoint or an .onnx model "
-                              f"from emotion-dist export --format onnx")
-    kind = filekind.require(path)
+    kind = filekind.require(path, accept=(filekind.TORCH, filekind.ONNX, filekind.HF_FOLDER))
     classifier = pipeline.load_classifier(str(path))
-    fmt = "onnx" if kind == filekind.ONNX else "pytorch"
+    fmt = {filekind.ONNX: "onnx", filekind.HF_FOLDER: "hf"}.get(kind, "pytorch")
     meta = classifier.meta
     info = {"emotion_dist": "demo model", "name": model_name(path), "format": fmt,  # no server path: visitors see it
             "classes": list(classifier.classes), "image_size": meta.get("image_size"),
@@ -96,6 +92,14 @@ def recorded_metrics(path: Path, fmt: str, meta: dict) -> dict:
     """The figures the model's run recorded: the test pass (accuracy, macro-F1 of best.pt, from the
     run's metrics.jsonl) and the best validation macro-F1 (in the checkpoint). None where not recorded."""
     out = {"test": None, "best_val_macro_f1": None, "best_epoch": None}
+    if fmt == "hf":  # the model card's model-index holds the run's test figures
+        from huggingface_hub import ModelCard
+
+        results = {r.metric_type: r.metric_value for r in (ModelCard.load(path / "README.md").data.eval_results or [])}
+        if "accuracy" in results:
+            out["test"] = {"accuracy": _number(results["accuracy"]), "macro_f1": _number(results.get("f1")),
+                           "count": None, "checkpoint": "best.pt", "tta": None}
+        return out
     if fmt == "onnx":  # the sidecar holds what export copied from the checkpoint, if anything
         recorded = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
         return {**out, **{k: recorded.get(k) for k in out if k in recorded}}
