@@ -273,18 +273,26 @@ class WandbSink(Sink):
                               tags=tags or None, id=run_id, resume="allow", mode=log_cfg.wandb,
                               dir=environ.get("WANDB_DIR") or str(run_dir),
                               config=config, name=environ.get("WANDB_NAME") or Path(run_dir).name)
+        self.newest_step = 0  # the newest optimizer step a record was logged at
+
+    def start(self, step: int) -> None:
+        self.newest_step = step
 
     def log(self, record: dict, step: Optional[int]) -> None:
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "time"}
         kind = record.get("type")
         if kind not in ("step", "epoch"):  # test, val_classes: keys of their own, never mixed into training's
             numbers = {f"{kind}/{k}": v for k, v in numbers.items() if k not in ("step", "epoch")}
+        if step is not None:
+            self.newest_step = max(self.newest_step, step)
         self.run.log(numbers, step=step)
 
     def image(self, key: str, path: Path, step: Optional[int]) -> None:
         import wandb
 
-        self.run.log({key: wandb.Image(str(path))})
+        # at the optimizer step of the records: W&B's own counter would move past it, and then drop
+        # every later record logged at that step (the test pass) as out of order
+        self.run.log({key: wandb.Image(str(path))}, step=self.newest_step if step is None else step)
 
     def artifact(self, path: Path, aliases: list[str], metadata: dict) -> None:
         """One "model" artifact per run (`emotionnet-<run id>`); a resumed run adds a version."""
