@@ -197,10 +197,15 @@ def test_upload_and_camera_in_a_real_browser(tmp_path, tiny_model):
         scale = rect[0] / 1024
         ActionChains(driver).move_to_element_with_offset(
             view, int((bx + bw / 2) * scale - rect[0] / 2), int((by + bh / 2) * scale - rect[1] / 2)).click().perform()
-        items = driver.find_elements(By.CSS_SELECTOR, "#faces li")
-        assert ["chosen" in (li.get_attribute("class") or "") for li in items] == [i == second for i in range(2)]
-        shown = {b.get_attribute("data-class"): b.find_element(By.CSS_SELECTOR, ".value").text
-                 for b in driver.find_elements(By.CSS_SELECTOR, "#chart .bar")}
+        # read in one script: the page re-renders the list and chart, so element handles may go stale
+        wait_for(driver, f"document.querySelectorAll('#faces li')[{second}]?.classList.contains('chosen')", 10,
+                 "the clicked face chosen")
+        chosen = driver.execute_script(
+            "return [...document.querySelectorAll('#faces li')].map(li => li.classList.contains('chosen'));")
+        assert chosen == [i == second for i in range(2)]
+        shown = driver.execute_script(
+            "return Object.fromEntries([...document.querySelectorAll('#chart .bar')].map("
+            "b => [b.dataset.class, b.querySelector('.value').textContent]));")
         assert shown == {c: f"{expected[second]['probabilities'][c]:.3f}" for c in classes}
 
         # --- the camera: Chromium's fake device plays the astronaut; frames posted, answered, boxed
