@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, cli_cmd, env_for_child, train_cmd
 
 BOUND_S = 2.0
-SLACK_S = 1.5  # a loaded CI machine: the pipe, the scheduler
+SLACK_S = 8.0  # a loaded CI machine (three test workers on two cores): the pipe, the scheduler
 EXIT_S = 20.0  # then the interpreter's own teardown (torch, gloo): seconds on a loaded machine
 
 
@@ -158,7 +158,7 @@ def test_a_signal_during_export_writes_nothing(tiny_model, tmp_path):
     _wait_until(proc, lambda: _torch_loaded(proc.pid), "imported torch", err)
     time.sleep(0.5)  # loading the checkpoint or tracing the graph
     seconds = _stop(proc, signal.SIGUSR1, err, "stopped by SIGUSR1 before the export was written; nothing written")
-    assert seconds < 10, seconds  # the current phase: tracing the graph takes seconds here and cannot be cut short
+    assert seconds < 30, seconds  # the current phase: tracing the graph takes seconds and cannot be cut short
     assert proc.stdout.read() == "" and not any("Traceback" in line for line in err.text())
     assert list(tmp_path.iterdir()) == []  # no model, no sidecar, no temp file
 
