@@ -16,6 +16,7 @@ import torch
 
 from emotion_dist.distributed import interrupts
 from emotion_dist.errors import CheckpointError, ConfigError
+from emotion_dist.inference.predict import preprocessing_recipe
 from emotion_dist.model import EmotionNet
 from emotion_dist.modelio import load_model, recorded_data
 from emotion_dist.utils.fsutil import atomic_write_bytes, guard_output
@@ -63,7 +64,7 @@ def export(checkpoint: str, fmt: str, out: str | None = None) -> Path:
     path = output_path(checkpoint, fmt, out)
     model, meta = load_model(checkpoint)
     interrupts.check()  # a stop signal between phases: Interrupted, nothing written
-    meta["preprocessing"] = recipe_of(checkpoint, meta)
+    meta["preprocessing"] = preprocessing_recipe(meta)  # meta carries face_crop
     if fmt == "safetensors":
         from safetensors.torch import save
 
@@ -78,14 +79,6 @@ def export(checkpoint: str, fmt: str, out: str | None = None) -> Path:
     atomic_write_bytes(path, data)
     atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
     return path
-
-
-def recipe_of(checkpoint: str, meta: dict) -> dict:
-    """The preprocessing recipe of a checkpoint (its config says whether faces were aligned)."""
-    from emotion_dist.inference.predict import preprocessing_recipe
-    from emotion_dist.modelio import load_checkpoint
-
-    return preprocessing_recipe(meta, load_checkpoint(checkpoint).get("config", {}))
 
 
 def onnx_bytes(model: EmotionNet, meta: dict) -> bytes:
@@ -245,7 +238,7 @@ def export_int8(args) -> Path:
     path = output_path(args.checkpoint, "onnx", args.out or str(Path(args.checkpoint).with_suffix(".int8.onnx")))
     cfg = checkpoint_config(load_checkpoint(args.checkpoint), args.overrides)
     model, meta = load_model(args.checkpoint)
-    meta["preprocessing"] = recipe_of(args.checkpoint, meta)
+    meta["preprocessing"] = preprocessing_recipe(meta)
     fp32 = onnx_bytes(model, meta)
     check_parity(model, fp32, meta, args.checkpoint)
     calibration, _, _ = quantize.split_arrays(cfg, split="train", limit=args.calibration, seed=cfg.train.seed)
