@@ -46,6 +46,11 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                         "(all keys: emotion-dist config keys)")
 
 
+def _cam_layer_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cam-layer", default="backbone.6", metavar="LAYER",
+                   help="the layer Grad-CAM reads (default backbone.6, stride 16; backbone.8 is coarser)")
+
+
 def _sub(sub, name: str, help: str, *, description: str | None = None, epilog: str | None = None, **kw):
     return sub.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".",
                           epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
@@ -146,8 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cam", type=_positive_int, default=None, metavar="N",
                    help="also write Grad-CAM figures, cam_<class>.png: for each class N test images predicted right "
                         "beside N predicted wrong")
-    e.add_argument("--cam-layer", default="backbone.6", metavar="LAYER",
-                   help="the layer Grad-CAM reads (default backbone.6)")
+    _cam_layer_arg(e)
     e.add_argument("overrides", nargs="*", metavar="key=value",
                    help="change the checkpoint's config, e.g. data.root=PATH to evaluate on another folder")
 
@@ -227,8 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--cam", action="store_true",
                     help="images, with --out: also write Grad-CAM overlays, NAME_faceK_cam.png on each face crop and "
                          "NAME_cam.png on the photo (a .pt or an export --format hf folder)")
-    pr.add_argument("--cam-layer", default="backbone.6", metavar="LAYER",
-                    help="the layer Grad-CAM reads (default backbone.6, stride 16; backbone.8 is coarser)")
+    _cam_layer_arg(pr)
 
     x = _sub(sub, "export", "export a checkpoint to ONNX (verified with onnxruntime), safetensors, or a Hugging "
                             "Face model folder with a model card",
