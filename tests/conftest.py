@@ -239,3 +239,28 @@ def write_checkpoint(path: Path, *, in_channels: int = 1, image_size: int = 32, 
 def unit_checkpoint(tmp_path_factory) -> Path:
     """write_checkpoint()'s default model, once per session: read-only."""
     return write_checkpoint(tmp_path_factory.mktemp("unit_ckpt") / "model.pt")
+
+
+def mounted_tmpfs(tmp_path: Path, size: str):
+    """A real tmpfs of `size` (e.g. "1m") under tmp_path, for full-disk tests; unmounted afterwards.
+    CI must be able to mount it (root); elsewhere the test skips, saying why."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)]).returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the full-disk test: mounting a tmpfs failed")
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def write_gray_clip(path: Path) -> Path:
+    """Three 64 x 48 frames at 5 fps, darker to lighter: a real MP4 with no face in it."""
+    import cv2
+    import numpy as np
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 5, (64, 48))
+    for i in range(3):
+        writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
+    writer.release()
+    return path

@@ -4,10 +4,9 @@ synthetic faces are generated (one line naming the folder and the space, nothing
 
 import os
 import re
-import subprocess
 
 import pytest
-from conftest import cli_cmd, run, torchrun_cmd
+from conftest import cli_cmd, mounted_tmpfs, run, torchrun_cmd
 
 from emotion_dist.distributed.lease import LEASE_NAME, RunDirLease
 
@@ -33,14 +32,7 @@ def test_a_busy_run_dir_under_torchrun_is_one_line_and_exit_2_on_every_rank(tmp_
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A real 1 MB tmpfs."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the full-disk test: mounting a tmpfs failed")
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
+    yield from mounted_tmpfs(tmp_path, "1m")
 
 
 def test_a_full_disk_while_generating_synthetic_faces_is_one_line_naming_folder_and_space(tiny_disk):

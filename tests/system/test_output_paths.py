@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_gray_clip
 
 from emotion_dist.cli import main
 from emotion_dist.utils.fsutil import DIGEST_KEY, json_written_by_us
@@ -175,17 +176,6 @@ def test_predict_json_out_carries_the_proof_and_is_replaced_by_a_rerun(tmp_path,
     capsys.readouterr()
 
 
-def _clip(path: Path) -> Path:
-    import cv2
-    import numpy as np
-
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 5, (64, 48))
-    for i in range(3):
-        writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
-    writer.release()
-    return path
-
-
 def test_annotated_pngs_and_videos_are_replaced_only_when_their_digest_proves_them_ours(tmp_path, unit_checkpoint,
                                                                                         capsys):
     from PIL import Image
@@ -207,7 +197,7 @@ def test_annotated_pngs_and_videos_are_replaced_only_when_their_digest_proves_th
     assert main(images) == 0 and png_written_by_us(png)
     assert main(images) == 0 and png_written_by_us(png)  # ours: replaced
 
-    clip = _clip(tmp_path / "clip.mp4")
+    clip = write_gray_clip(tmp_path / "clip.mp4")
     out = tmp_path / "clip_pred.mp4"
     video = ["predict", "--checkpoint", str(unit_checkpoint), str(clip), "--no-detect", "--out", str(out)]
     assert main(video) == 0 and mp4_written_by_us(out)
@@ -225,7 +215,7 @@ def test_video_records_are_replaced_only_when_emotion_dist_recorded_them_as_its_
     from emotion_dist.inference.video import CSV_COLUMNS, csv_written_by_us, jsonl_written_by_us
 
     monkeypatch.setenv("EMOTION_DIST_STATE_DIR", str(tmp_path / "state"))
-    clip = _clip(tmp_path / "clip.mp4")
+    clip = write_gray_clip(tmp_path / "clip.mp4")
     jsonl, csv = tmp_path / "rec.jsonl", tmp_path / "rec.csv"
     theirs_jsonl = json.dumps({"frame": 0, "time": 0, "track": 1, "box": [0, 0, 1, 1], "label": "mine",
                                "probabilities": {}}) + "\n"

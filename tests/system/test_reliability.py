@@ -11,7 +11,16 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, assert_same_training_state, env_for_child, run, torchrun_cmd, train_cmd, without
+from conftest import (
+    ROOT,
+    assert_same_training_state,
+    env_for_child,
+    mounted_tmpfs,
+    run,
+    torchrun_cmd,
+    train_cmd,
+    without,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -73,14 +82,7 @@ def test_persistent_nan_stops_naming_step_and_last_good_checkpoint(tmp_path, fas
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 80 MB tmpfs: room for one epoch's checkpoints (3 x 21.5 MB), not for the next."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(mnt)]).returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the full-disk test: mounting a tmpfs failed")
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
+    yield from mounted_tmpfs(tmp_path, "80m")
 
 
 @pytest.mark.parametrize("on_error,code", [("stop", 1), ("warn", 0)])

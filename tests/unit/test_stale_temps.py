@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_gray_clip
 
 from emotion_dist.cli import main
 from emotion_dist.utils import fsutil
@@ -117,17 +118,6 @@ def test_a_temp_folder_goes_only_with_its_owner_record(tmp_path):
     assert wrong.is_dir()
 
 
-def _video(path: Path) -> Path:
-    import cv2
-    import numpy as np
-
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 5, (64, 48))
-    for i in range(3):
-        writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
-    writer.release()
-    return path
-
-
 def _astronaut() -> Path:
     import skimage.data
 
@@ -149,7 +139,7 @@ def test_every_folder_the_cleanup_runs_in_keeps_the_users_files(tmp_path, unit_c
     assert main(["data", "synthetic", "--out", str(folders["syn_parent"] / "syn"), "--train", "14", "--test", "7"]) == 0
     assert main(["predict", "--checkpoint", str(unit_checkpoint), str(_astronaut()), "--out", str(folders["ann"]),
                  "--json-out", str(folders["json_parent"] / "p.json")]) == 0
-    video = _video(tmp_path / "clip.mp4")
+    video = write_gray_clip(tmp_path / "clip.mp4")
     assert main(["predict", "--checkpoint", str(unit_checkpoint), str(video), "--no-detect",
                  "--out", str(folders["video_parent"] / "clip_pred.mp4")]) == 0
     assert main(["data", "cache", "data.source=synthetic", "data.synthetic_train=14", "data.synthetic_test=7",
