@@ -187,8 +187,6 @@ def train(config: Union[PathLike, Mapping, Iterable[PathLike], None] = None, **o
     global_step, best_val_macro_f1, test_accuracy, ...). Bad input raises ConfigError, a failed run
     TrainingAborted (their message is also printed, as the CLI prints it). The stop-signal handlers
     the run installs are removed again, so a notebook's Ctrl-C works as before afterwards."""
-    import signal
-
     from emotion_dist import cli
     from emotion_dist.distributed import interrupts
 
@@ -200,14 +198,9 @@ def train(config: Union[PathLike, Mapping, Iterable[PathLike], None] = None, **o
         paths = [str(config)]
     elif config is not None:
         paths = [str(c) for c in config]
-    saved = {sig: signal.getsignal(sig) for sig in interrupts.STOP_SIGNALS}
     out = argparse.Namespace(json=False, json_out=None, print_config=False, document=None)
-    try:
+    with interrupts.handlers_restored():
         code = cli.train_in_process(paths or None, _overrides(mapping, overrides), out)
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-        interrupts.clear()
     if code == 2:
         raise ConfigError("emotion-dist train refused the input: see the error line above")
     if code == 1 or out.document is None:

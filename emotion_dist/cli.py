@@ -436,8 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     args = parse_args(argv)
+    from emotion_dist.distributed.interrupts import handlers_restored
+
     try:
-        return _run(args)
+        with handlers_restored():
+            return _run(args)
     except UserError as e:
         return _fail(str(e))
     except TrainingAborted as e:  # e.g. a data preparation that another rank aborted

@@ -50,6 +50,22 @@ def install() -> None:
     _installed = True
 
 
+@contextmanager
+def handlers_restored() -> Iterator[None]:
+    """Around one command run in a process that goes on afterwards (a notebook, `cli.main` called
+    from Python, a test worker): the handlers found on entry are put back and the stop flag cleared
+    on exit, so one command's signal never stops the next."""
+    main = threading.current_thread() is threading.main_thread()
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} if main else {}
+    try:
+        yield
+    finally:
+        global _installed, _requested
+        for sig, handler in saved.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        _installed, _requested = False, None
+
+
 def uninstall() -> None:
     global _installed, _requested
     for sig in STOP_SIGNALS:

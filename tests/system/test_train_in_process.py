@@ -54,3 +54,6 @@ def test_ctrl_c_stops_training_with_exit_130(notebook, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert code == 130
     assert "stopped by SIGINT at step 1" in out
+    from emotion_dist.distributed import interrupts
+
+    assert interrupts.requested() is None  # the next command in this process is not stopped by it

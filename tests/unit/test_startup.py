@@ -51,3 +51,20 @@ def test_rank0s_error_reaches_the_other_ranks_as_the_same_one_line_error(error, 
 def test_an_unexpected_error_still_names_rank_0():
     with pytest.raises(RuntimeError, match="rank 0 failed: KeyError"):
         _raise_box(_error_box(KeyError("x")))
+
+
+def test_a_command_run_in_process_leaves_no_stop_flag_and_its_callers_handlers():
+    """cli.main in a process that goes on (a notebook, a test worker): the signal one command took
+    neither stops the next command nor replaces the caller's Ctrl-C handler."""
+    import signal
+
+    from emotion_dist import cli
+
+    before = signal.getsignal(signal.SIGINT)
+    assert cli.main(["config", "keys"]) == 0  # a command that installs nothing
+    with interrupts.handlers_restored():
+        interrupts.install()
+        signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, taken by the command's handler
+        assert interrupts.requested() == "SIGINT"
+    assert interrupts.requested() is None
+    assert signal.getsignal(signal.SIGINT) is before
