@@ -429,30 +429,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from emotion_dist.errors import EXIT_FAILURE, EXIT_OK, Interrupted, TrainingAborted, UserError
+    from emotion_dist.distributed.interrupts import handlers_restored
+    from emotion_dist.errors import EXIT_OK, Interrupted, TrainingAborted, UserError, exit_code_for
 
     # file names that are not valid UTF-8 print as \xNN instead of raising mid-output
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     args = parse_args(argv)
-    from emotion_dist.distributed.interrupts import handlers_restored
-
     try:
         with handlers_restored():
             return _run(args)
-    except UserError as e:
-        return _fail(str(e))
-    except TrainingAborted as e:  # e.g. a data preparation that another rank aborted
-        return _fail(str(e), EXIT_FAILURE)
+    except (UserError, TrainingAborted) as e:
+        return _fail(str(e), exit_code_for(e))
     except Interrupted as e:  # a stop signal while preparing data: nothing half-built is kept; exit 0 to requeue
-        from emotion_dist.distributed.interrupts import exit_code
-
         print(f"stopped by {e.signame} while preparing data; run the command again to carry on",
               file=sys.stderr, flush=True)
-        return exit_code(e.signame)  # 130 for Ctrl-C
-    except KeyboardInterrupt:
-        return 130
+        return exit_code_for(e)  # 130 for Ctrl-C
+    except KeyboardInterrupt as e:
+        return exit_code_for(e)
     except BrokenPipeError:  # `... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
@@ -499,7 +494,7 @@ def _run(args) -> int:
         return run_predict(args)
     if args.command == "export":
         from emotion_dist.distributed import interrupts
-        from emotion_dist.errors import Interrupted
+        from emotion_dist.errors import Interrupted, exit_code_for
 
         interrupts.install()  # a stop signal ends the export at its next phase, before anything is written
         try:
@@ -508,7 +503,7 @@ def _run(args) -> int:
             return run_export(args)
         except Interrupted as e:
             print(f"stopped by {e.signame} before the export was written; nothing written", file=sys.stderr, flush=True)
-            return interrupts.exit_code(e.signame)
+            return exit_code_for(e)
     if args.command == "demo":
         from emotion_dist.commands.demo import run_demo
 

@@ -6,7 +6,10 @@ the package, so every module (config, checkpoint, data, the commands) can raise 
 - TrainingAborted: training stopped on purpose (non-finite steps, a failed checkpoint write, a lost
   peer). One line, exit code 1; what was written stays.
 - Interrupted: a stop signal (SIGTERM, SIGINT, SIGUSR1) arrived outside the training loop (data
-  preparation, download, cache build); temp files are gone, exit code 0 so schedulers requeue.
+  preparation, download, cache build); temp files are gone, exit code 0 so schedulers requeue, 130
+  for Ctrl-C.
+
+`exit_code_for` is the one mapping from these to exit codes; every command returns through it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_FAILURE = 1  # training failed or was aborted; nothing already written is lost
 EXIT_USAGE = 2  # bad input: config, data, checkpoint, launch environment, output path
+# Ctrl-C at a terminal is a person stopping the command: the shell's convention (128 + SIGINT) tells
+# `train && export` not to go on. A scheduler's signal (SIGTERM at the time limit, SIGUSR1 before
+# preemption) keeps 0, so Slurm's requeue and torchrun's restarts treat the saved state as resumable.
+EXIT_INTERACTIVE_STOP = 130
 
 
 def one_line(message: str) -> str:
@@ -58,3 +65,20 @@ class Interrupted(BaseException):
     def __init__(self, signame: str = "a stop signal"):
         super().__init__(signame)
         self.signame = signame
+
+
+def stop_exit_code(signame: str | None) -> int:
+    """The exit code of a command stopped by the signal `signame` ("SIGINT", "SIGTERM", ...)."""
+    return EXIT_INTERACTIVE_STOP if signame == "SIGINT" else EXIT_OK
+
+
+def exit_code_for(error: BaseException) -> int:
+    """The exit code a command ends with after `error`: 2 for input the user can fix, 1 for a run
+    that failed, 130 for Ctrl-C, 0 for a scheduler's stop signal (the saved state resumes)."""
+    if isinstance(error, UserError):
+        return EXIT_USAGE
+    if isinstance(error, Interrupted):
+        return stop_exit_code(error.signame)
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERACTIVE_STOP
+    return EXIT_FAILURE

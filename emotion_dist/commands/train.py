@@ -11,7 +11,7 @@ from typing import Optional
 from emotion_dist.config import to_yaml
 from emotion_dist.distributed import interrupts
 from emotion_dist.distributed.env_settings import resolve_config
-from emotion_dist.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Interrupted, TrainingAborted, UserError
+from emotion_dist.errors import EXIT_OK, Interrupted, TrainingAborted, UserError, exit_code_for
 from emotion_dist.utils.output import MARKER, check_json_out, emit, stdout_to_stderr
 from emotion_dist.utils.paths import data_paths
 
@@ -80,13 +80,13 @@ def run_training(config_path, overrides, out: argparse.Namespace | None = None) 
         env = process_group.init_distributed(cfg, info)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
+        return exit_code_for(e)
     except Interrupted as e:
         print(f"stopped by {e.signame} before training started; nothing to save", file=sys.stderr, flush=True)
         if cfg is not None:
             emit(out, {MARKER: "train", "run_dir": cfg.run.dir, "stopped": True, "global_step": None,
                        "signal": e.signame})
-        return interrupts.exit_code(e.signame)
+        return exit_code_for(e)
     with stdout_to_stderr(out.json):
         code, result = _train(cfg, notes, env)
     if result is not None and env.is_main:
@@ -129,17 +129,14 @@ def _train(cfg, notes: list[str], env) -> tuple[int, dict | None]:
                      " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
         ok = True
         return (interrupts.exit_code(signame) if result.get("stopped") and signame else EXIT_OK), result
-    except UserError as e:
+    except (UserError, TrainingAborted) as e:
         _error(env.rank, e)
-        return EXIT_USAGE, None
-    except TrainingAborted as e:
-        _error(env.rank, e)
-        return EXIT_FAILURE, None
+        return exit_code_for(e), None
     except Interrupted as e:  # during data preparation: temp files are gone; the next start carries on
         if env.is_main:
             log.info("stopped by %s while preparing data; temp files removed, the next start carries on", e.signame)
         ok = env.world_size == 1
-        return interrupts.exit_code(e.signame), {"stopped": True, "global_step": None, "signal": e.signame}
+        return exit_code_for(e), {"stopped": True, "global_step": None, "signal": e.signame}
     finally:
         if trainer is not None:
             trainer.close()

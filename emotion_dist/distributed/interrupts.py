@@ -26,7 +26,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from emotion_dist.errors import Interrupted
+from emotion_dist.errors import Interrupted, stop_exit_code
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _requested: Optional[str] = None
@@ -73,16 +73,9 @@ def uninstall() -> None:
     _installed, _requested = False, None
 
 
-# Ctrl-C at a terminal is a person stopping the command: the shell's convention (128 + SIGINT) tells
-# `train && export` not to go on. A scheduler's signal (SIGTERM at the time limit, SIGUSR1 before
-# preemption) keeps 0, so Slurm's requeue and torchrun's restarts treat the saved state as resumable.
-INTERACTIVE_EXIT = 128 + signal.SIGINT
-
-
 def exit_code(signame: Optional[str] = None) -> int:
     """The exit code of a command stopped by `signame` (default: the signal received)."""
-    signame = signame or _requested
-    return INTERACTIVE_EXIT if signame == "SIGINT" else 0
+    return stop_exit_code(signame or _requested)
 
 
 def requested() -> Optional[str]:
