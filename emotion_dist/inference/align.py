@@ -52,18 +52,22 @@ def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return m
 
 
+def alignment(landmarks: np.ndarray, geometry: FaceCrop) -> tuple[np.ndarray, int]:
+    """(the 2 x 3 similarity taking the picture's pixels to the aligned crop's, the crop's side at
+    the face's own resolution: its eye distance over the template's)."""
+    landmarks = np.asarray(landmarks, np.float64).reshape(5, 2)
+    eye_px = float(np.linalg.norm(landmarks[1] - landmarks[0]))
+    native = int(np.clip(round(max(eye_px, 1.0) / geometry.eye_distance), 8, MAX_NATIVE_SIDE))
+    return similarity(landmarks, template(geometry) * native), native
+
+
 def aligned_crop(image: np.ndarray, landmarks: np.ndarray, geometry: FaceCrop,
                  size: Optional[int] = None) -> np.ndarray:
     """The square crop with the face placed by `geometry`: `size` x `size` pixels, or the face's
     own resolution when size is None. Pixels beyond the image repeat its edge."""
     import cv2
 
-    points = template(geometry)
-    landmarks = np.asarray(landmarks, np.float64).reshape(5, 2)
-    # the side at which the face keeps its own resolution: its eye distance over the template's
-    eye_px = float(np.linalg.norm(landmarks[1] - landmarks[0]))
-    native = int(np.clip(round(max(eye_px, 1.0) / geometry.eye_distance), 8, MAX_NATIVE_SIDE))
-    m = similarity(landmarks, points * native)
+    m, native = alignment(landmarks, geometry)
     crop = cv2.warpAffine(image, m, (native, native), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     if size and size != native:
         crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if size < native else cv2.INTER_LINEAR)

@@ -1,9 +1,10 @@
 """Grad-CAM: where in the face crop the model looked for its answer (torchcam's GradCAM, which needs
 only torch, numpy, pillow and matplotlib; `grad-cam` would bring a second OpenCV).
 
-`predict --cam` writes, per photo, the map on each face crop (the crop the model classified) and the
-maps put back onto the photo at their crops; `evaluate --cam N` writes, per class, N test images it
-got right beside N it got wrong. The layer is named in every figure and set with --cam-layer.
+`predict --cam` writes, per photo, the map on each face crop (the crop the model classified: aligned
+by the landmarks where the detector gives them) and the maps mapped back onto the photo; `evaluate
+--cam N` writes, per class, N test images it got right beside N it got wrong. The layer is named in
+every figure and set with --cam-layer.
 """
 
 from __future__ import annotations
@@ -63,20 +64,31 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarra
                                    alpha=alpha))
 
 
-def crop_box(shape: tuple[int, int], box, margin: float) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) of predict's crop (predict.crop) of `box` in a picture of `shape`."""
-    x, y, w, h = box
-    mx, my = int(w * margin), int(h * margin)
-    return max(0, x - mx), max(0, y - my), min(shape[1], x + w + mx), min(shape[0], y + h + my)
-
-
-def photo_map(shape: tuple[int, int], crops: list[tuple[tuple, np.ndarray]]) -> np.ndarray:
-    """The crops' maps (each at its crop's size) put back where they were cut: H x W, 0 elsewhere
-    (NAME_cam.png draws exactly this, over the photo inside the crops)."""
+def photo_map(shape: tuple[int, int], faces: list[dict]) -> np.ndarray:
+    """The faces' maps (face_cams) put back where their crops came from, through each crop's
+    transform (the inverse alignment, or the box crop's offset): H x W, 0 outside every crop."""
     full = np.zeros(shape[:2], np.float32)
-    for (x0, y0, x1, y1), cam in crops:
-        full[y0:y1, x0:x1] = np.maximum(full[y0:y1, x0:x1], cam[: y1 - y0, : x1 - x0])
+    for f in faces:
+        full = np.maximum(full, _to_photo(f, f["cam"], shape))
     return full
+
+
+def _to_photo(face: dict, values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    return cv2.warpAffine(values.astype(np.float32), face["to_photo"], (shape[1], shape[0]), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def photo_overlay(img: np.ndarray, faces: list[dict]) -> np.ndarray:
+    """RGB uint8: the photo with each face's map over the region its crop came from (a rotated
+    square for an aligned face), the rest of the photo untouched."""
+    canvas = np.repeat(img[..., None], 3, 2) if img.ndim == 2 else img.copy()
+    for f in faces:
+        inside = _to_photo(f, np.ones(f["cam"].shape, np.float32), canvas.shape) > 0.5
+        if inside.any():
+            canvas[inside] = overlay(canvas, _to_photo(f, f["cam"], canvas.shape))[inside]
+    return canvas
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -90,42 +102,56 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_predict_cams(classifier, img: np.ndarray, boxes: list, *, stem_path: Path, layer: str,
-                       margin: float) -> list[Path]:
-    """predict --cam for one photo: STEM_faceK_cam.png (the map on the K-th face crop) and
-    STEM_cam.png (every map on the photo, at its crop). Returns the files written."""
+def write_predict_cams(classifier, img: np.ndarray, faces: list, *, stem_path: Path, layer: str,
+                       whole_image: bool = False) -> list[Path]:
+    """predict --cam for one photo: STEM_faceK_cam.png (the map on the K-th face's crop, aligned
+    as the model saw it) and STEM_cam.png (every map mapped back onto the photo). Returns the files
+    written."""
     from emotion_dist.utils.fsutil import atomic_write_bytes
 
-    faces = face_cams(classifier, img, boxes, layer=layer, margin=margin)
+    cams = face_cams(classifier, img, faces, layer=layer, whole_image=whole_image)
     written = []
-    for k, f in enumerate(faces, 1):
+    for k, f in enumerate(cams, 1):
         path = stem_path.with_name(f"{stem_path.name}_face{k}_cam.png")
         atomic_write_bytes(path, png_bytes(overlay(f["crop"], f["cam"])))
         written.append(path)
-    canvas = np.repeat(img[..., None], 3, 2) if img.ndim == 2 else img.copy()
-    for f in faces:  # each map over its own crop of the photo (in the photo's colours); the rest untouched
-        x0, y0, x1, y1 = f["box"]
-        canvas[y0:y1, x0:x1] = overlay(canvas[y0:y1, x0:x1], f["cam"])
     path = stem_path.with_name(f"{stem_path.name}_cam.png")
-    atomic_write_bytes(path, png_bytes(canvas))
+    atomic_write_bytes(path, png_bytes(photo_overlay(img, cams)))
     return written + [path]
 
 
-def face_cams(classifier, img: np.ndarray, boxes: list, *, layer: str, margin: float) -> list[dict]:
-    """Per face: its crop (as classified), the map at the crop's size, the crop box and the class."""
+def face_cams(classifier, img: np.ndarray, faces: list, *, layer: str, whole_image: bool = False) -> list[dict]:
+    """Per face (anything with .box, and .landmarks where aligned: a predict or detector Face): the
+    crop exactly as the pipeline classifies it (aligned by the landmarks, else the box grown by the
+    model's margin; the whole picture with whole_image), the map at the crop's size, the 2 x 3
+    transform from the crop's pixels to the photo's, and the class the map explains."""
     import cv2
     import torch
 
-    gray = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)  # as predict.classify_faces
-    source = gray if classifier.channels == 1 else (cv2.cvtColor(img, cv2.COLOR_GRAY2RGB) if img.ndim == 2 else img)
+    from emotion_dist.inference.align import alignment, face_crop
+    from emotion_dist.inference.pipeline import geometry_of, model_input
+
+    geometry = geometry_of(classifier)
+    source = model_input(classifier, img)
     out = []
-    for box in boxes:
-        x0, y0, x1, y1 = crop_box(source.shape, box, margin)
-        crop = source[y0:y1, x0:x1]
+    for f in faces:
+        landmarks = getattr(f, "landmarks", None)
+        if getattr(f, "aligned", True) is False:
+            landmarks = None
+        if whole_image:
+            crop, to_photo = source, np.float32([[1, 0, 0], [0, 1, 0]])
+        elif landmarks is not None:
+            crop, _ = face_crop(source, box=f.box, landmarks=np.asarray(landmarks), geometry=geometry)
+            to_photo = cv2.invertAffineTransform(alignment(np.asarray(landmarks), geometry)[0])
+        else:
+            crop, _ = face_crop(source, box=f.box, landmarks=None, geometry=geometry)
+            x, y, w, h = (int(v) for v in f.box)
+            to_photo = np.float32([[1, 0, max(0, x - int(w * geometry.margin))],
+                                   [0, 1, max(0, y - int(h * geometry.margin))]])
         x = torch.from_numpy(classifier.preprocess([crop]).astype(np.float32))
         maps, idx = grad_cam(classifier.model, x, layer=layer)
-        out.append({"crop": crop, "box": (x0, y0, x1, y1), "cam": upsample(maps[0], crop.shape[:2]),
-                    "label": classifier.classes[idx[0]]})
+        out.append({"crop": crop, "cam": upsample(maps[0], crop.shape[:2]), "to_photo": to_photo,
+                    "aligned": landmarks is not None and not whole_image, "label": classifier.classes[idx[0]]})
     return out
 
 

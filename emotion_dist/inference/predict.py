@@ -468,9 +468,8 @@ def run_images(args) -> int:
             from emotion_dist.inference.cam import write_predict_cams
 
             stem = annotations[i].with_name(annotations[i].stem.replace("_pred", "", 1))
-            cams += [str(p) for p in write_predict_cams(
-                classifier, read_image(path), [f.box for f in found], stem_path=stem, layer=cam_layer,
-                margin=0.0 if args.no_detect else geometry_of(classifier).margin)]
+            cams += [str(p) for p in write_predict_cams(classifier, read_image(path), found, stem_path=stem,
+                                                        layer=cam_layer, whole_image=bool(args.no_detect))]
         if message:
             messages.append(message)
             print(message, file=sys.stderr, flush=True)

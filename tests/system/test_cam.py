@@ -21,10 +21,12 @@ def model_pt(tmp_path_factory):
     return lively_checkpoint(tmp_path_factory.mktemp("cam") / "best.pt", image_size=64, seed=1)
 
 
-def test_predict_cam_writes_overlays_whose_map_fits_the_crop(model_pt, tmp_path):
-    from emotion_dist.config import FaceCrop
+def test_predict_cam_explains_the_aligned_crop_and_maps_it_back_onto_the_photo(model_pt, tmp_path):
+    from PIL import Image
+
     from emotion_dist.inference import cam
-    from emotion_dist.inference.predict import TorchClassifier, read_image
+    from emotion_dist.inference.pipeline import classify_faces
+    from emotion_dist.inference.predict import Face, TorchClassifier, read_image
 
     out = tmp_path / "out"
     assert cli.main(["predict", "--checkpoint", str(model_pt), str(astronaut()), "--out", str(out), "--cam",
@@ -35,19 +37,40 @@ def test_predict_cam_writes_overlays_whose_map_fits_the_crop(model_pt, tmp_path)
     assert all(Path(f).is_file() for f in doc["cam"]["files"])
 
     img = read_image(astronaut())
-    box = doc["faces"][0]["box"]
-    [face] = cam.face_cams(TorchClassifier(str(model_pt)), img, [box], layer="backbone.6", margin=FaceCrop().margin)
-    assert face["cam"].shape == face["crop"].shape[:2]  # the map at the crop's own size
-    assert face["cam"].max() > face["cam"].min()  # a map, not a constant
-    from PIL import Image
-
+    record = doc["faces"][0]
+    assert record["aligned"] is True  # RetinaFace's landmarks: the model saw the aligned crop
+    classifier = TorchClassifier(str(model_pt))
+    [face] = cam.face_cams(classifier, img, [Face(**record)], layer="backbone.6")
+    assert face["aligned"] and face["label"] == record["label"]  # the map explains the answer predict gave
+    p = classifier.probabilities([face["crop"]])[0]
+    assert abs(float(p.max()) - record["probability"]) < 1e-3  # the crop is the one predict classified
+    assert face["cam"].shape == face["crop"].shape[:2] and face["cam"].max() > face["cam"].min()
     assert Image.open(out / "astronaut_face1_cam.png").size == face["crop"].shape[1::-1]
     assert Image.open(out / "astronaut_cam.png").size == img.shape[1::-1]
-    full = cam.photo_map(img.shape, [(face["box"], face["cam"])])
-    y, x = np.unravel_index(full.argmax(), full.shape)
-    x0, y0, x1, y1 = face["box"]  # the detected face box widened by predict's margin: what the model saw
-    assert x0 <= x < x1 and y0 <= y < y1
-    assert full[:y0].max() == 0 and full[y1:].max() == 0  # nothing outside the face
+
+    full = cam.photo_map(img.shape, [face])
+    ys, xs = np.nonzero(full)
+    x, y, w, h = record["box"]
+    assert x - w // 2 <= xs.min() and xs.max() <= x + w + w // 2  # mapped back around her face, nowhere else
+    assert y - h // 2 <= ys.min() and ys.max() <= y + h + h // 2
+    # the template's centre in the crop maps back onto the landmarks' centre in the photo (a
+    # least-squares similarity takes one centroid exactly to the other)
+    from emotion_dist.inference.align import template
+    from emotion_dist.inference.pipeline import geometry_of
+
+    side = face["crop"].shape[0]
+    centre = np.r_[template(geometry_of(classifier)).mean(0) * side, 1.0] @ face["to_photo"].T
+    assert np.abs(centre - np.asarray(record["landmarks"]).mean(0)).max() < 0.5
+
+    # without alignment: the box crop, mapped back by its offset, and zero outside it
+    [plain] = classify_faces(classifier, img, align=False)
+    [box_face] = cam.face_cams(classifier, img, [Face(file="a", **plain)], layer="backbone.6")
+    assert not box_face["aligned"] and box_face["label"] == plain["label"]
+    full = cam.photo_map(img.shape, [box_face])
+    ox, oy = (int(v) for v in box_face["to_photo"][:, 2])
+    ch, cw = box_face["crop"].shape[:2]
+    assert full[:oy].max() == 0 and full[oy + ch:].max() == 0 and full[:, :ox].max() == 0
+    assert full[oy:oy + ch, ox:ox + cw].max() > 0
 
 
 def test_cam_layer_is_a_setting_and_a_wrong_one_is_one_line(model_pt, tmp_path, capsys):
