@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="uploads over this many MB get 413 (default 10)")
     dm.add_argument("--save", default=None, metavar="DIR",
                     help="keep each upload and its JSON result in DIR (default: nothing is written)")
+    _cam_layer_arg(dm)  # the page's Grad-CAM toggle (a PyTorch model)
 
     from emotion_dist.commands.bench import rows_arg  # torch-free at import
 

@@ -55,7 +55,8 @@ def run_demo(args) -> int:
         from emotion_dist.modelio import recorded_data  # torch: only for a .pt
 
         check_outside_data(args.save, recorded_data(args.checkpoint), option="--save")
-    app = create_app(args.checkpoint, max_upload_mb=args.max_upload_mb, save_dir=args.save)  # bad model: one line
+    app = create_app(args.checkpoint, max_upload_mb=args.max_upload_mb, save_dir=args.save,
+                     cam_layer=args.cam_layer)  # a bad model or layer: one line
     sock = bind(args.host, args.port)
     port = sock.getsockname()[1]
     shown = f"[{args.host}]" if ":" in args.host else args.host

@@ -314,3 +314,39 @@ def test_the_demo_serves_an_exported_hugging_face_folder(tmp_path, unit_checkpoi
     assert via_folder["faces"] and len(via_folder["faces"]) == len(via_pt["faces"])
     for a, b in zip(via_folder["faces"], via_pt["faces"]):
         assert a["box"] == b["box"] and a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6)
+
+
+def test_grad_cam_on_request_over_the_face_only_and_refused_for_onnx(client, unit_checkpoint, tmp_path):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from emotion_dist import cli
+
+    assert client.get("/api/model").json()["cam"] == {"available": True, "method": "Grad-CAM (torchcam)",
+                                                      "layer": "backbone.6"}
+    assert "cam" not in post(client, "astronaut.png", ASTRONAUT.read_bytes()).json()  # only when asked
+    r = client.post("/api/predict?cam=true", files={"file": ("astronaut.png", ASTRONAUT.read_bytes(), "image/png")})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["cam"]["layer"] == "backbone.6" and doc["cam"]["image"].startswith("data:image/jpeg;base64,")
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(doc["cam"]["image"].split(",", 1)[1]))).convert("RGB"))
+    photo = read_image(ASTRONAUT)
+    assert shown.shape == photo.shape  # at the picture's own size: the page draws it where the photo was
+    changed = np.abs(shown.astype(int) - photo.astype(int)).max(axis=2) > 40
+    x, y, w, h = doc["faces"][0]["box"]
+    assert changed[y + h // 4: y + 3 * h // 4, x + w // 4: x + 3 * w // 4].mean() > 0.5  # the map over her face
+    outside = np.ones_like(changed)
+    outside[max(0, y - h // 2): y + h + h // 2, max(0, x - w // 2): x + w + w // 2] = False
+    assert changed[outside].mean() < 0.01  # the rest of the photo as it was (JPEG noise aside)
+
+    onnx = tmp_path / "m.onnx"
+    assert cli.main(["export", "--checkpoint", str(unit_checkpoint), "--format", "onnx", "--out", str(onnx)]) == 0
+    with TestClient(demo.create_app(onnx), raise_server_exceptions=False) as c:
+        assert c.get("/api/model").json()["cam"]["available"] is False
+        r = c.post("/api/predict?cam=true", files={"file": ("a.png", ASTRONAUT.read_bytes(), "image/png")})
+        assert_one_line_error(r, 400, "ONNX", "PyTorch")
+    with pytest.raises(ConfigError, match="backbone.99"):
+        demo.create_app(unit_checkpoint, cam_layer="backbone.99")

@@ -182,6 +182,19 @@ def test_upload_and_camera_in_a_real_browser(tmp_path, tiny_model):
         assert [b.get_attribute("data-class") for b in bars] == classes
         driver.save_screenshot(str(tmp_path / "demo_upload.png"))
 
+        # --- the Grad-CAM toggle: the same photo again, the map drawn over her face, the box still on top
+        assert "backbone.6" in driver.find_element(By.ID, "explain-label").get_attribute("title")
+        centre, corner = pixel(driver, x + w // 2, y + h // 2), pixel(driver, 20, 500)
+        driver.find_element(By.ID, "explain").click()
+        wait_for(driver, "document.body.dataset.cam === 'shown'", 30, "the Grad-CAM overlay shown")
+        assert max(abs(a - b) for a, b in zip(pixel(driver, x + w // 2, y + h // 2), centre)) > 40
+        assert max(abs(a - b) for a, b in zip(pixel(driver, 20, 500), corner)) < 25  # far from the face: the photo
+        assert is_box_green(pixel(driver, x, y + h // 2))
+        driver.save_screenshot(str(tmp_path / "demo_cam.png"))
+        driver.find_element(By.ID, "explain").click()
+        wait_for(driver, "document.body.dataset.cam === 'off'", 30, "the plain photo again")
+        assert max(abs(a - b) for a, b in zip(pixel(driver, x + w // 2, y + h // 2), centre)) < 25
+
         # --- two faces: a click on the second box chooses it, and the chart shows its probabilities
         driver.find_element(By.ID, "file").send_keys(str(write_two_faces(tmp_path / "pair.png")))
         wait_for(driver, "document.body.dataset.faces === '2'", 30, "two faces from the upload")

@@ -2,7 +2,8 @@
 uploads a photo or turns on their own camera and sees each face boxed with its expression, and the
 JSON API beside it:
 
-- `POST /api/predict` (multipart field `file`): the JSON document of `predict --json` for that image
+- `POST /api/predict` (multipart field `file`): the JSON document of `predict --json` for that image;
+  with `?cam=true` (a PyTorch model) also `cam`: the Grad-CAM maps over the picture as a data URL
 - `GET /api/model`: the model's name, classes, detector and the test figures its run recorded
 - `GET /healthz`: answers when the server is up
 - `/docs` (Swagger UI, served from the `swagger-ui-bundle-v2` package, never a CDN) and `/openapi.json`
@@ -32,6 +33,7 @@ import numpy as np
 from emotion_dist.data.images import printable, to_uint8
 from emotion_dist.errors import ConfigError
 from emotion_dist.inference import predict as pipeline
+from emotion_dist.inference.cam import DEFAULT_LAYER as DEFAULT_CAM_LAYER
 from emotion_dist.utils import filekind
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -51,10 +53,30 @@ DETECTOR = ("RetinaFace-MobileNet0.25 (5 landmarks; weights from the tiny-retina
             "model's data.face_crop")
 
 
-def find_faces(classifier: pipeline.Classifier, img: np.ndarray, name: str) -> dict:
-    """predict's JSON document for one decoded picture (H x W gray or H x W x 3 RGB uint8)."""
+def find_faces(classifier: pipeline.Classifier, img: np.ndarray, name: str, *,
+               cam_layer: Optional[str] = None) -> dict:
+    """predict's JSON document for one decoded picture (H x W gray or H x W x 3 RGB uint8); with
+    cam_layer, also "cam": what predict --cam draws into NAME_cam.png (each face's map on the crop
+    the model classified, mapped back onto the picture), as a JPEG data URL at the picture's size."""
     faces = [pipeline.Face(name, **r) for r in SOURCE.faces(classifier, Path(name), img)]
-    return pipeline.json_document(faces, [] if faces else [f"{name}: {pipeline.NO_FACE}"])
+    document = pipeline.json_document(faces, [] if faces else [f"{name}: {pipeline.NO_FACE}"])
+    if cam_layer is not None:
+        document["cam"] = {"method": CAM_METHOD, "layer": cam_layer, "image": cam_image(classifier, img, faces,
+                                                                                         cam_layer)}
+    return document
+
+
+def cam_image(classifier: pipeline.Classifier, img: np.ndarray, faces: list, layer: str) -> str:
+    import base64
+
+    from PIL import Image
+
+    from emotion_dist.inference.cam import face_cams, photo_overlay
+
+    rgb = photo_overlay(img, face_cams(classifier, img, faces, layer=layer))
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 # --------------------------------------------------------------------------------- the model
@@ -65,10 +87,18 @@ class DemoModel:
     classifier: pipeline.Classifier
     info: dict
 
+    @property
+    def explains(self) -> bool:
+        """Grad-CAM needs gradients: the PyTorch model (a .pt or an hf folder), not an ONNX file."""
+        return self.info["format"] != "onnx"
 
-def load_demo_model(path: str | Path) -> DemoModel:
+
+CAM_METHOD = "Grad-CAM (torchcam)"
+
+
+def load_demo_model(path: str | Path, *, cam_layer: str = DEFAULT_CAM_LAYER) -> DemoModel:
     """A .pt checkpoint, an exported .onnx (+ its sidecar) or an `export --format hf` folder; one
-    line (CheckpointError) otherwise."""
+    line (CheckpointError) otherwise. cam_layer: the layer Grad-CAM explains (checked now)."""
     path = Path(path)
     kind = filekind.require(path, accept=(filekind.TORCH, filekind.ONNX, filekind.HF_FOLDER))
     classifier = pipeline.load_classifier(str(path))
@@ -78,6 +108,13 @@ def load_demo_model(path: str | Path) -> DemoModel:
             "classes": list(classifier.classes), "image_size": meta.get("image_size"),
             "in_channels": meta.get("in_channels"), "detector": DETECTOR,
             "metrics": recorded_metrics(path, fmt, meta)}
+    if fmt == "onnx":
+        info["cam"] = {"available": False, "why": "Grad-CAM needs the PyTorch model (a .pt checkpoint or an export "
+                                                  "--format hf folder); an ONNX file has no gradients"}
+    else:
+        from emotion_dist.inference.cam import check_layer
+
+        info["cam"] = {"available": True, "method": CAM_METHOD, "layer": check_layer(classifier.model, cam_layer)}
     return DemoModel(classifier, info)
 
 
@@ -231,7 +268,7 @@ class Saver:
 
 # --------------------------------------------------------------------------------- the app
 def create_app(model_path: str | Path, *, max_upload_mb: float = 10, save_dir: Optional[str | Path] = None,
-               max_pixels: int = MAX_PIXELS, docs: bool = True):
+               max_pixels: int = MAX_PIXELS, docs: bool = True, cam_layer: str = DEFAULT_CAM_LAYER):
     """The FastAPI app for one model. Loads the model now: a bad path is one line (CheckpointError)
     before any port is bound."""
     from fastapi import FastAPI, Request
@@ -243,7 +280,7 @@ def create_app(model_path: str | Path, *, max_upload_mb: float = 10, save_dir: O
 
     if not max_upload_mb > 0:
         raise ConfigError(f"--max-upload-mb {max_upload_mb} must be above 0")
-    model = load_demo_model(model_path)
+    model = load_demo_model(model_path, cam_layer=cam_layer)
     saver = Saver(save_dir) if save_dir else None
     limit = int(max_upload_mb * MB)
     run_lock = threading.Lock()  # one model run at a time: OpenCV's cascade object is not thread-safe
@@ -275,18 +312,18 @@ def create_app(model_path: str | Path, *, max_upload_mb: float = 10, save_dir: O
     async def internal_error(request, exc: Exception):  # the traceback goes to the server's log, not here
         return error(500, f"internal error ({type(exc).__name__}); see the server's log")
 
-    def run_model(data: bytes, name: str) -> dict:
+    def run_model(data: bytes, name: str, cam: bool) -> dict:
         # the decode under the lock too: at most one decoded picture (up to max_pixels) in memory at once
         with run_lock:
             img = decode_upload(data, max_pixels)
             try:
-                document = find_faces(model.classifier, img, name)
+                document = find_faces(model.classifier, img, name, cam_layer=cam_layer if cam else None)
             except Exception as e:  # OpenCV on a picture it cannot handle: as predict says for that file
                 raise UploadRejected(422, f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
                                      if str(e) else f"{name}: failed ({type(e).__name__})") from None
             del img
-        if saver is not None:
-            saver.save(data, name, document)
+        if saver is not None:  # the overlay is derived from the upload: not kept twice
+            saver.save(data, name, {k: v for k, v in document.items() if k != "cam"})
         return document
 
     @app.post("/api/predict", summary="Faces and their expressions in one image",
@@ -296,10 +333,12 @@ def create_app(model_path: str | Path, *, max_upload_mb: float = 10, save_dir: O
                   "properties": {"file": {"type": "string", "format": "binary",
                                           "description": f"a photo (JPEG, PNG, WebP, ...), at most "
                                                          f"{max_upload_mb:g} MB"}}}}}}})
-    async def predict(request: Request):
+    async def predict(request: Request, cam: bool = False):
+        if cam and not model.explains:  # before the upload is read
+            raise UploadRejected(400, f"cam=true: {model.info['cam']['why']}")
         data, filename = await read_upload(request, limit)
         name = upload_name(filename)
-        return await run_in_threadpool(run_model, data, name)  # off the event loop
+        return await run_in_threadpool(run_model, data, name, cam)  # off the event loop
 
     @app.get("/api/model", summary="The model: name, classes, detector and recorded test figures")
     def model_info():

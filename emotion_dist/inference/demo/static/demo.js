@@ -1,7 +1,9 @@
 // The emotion-dist demo page: upload a photo or stream the visitor's own camera (getUserMedia) to
 // POST /api/predict, then draw each face's box with its label and score on the canvas and a bar chart
 // of the chosen face's probabilities. Camera frames go at most FRAMES_PER_SECOND a second and never
-// more than one request at a time. No library, nothing loaded from outside this server.
+// more than one request at a time. With "Grad-CAM" ticked, each request asks for the maps too
+// (?cam=true) and the canvas shows the server's overlay under the boxes. No library, nothing loaded
+// from outside this server.
 "use strict";
 
 const FRAMES_PER_SECOND = 4;
@@ -15,9 +17,12 @@ const cameraButton = document.getElementById("camera");
 const statusLine = document.getElementById("status");
 const facesList = document.getElementById("faces");
 const chart = document.getElementById("chart");
+const explain = document.getElementById("explain");
 
 let classes = [];
 let picture = null;      // what the canvas shows under the boxes: an ImageBitmap/Image, or the video
+let explanation = null;  // the last answer's Grad-CAM overlay (an Image), shown instead while ticked
+let lastFile = null;     // the upload on the canvas, sent again when the toggle changes
 let faces = [];          // the last answer's faces, boxes in canvas pixels
 let chosen = 0;          // index of the face whose probabilities the chart shows
 let stream = null;       // the camera's MediaStream while it is on
@@ -48,6 +53,9 @@ async function loadModel() {
     let figures = t ? `accuracy ${fmt(t.accuracy)}, macro-F1 ${fmt(t.macro_f1)} on ${t.count ?? "?"} test images (${t.checkpoint || "best.pt"})` : "none recorded";
     if (v !== null && v !== undefined) figures += ` · best validation macro-F1 ${fmt(v)}`;
     document.getElementById("model-metrics").textContent = figures;
+    const cam = m.cam || {};
+    explain.disabled = !cam.available;
+    document.getElementById("explain-label").title = cam.available ? `${cam.method} at layer ${cam.layer}` : (cam.why || "");
   } catch (e) {
     say(`could not read /api/model: ${e}`, true);
   }
@@ -57,8 +65,9 @@ function fmt(x) { return typeof x === "number" ? x.toFixed(3) : "?"; }
 
 // ---------------------------------------------------------------------------------- drawing
 function draw() {
-  if (picture) {
-    ctx.drawImage(picture, 0, 0, view.width, view.height);
+  const under = explain.checked && explanation ? explanation : picture;
+  if (under) {
+    ctx.drawImage(under, 0, 0, view.width, view.height);
   } else {
     ctx.fillStyle = "#222";
     ctx.fillRect(0, 0, view.width, view.height);
@@ -144,12 +153,21 @@ async function predict(blob, name) {
   const form = new FormData();
   form.append("file", blob, name);
   count("sent");
-  const r = await fetch("/api/predict", { method: "POST", body: form });
+  const r = await fetch(explain.checked ? "/api/predict?cam=true" : "/api/predict", { method: "POST", body: form });
   let body;
   try { body = await r.json(); } catch (e) { body = { error: `the server answered ${r.status}` }; }
   count("answered");
   if (!r.ok) throw new Error(body.error || `the server answered ${r.status}`);
   return body;
+}
+
+async function setExplanation(document_) {
+  if (!document_.cam) { explanation = null; document.body.dataset.cam = "off"; return; }
+  const img = new Image();
+  img.src = document_.cam.image;
+  await img.decode();
+  explanation = img;
+  document.body.dataset.cam = "shown";
 }
 
 function setFaces(document_, scale) {
@@ -162,23 +180,34 @@ function setFaces(document_, scale) {
 // ---------------------------------------------------------------------------------- upload
 document.getElementById("file").addEventListener("change", async (event) => {
   const file = event.target.files[0];
+  event.target.value = "";
   if (!file) return;
   stopCamera();
+  await show(file);
+});
+
+explain.addEventListener("change", () => {
+  if (!stream && lastFile) show(lastFile);  // the camera's next frame asks by itself
+  else draw();
+});
+
+async function show(file) {
+  lastFile = file;
   say(`${file.name}: looking for faces…`);
   try {
     const [document_, bitmap] = await Promise.all([predict(file, file.name), decode(file)]);
     picture = bitmap;
     if (bitmap) { view.width = bitmap.width; view.height = bitmap.height; }
+    await setExplanation(document_);
     setFaces(document_, 1);
     draw();
     say(faces.length ? `${file.name}: ${faces.length} face${faces.length > 1 ? "s" : ""}` + (faces.length > 1 ? " (click one to see its chart)" : "")
                      : (document_.messages[0] || `${file.name}: no face found`));
   } catch (e) {
-    faces = []; showFaces(); draw();
+    faces = []; explanation = null; showFaces(); draw();
     say(e.message, true);
   }
-  event.target.value = "";
-});
+}
 
 async function decode(file) {
   try { return await createImageBitmap(file); } catch (e) { return null; } // the server may still read it
@@ -203,6 +232,7 @@ async function startCamera() {
   view.width = video.videoWidth || 640;
   view.height = video.videoHeight || 480;
   picture = video;
+  lastFile = null; explanation = null;
   faces = []; showFaces();
   cameraButton.textContent = "Stop camera";
   cameraButton.classList.add("on");
@@ -246,6 +276,7 @@ function sendFrame() {
       if (!blob || !stream) return;
       const document_ = await predict(blob, "camera.jpg");
       if (!stream) return;
+      await setExplanation(document_);
       setFaces(document_, view.width / frame.width);
       say(`camera on: ${faces.length} face${faces.length === 1 ? "" : "s"} · ${counts.answered} frames answered`);
     } catch (e) {
