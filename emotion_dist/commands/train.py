@@ -131,6 +131,7 @@ def _train(cfg, notes: list[str], env) -> tuple[int, dict | None]:
         return (interrupts.exit_code(signame) if result.get("stopped") and signame else EXIT_OK), result
     except (UserError, TrainingAborted) as e:
         _error(env.rank, e)
+        ok = getattr(e, "on_every_rank", False)  # an error every rank raised: they leave together
         return exit_code_for(e), None
     except Interrupted as e:  # during data preparation: temp files are gone; the next start carries on
         if env.is_main:

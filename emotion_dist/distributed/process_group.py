@@ -325,12 +325,18 @@ def _on_rank0(fn):
 def rank0_decides(fn, share_result: bool = True):
     """Run fn on rank 0 and give every rank its result (picklable; with share_result=False the other
     ranks get None: a lease, say); an error it raises (a ConfigError, say) is raised on every rank as
-    the same one-line error, so no rank is left waiting."""
+    the same one-line error, so no rank is left waiting. That error carries `on_every_rank`: the
+    ranks can close the group together (close_distributed(clean=True), rank 0 last), so a launcher
+    sees each rank's own exit code rather than killing the ones still on their way out."""
     result, error, box = _on_rank0(fn)
     shared, box = broadcast_object((result if share_result else None, box))
+    if error is None and box is not None:
+        try:
+            _raise_box(box)
+        except Exception as e:
+            error = e
     if error is not None:
+        error.on_every_rank = True  # every rank raises it here: they can still leave together
         raise error
-    if box is not None:
-        _raise_box(box)
     on_rank0 = not dist.is_initialized() or dist.get_rank() == 0
     return result if on_rank0 else shared
