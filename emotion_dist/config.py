@@ -253,6 +253,10 @@ class LogConfig:
         False, "at the end, log best.pt as a W&B `model` artifact (aliases best, epoch-N)")
     tensorboard: bool = setting(False, "TensorBoard event files in run.dir/tensorboard (needs the tensorboard extra)")
     every_steps: int = setting(10, "progress/log interval in steps (the loss is read from the device only then)")
+    pictures: bool = setting(
+        True, "write the per-epoch pictures (curves.png, confusion_val.png, val_errors.png) and train_batch.png "
+              "(and send them to W&B/TensorBoard); false saves seconds a run for many short runs (a sweep on a "
+              "tiny budget). confusion_test.png, which the model card shows, is always written")
     sample_ids: bool = setting(
         False, "audit: each rank appends the sample ids of every step to sample_ids.rankN.jsonl")
 

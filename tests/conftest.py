@@ -147,10 +147,11 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def fast_overrides(tiny_data, tmp_path) -> list[str]:
-    """Overrides for quick real runs on CPU: tiny images and data, no final test pass."""
+    """Overrides for quick real runs on CPU: tiny images and data, no final test pass, no pictures
+    (matplotlib costs seconds a run; test_use checks the pictures)."""
     return [
         "data.source=folder", f"data.root={tiny_data}", "data.image_size=32", "data.val_fraction=0.2",
-        "train.batch_size=8", "train.epochs=2", "train.eval_test=false", "log.every_steps=1",
+        "train.batch_size=8", "train.epochs=2", "train.eval_test=false", "log.every_steps=1", "log.pictures=false",
         f"run.cache_dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}", "train.channels_last=false",
     ]
 

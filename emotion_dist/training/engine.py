@@ -120,7 +120,7 @@ class Trainer:
             self.logger.log({"type": "epoch", **row})
             self.logger.log(per_class_record(val, epoch=p.epoch, step=p.global_step))
             self.save(is_best)
-            if self.env.is_main:
+            if self.env.is_main and self.cfg.log.pictures:
                 self.epoch_pictures(val, cm, is_best)
             if p.max_steps_reached(t.max_steps):
                 break
@@ -144,7 +144,7 @@ class Trainer:
         sums = self.epoch_sums.sums  # loss, correct, samples: updated in place, saved with every checkpoint
         window_t, window_n = time.perf_counter(), 0
         for i, (step, micro) in enumerate(self.batches.epoch(steps, p.epoch), start=total - len(steps) + 1):
-            if p.global_step == 0 and env.is_main:
+            if p.global_step == 0 and env.is_main and self.cfg.log.pictures:
                 save_train_batch(self.logger, self.cfg.run.dir, x=micro[0][0], y=micro[0][1],
                                  transform=self.batches.transform, classes=self.ds.classes)
             self.phase = "the training step (forward/backward, gradient all-reduce)"

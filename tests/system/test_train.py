@@ -62,6 +62,8 @@ def test_classic_pipeline_trains(tmp_path, fast_overrides):
     run(train_cmd(*fast_overrides, "data.pipeline=classic", "train.epochs=1", "data.num_workers=1"))
     state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
     assert state["epoch"] == 1 and state["global_step"] == 21
+    left = {p.name for p in (tmp_path / "run").iterdir()}
+    assert not left & {"curves.png", "confusion_val.png", "train_batch.png", "val_errors.png"}  # log.pictures=false
 
 
 def test_init_from_loads_weights_for_a_new_head_and_inspect_reports(tmp_path, fast_overrides, tiny_data):
