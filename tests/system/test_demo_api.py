@@ -229,10 +229,10 @@ def test_a_model_run_does_not_block_the_event_loop(unit_checkpoint, monkeypatch)
     inside, release = threading.Event(), threading.Event()
     real = demo.find_faces
 
-    def gated(*args):
+    def gated(*args, **kwargs):
         inside.set()
         assert release.wait(30)
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(demo, "find_faces", gated)
     with TestClient(demo.create_app(unit_checkpoint)) as c, ThreadPoolExecutor(1) as pool:
