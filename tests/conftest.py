@@ -95,9 +95,11 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The Slurm and multinode tests first (a stable sort): under xdist they are one long unit on
-    one worker, which should start at once while the other worker takes everything else."""
-    items.sort(key=lambda item: not item.nodeid.startswith(CLUSTER_TESTS))
+    """The Slurm and multinode tests first (under xdist one long unit on one worker, which should
+    start at once), then the ones marked slow, then the rest (a stable sort): the long tests are
+    handed out while the short ones still remain to fill the other workers, so no worker ends with
+    a long test after the others have gone idle."""
+    items.sort(key=lambda item: (not item.nodeid.startswith(CLUSTER_TESTS), item.get_closest_marker("slow") is None))
 
 
 UNIT = ROOT / "tests" / "unit"
@@ -145,21 +147,41 @@ def tiny_data(tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "data", lambda d: generate(d / "synthetic", 210, 63, seed=3)) / "synthetic"
 
 
-@pytest.fixture
-def fast_overrides(tiny_data, tmp_path) -> list[str]:
+def quick_overrides(tiny_data: Path, folder: Path) -> list[str]:
     """Overrides for quick real runs on CPU: tiny images and data, no final test pass, no pictures
-    (matplotlib costs seconds a run; test_use checks the pictures)."""
+    (matplotlib costs seconds a run; test_use checks the pictures); cache and run under `folder`."""
     return [
         "data.source=folder", f"data.root={tiny_data}", "data.image_size=32", "data.val_fraction=0.2",
         "train.batch_size=8", "train.epochs=2", "train.eval_test=false", "log.every_steps=1", "log.pictures=false",
-        f"run.cache_dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}", "train.channels_last=false",
+        f"run.cache_dir={folder / 'cache'}", f"run.dir={folder / 'run'}", "train.channels_last=false",
     ]
+
+
+@pytest.fixture
+def fast_overrides(tiny_data, tmp_path) -> list[str]:
+    return quick_overrides(tiny_data, tmp_path)
 
 
 @pytest.fixture
 def base_overrides(fast_overrides) -> list[str]:
     """fast_overrides without run.dir: for tests that run several runs side by side."""
     return without(fast_overrides, "run.dir")
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, tiny_data) -> Path:
+    """The uninterrupted run of fast_overrides (one process, 2 epochs, 42 steps) that the stopped and
+    resumed runs are compared with, trained once for the session; its run directory (read-only)."""
+    d = built_once(tmp_path_factory, "reference_run", lambda d: run(train_cmd(*quick_overrides(tiny_data, d))))
+    return d / "run"
+
+
+@pytest.fixture(scope="session")
+def one_epoch_run(tmp_path_factory, tiny_data) -> Path:
+    """One epoch of fast_overrides (21 steps), trained once for the session: its last.pt (read-only)."""
+    d = built_once(tmp_path_factory, "one_epoch_run",
+                   lambda d: run(train_cmd(*quick_overrides(tiny_data, d), "train.epochs=1")))
+    return d / "run/checkpoints/last.pt"
 
 
 @pytest.fixture(scope="session")

@@ -198,6 +198,7 @@ def _run_sampled(cmd: list[str], folder: Path) -> tuple[subprocess.CompletedProc
     return subprocess.CompletedProcess(cmd, p.returncode, out, err), own, workers
 
 
+@pytest.mark.slow
 def test_cold_build_memory_stays_bounded_against_a_warm_run(big_rgb, tmp_path):
     """800 RGB 256x256 images = a 157 MB cache. The decode-everything-then-save build this replaced
     peaked 324 MB above the warm run on this set (two copies in RAM); now the rank's process adds a
@@ -225,6 +226,7 @@ def _start_and_wait_for_temp(cmd: list[str], folder: Path) -> subprocess.Popen:
     return p
 
 
+@pytest.mark.slow
 def test_a_killed_or_signalled_build_is_never_used_and_the_next_run_finishes_it(big_rgb, tmp_path):
     """The build restarts: SIGKILL leaves a temp file only (never a cache), which the next start
     removes; a stop signal exits 0 and removes its temp file; then a run builds the whole cache."""

@@ -94,6 +94,7 @@ def test_cam_on_an_onnx_model_or_without_out_is_refused(unit_checkpoint, tmp_pat
     assert "ONNX" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_cam_writes_right_and_wrong_per_class(tiny_data, tmp_path):
     from emotion_dist.config import Config
 

@@ -6,6 +6,7 @@ import lzma
 import shutil
 import sys
 
+import pytest
 from conftest import ROOT, run, train_cmd
 
 from emotion_dist.data.readers.synthetic import generate
@@ -14,6 +15,7 @@ from emotion_dist.modelio import load_checkpoint
 FIXTURE = ROOT / "tests/fixtures/main-4051c8d-last.pt.xz"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_loads_evaluates_exports_and_resumes(tmp_path):
     generate(tmp_path / "data", 60, 14, seed=11)  # the data it was trained on (fixtures/README.md)
     ckpt = tmp_path / "run/checkpoints/last.pt"

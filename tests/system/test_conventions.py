@@ -89,6 +89,7 @@ def trained(tmp_path_factory, tiny_data):
 
 
 # ---------------------------------------------------------------- 1. one output convention
+@pytest.mark.slow
 def test_train_json_is_the_only_thing_on_stdout(trained):
     d, first, _ = trained
     doc = json.loads(first.stdout)  # the whole of stdout is one document

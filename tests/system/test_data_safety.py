@@ -62,6 +62,7 @@ def test_synthetic_generation_never_writes_over_someone_elses_folder(tmp_path, u
     assert len(list((tmp_path / "new/train/train").rglob("*.jpg"))) == 21
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_read_a_given_data_root_and_never_write_it(tmp_path, user_folder):
     """`train data.root=DIR` (the default source is auto) and the README's `evaluate ... data.root=DIR` on a
     checkpoint trained on synthetic faces both read DIR as data; an explicit data.source=synthetic refuses."""
@@ -83,6 +84,7 @@ def test_train_and_evaluate_read_a_given_data_root_and_never_write_it(tmp_path, 
     assert tree_digest(user_folder) == before
 
 
+@pytest.mark.slow
 def test_export_never_replaces_its_input_or_a_file_of_another_kind(tmp_path, tiny_model):
     ck = tmp_path / "ck.pt"
     shutil.copy(tiny_model.pt, ck)
@@ -102,6 +104,7 @@ def test_export_never_replaces_its_input_or_a_file_of_another_kind(tmp_path, tin
     run(cli_cmd("export", "--checkpoint", str(ck), "--format", "safetensors", "--out", str(tmp_path / "x") + "/"))
 
 
+@pytest.mark.slow
 def test_one_run_per_run_dir_and_stray_files_are_never_counted_or_deleted(tmp_path, fast_overrides):
     """Run B (run.resume=never) is refused in run A's directory; step files the checkpointer did not write
     are never pruned nor resumed from; temp files of a killed write are removed at the next start."""
@@ -159,6 +162,7 @@ def test_a_stop_signal_while_data_is_prepared_exits_0_and_leaves_no_temp(tmp_pat
     assert not (tmp_path / "run/checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_changed_data_on_resume_names_what_changed(tmp_path, fast_overrides):
     run(train_cmd(*fast_overrides, "data.limit=100", "train.max_steps=2"))
     line = _one_error_line(run(train_cmd(*fast_overrides, "data.limit=120"), check=False))

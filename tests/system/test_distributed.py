@@ -68,9 +68,8 @@ def test_two_ranks_with_sync_bn_equal_one_rank_with_double_batch(tmp_path, fast_
     assert max((wa[k].double() - wc[k].double()).abs().max().item() for k in wa if wa[k].is_floating_point()) > 1e-3
 
 
-def test_distributed_evaluation_equals_single_process(tmp_path, fast_overrides):
-    run(train_cmd(*fast_overrides, "train.epochs=1"))
-    ckpt = tmp_path / "run/checkpoints/last.pt"
+def test_distributed_evaluation_equals_single_process(tmp_path, one_epoch_run):
+    ckpt = one_epoch_run
     common = ["--checkpoint", str(ckpt), "--split", "test", f"run.cache_dir={tmp_path / 'cache'}"]
     run([sys.executable, "-m", "emotion_dist.cli", "evaluate", *common, "--json-out", str(tmp_path / "one.json")])
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "emotion_dist.cli",

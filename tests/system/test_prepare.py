@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import ROOT, env_for_child, run, torchrun_cmd
 
 from emotion_dist.data.prepare import decode_error, encode_error
@@ -74,6 +75,7 @@ def _last_line(err: str) -> str:
     return err.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_node_scope_or_job_scope_follows_what_two_torchrun_agents_see(tmp_path):
     """Two torchrun agents on this host are two nodes (--nnodes=2). One run.cache_dir for both:
     shared, so rank 0 prepares once for the job. A folder of its own per agent: node-local, so

@@ -86,6 +86,7 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.parametrize("on_error,code", [("stop", 1), ("warn", 0)])
+@pytest.mark.slow
 def test_full_disk_keeps_the_previous_checkpoint(small_disk, base_overrides, on_error, code):
     base = base_overrides
     out = run(train_cmd(*base, f"run.dir={small_disk}/run", "ckpt.keep=1", f"ckpt.on_error={on_error}"), check=False)
@@ -115,10 +116,10 @@ def test_corrupt_images_are_skipped_counted_and_reported(tmp_path, fast_override
     assert sorted(os.path.basename(s["file"]) for s in report["skipped"]) == ["cut.jpg", "notes.jpg", "zero.jpg"]
 
 
-def test_sigterm_on_a_plain_run_saves_at_a_step_boundary_and_resumes(tmp_path, base_overrides):
+@pytest.mark.slow
+def test_sigterm_on_a_plain_run_saves_at_a_step_boundary_and_resumes(tmp_path, base_overrides, reference_run):
     base = base_overrides
-    full, stopped = tmp_path / "full", tmp_path / "stopped"
-    run(train_cmd(*base, f"run.dir={full}"))
+    full, stopped = reference_run, tmp_path / "stopped"
     proc = subprocess.Popen(train_cmd(*base, f"run.dir={stopped}"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env_for_child(), cwd=ROOT)
     for line in proc.stdout:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from conftest import cli_cmd, run
 
 
+@pytest.mark.slow
 def test_a_local_sweep_runs_its_points_and_a_rerun_skips_them(tiny_data, tmp_path):
     spec = {"name": "tiny", "seeds": [0],
             "base": {"data.source": "folder", "data.root": str(tiny_data), "data.image_size": 32, "data.limit": 16,

@@ -33,12 +33,13 @@ def test_quickstart_config_clears_its_floor_on_a_held_out_seed(tmp_path):
     assert "launcher python | world size 1 | backend gloo | device cpu" in proc.stdout
 
 
-def test_resume_at_an_epoch_boundary_and_mid_epoch_equals_the_uninterrupted_run(tmp_path, base_overrides):
+@pytest.mark.slow
+def test_resume_at_an_epoch_boundary_and_mid_epoch_equals_the_uninterrupted_run(tmp_path, base_overrides,
+                                                                              reference_run):
     """One uninterrupted run, and two runs stopped and resumed: at the end of epoch 1 (its LR, best
     and history carry on) and mid-epoch 2 (the sampler's position carries on): both end bit-exact."""
     base = base_overrides
-    full, boundary, mid = tmp_path / "full", tmp_path / "boundary", tmp_path / "mid"
-    run(train_cmd(*base, f"run.dir={full}"))
+    full, boundary, mid = reference_run, tmp_path / "boundary", tmp_path / "mid"
     # stop exactly at the end of epoch 1 (21 steps of 8 on 167 training images), then resume
     first = run(train_cmd(*base, f"run.dir={boundary}", "train.max_steps=21"))
     assert "epoch 1" in first.stdout and "epoch 2 " not in first.stdout
@@ -66,9 +67,10 @@ def test_classic_pipeline_trains(tmp_path, fast_overrides):
     assert not left & {"curves.png", "confusion_val.png", "train_batch.png", "val_errors.png"}  # log.pictures=false
 
 
-def test_init_from_loads_weights_for_a_new_head_and_inspect_reports(tmp_path, fast_overrides, tiny_data):
-    run(train_cmd(*fast_overrides, "train.epochs=1"))
-    ckpt = tmp_path / "run/checkpoints/last.pt"
+@pytest.mark.slow
+def test_init_from_loads_weights_for_a_new_head_and_inspect_reports(tmp_path, fast_overrides, tiny_data,
+                                                                    one_epoch_run):
+    ckpt = one_epoch_run
     # a 2-class dataset: the backbone loads and the 7-way head's happy and sad rows become the new head
     two = tmp_path / "two"
     for cls in ("happy", "sad"):
@@ -87,6 +89,7 @@ def test_init_from_loads_weights_for_a_new_head_and_inspect_reports(tmp_path, fa
     assert "train.epochs: 1 -> 5" in info.stdout
 
 
+@pytest.mark.slow
 def test_resuming_with_other_classes_is_a_clear_error(tmp_path, fast_overrides, tiny_data):
     run(train_cmd(*fast_overrides, "train.max_steps=2"))
     other = tmp_path / "other"
@@ -101,6 +104,7 @@ def test_resuming_with_other_classes_is_a_clear_error(tmp_path, fast_overrides, 
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_fp16_gradscaler_accumulation_class_weights_and_clipping(tmp_path, fast_overrides):
     """... with the recipe's other knobs on (logit adjustment, the augmentation warm-up's half step)."""
     out = run(train_cmd(*fast_overrides, "train.epochs=2", "train.max_steps=16", "train.precision=fp16",
