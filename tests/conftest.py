@@ -8,6 +8,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
+# one torch thread per pytest-xdist worker (as in every child, env_for_child): four workers on two
+# cores would otherwise each start two intra-op threads and spend time switching between them
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 

@@ -13,7 +13,7 @@ DOCS = ROOT / "docs"
 README_MAX_BYTES = 12_800  # "at most about 12 KB": the rest belongs on a topic page
 QUICK_START = (
     "bash setup.sh && .venv/bin/python launch/train.py --config configs/default.yaml",
-    ".venv/bin/python -m pytest -q -n 3 tests",
+    ".venv/bin/python -m pytest -q -n 4 tests",
 )
 # Pages written on other branches at the same time as this test; each entry is removed once its page
 # has landed (the test below fails when a listed page exists, so the list cannot go stale).
