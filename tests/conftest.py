@@ -113,6 +113,8 @@ def _unit_tests_start_no_process(request, monkeypatch):
     """tests/unit runs in-process: a test there that starts a child process fails, naming it."""
     if not Path(str(request.node.fspath)).is_relative_to(UNIT):
         return
+    import torch  # noqa: F401  its first import runs `ldconfig -p` (cuda.pathfinder): torch's, not the test's
+
 
     def refuse(self, args, *a, **k):
         raise AssertionError(f"a unit test started a process ({args!r}); move the test to tests/system")

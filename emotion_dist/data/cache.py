@@ -235,12 +235,15 @@ class Cached:
 def open_cache(folder: Path, key: str) -> tuple[Optional[Cached], Optional[str]]:
     """(the cache, None), (None, None) when there is none, or (None, what is wrong with it)."""
     npy, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
-    if not npy.exists() and not meta_path.exists():
+    if not meta_path.exists():
+        # none, or one being published: a build renames its .npy into place and writes the .json
+        # last, so another job sharing run.cache_dir (a sweep's parallel trials) may look in between;
+        # an .npy left alone by a crash there is replaced by the next build
         return None, None
     try:
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError:
-        return None, f"{meta_path.name} is missing"
+        return None, None
     except (OSError, ValueError) as e:
         return None, f"{meta_path.name} is unreadable ({type(e).__name__})"
     if not isinstance(meta, dict) or meta.get("emotion_dist") != MARKER or not isinstance(meta.get("items"), list):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_checkpoint
+from conftest import built_once, write_checkpoint
 
 from emotion_dist import cli
 from emotion_dist.errors import CheckpointError
@@ -66,17 +66,19 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def damaged(tmp_path_factory) -> dict[str, Path]:
-    """Each case's checkpoint file, and a safetensors file named .pt."""
+    """Each case's checkpoint file, and a safetensors file named .pt (written once for all workers)."""
     from safetensors.torch import save_file
 
-    folder = tmp_path_factory.mktemp("damaged")
-    files = {name: write_checkpoint(folder / f"{i}.pt", **fields())
-             for i, (name, (fields, _)) in enumerate(CASES.items())}
-    save_file(gray_weights(), str(folder / "weights.pt"))
-    files["a safetensors file as .pt"] = folder / "weights.pt"
-    return files
+    def build(folder: Path) -> None:
+        for i, (fields, _) in enumerate(CASES.values()):
+            write_checkpoint(folder / f"{i}.pt", **fields())
+        save_file(gray_weights(), str(folder / "weights.pt"))
+
+    folder = built_once(tmp_path_factory, "damaged_checkpoints", build)
+    return {**{name: folder / f"{i}.pt" for i, name in enumerate(CASES)},
+            "a safetensors file as .pt": folder / "weights.pt"}
 
 
 EXPECTED = {**{name: text for name, (_, text) in CASES.items()},
@@ -159,13 +161,16 @@ def test_resume_from_a_named_nan_checkpoint_is_refused_in_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------- ONNX sidecars
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def onnx_export(tmp_path_factory) -> Path:
-    """A 64 px model exported through the command line (the parity check included)."""
-    folder = tmp_path_factory.mktemp("onnx")
-    ckpt = write_checkpoint(folder / "m64.pt", image_size=64, data_size=48)
-    assert cli.main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(folder / "m64.onnx")]) == 0
-    return folder / "m64.onnx"
+    """A 64 px model exported through the command line (the parity check included), once for all
+    workers."""
+    def build(folder: Path) -> None:
+        ckpt = write_checkpoint(folder / "m64.pt", image_size=64, data_size=48)
+        assert cli.main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out",
+                         str(folder / "m64.onnx")]) == 0
+
+    return built_once(tmp_path_factory, "onnx_export_64", build) / "m64.onnx"
 
 
 SIDECAR_CASES = {  # what is changed in the sidecar: what the one line must say
@@ -238,13 +243,17 @@ META = {"in_channels": 1, "image_size": 32, "data_size": 32, "normalization": {"
         "classes": ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]}
 
 
-@pytest.fixture(scope="module")
-def graph() -> bytes:
-    """_model(2) as ONNX, exported once for the parity tests."""
+@pytest.fixture(scope="session")
+def graph(tmp_path_factory) -> bytes:
+    """_model(2) as ONNX, exported once (for all workers) for the parity tests."""
     from emotion_dist.commands.export import onnx_bytes
     from emotion_dist.inference.predict import preprocessing_recipe
 
-    return onnx_bytes(_model(2), {**META, "preprocessing": preprocessing_recipe(META)})
+    def build(folder: Path) -> None:
+        meta = {**META, "preprocessing": preprocessing_recipe(META)}
+        (folder / "model2.onnx").write_bytes(onnx_bytes(_model(2), meta))
+
+    return (built_once(tmp_path_factory, "parity_graph", build) / "model2.onnx").read_bytes()
 
 
 def test_parity_scales_its_tolerance_with_the_logits(graph):
