@@ -51,7 +51,10 @@ def finished_run(cfg) -> Optional[tuple[str, dict]]:
 
 
 def _error(rank: int, e: BaseException) -> None:
-    print(f"error: [rank {rank}] {e}", file=sys.stderr, flush=True)
+    # one write, newline included: print() writes the text and the newline separately, and with
+    # every rank failing at once another rank's line landed between them
+    sys.stderr.write(f"error: [rank {rank}] {e}\n")
+    sys.stderr.flush()
 
 
 def run_training(config_path, overrides, out: argparse.Namespace | None = None) -> int:

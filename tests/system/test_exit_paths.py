@@ -24,8 +24,12 @@ def test_a_busy_run_dir_under_torchrun_is_one_line_and_exit_2_on_every_rank(tmp_
     assert "rank 0 failed" not in proc.stderr
     # the ranks' own tracebacks are gone; what remains is torchrun's summary of their exit codes
     assert proc.stderr.count("Traceback") <= 1 and "emotion_dist" not in proc.stderr.split("Traceback")[-1]
-    codes = re.findall(r"rank\s*: (\d) \(local_rank: \d\)\n\s*exitcode\s*: (\d+)", proc.stderr)
-    assert sorted(codes) == [("0", "2"), ("1", "2")], proc.stderr[-3000:]
+    # torchrun's summary: the first rank to exit reports 2; the agent then stops the other at once
+    # (SIGTERM), unless it had exited with its own 2 in the same instant
+    codes = dict(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\n\s*exitcode\s*: (-?\d+)", proc.stderr))
+    assert set(codes) == {"0", "1"} and "2" in codes.values() and set(codes.values()) <= {"2", "-15"}, \
+        proc.stderr[-3000:]
+    assert proc.returncode != 0
     assert left == [LEASE_NAME] and holder.me.token in lease  # the holder's lease, untouched
 
 
