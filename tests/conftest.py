@@ -38,13 +38,18 @@ def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bo
     return proc
 
 
+# The tests' training runs write no pictures unless they say log.pictures=true (later overrides win):
+# matplotlib costs seconds a run, and test_use and the Quick start test check the pictures.
+NO_PICTURES = "log.pictures=false"
+
+
 def train_cmd(*overrides: str) -> list[str]:
-    return [sys.executable, TRAIN, *overrides]
+    return [sys.executable, TRAIN, NO_PICTURES, *overrides]
 
 
 def torchrun_cmd(nproc: int, *overrides: str, extra: tuple = (), script: str = TRAIN) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
-            script, *overrides]
+            script, *([NO_PICTURES] if script == TRAIN else []), *overrides]
 
 
 def without(overrides: list[str], *keys: str) -> list[str]:

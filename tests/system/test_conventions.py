@@ -73,7 +73,7 @@ def trained(tmp_path_factory, tiny_data):
         base = ["data.source=folder", f"data.root={tiny_data}", "data.image_size=32", "data.val_fraction=0.2",
                 "data.limit=16", "train.batch_size=8", "train.epochs=2", "train.channels_last=false",
                 f"run.cache_dir={d / 'cache'}", f"run.dir={d / 'run'}", "ckpt.every_steps=1", "ckpt.keep=5",
-                "log.tensorboard=true"]
+                "log.tensorboard=true", "log.pictures=true"]
         env = env_for_child(WANDB_PROJECT="env-project", WANDB_NAME="env-name", WANDB_RUN_GROUP="env-group",
                             WANDB_TAGS="t1,t2")
         # overrides before and after the flags; log.wandb_project on the command line beats WANDB_PROJECT

@@ -41,7 +41,8 @@ STEP_FILE = re.compile(r"step-(\d+)\.pt$")
 def overrides(data: Path, cache: Path, *extra: str) -> list[str]:
     return ["data.source=folder", f"data.root={data}", "data.image_size=32", "data.val_fraction=0.2",
             f"data.limit={N_TRAIN}", "train.batch_size=8", "train.epochs=1", "train.eval_test=false",
-            "log.every_steps=1", "train.channels_last=false", "log.sample_ids=true", f"run.cache_dir={cache}", *extra]
+            "log.every_steps=1", "train.channels_last=false", "log.sample_ids=true", "log.pictures=false",
+            f"run.cache_dir={cache}", *extra]
 
 
 def audit_env(record: Path, under: Path) -> dict:

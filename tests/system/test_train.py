@@ -19,7 +19,8 @@ def test_quickstart_config_clears_its_floor_on_a_held_out_seed(tmp_path):
     0.843 / macro-F1 0.726 when the floor was set (the recipe before AW1: 0.780 / 0.672), and
     0.910 / 0.784 with 12 epochs and the flip-TTA test pass (E12). Not on 2,000: 290 steps end in the
     early phase, where a small change moves the result by 0.2 either way (tools/recipe/README.md)."""
-    proc = run(train_cmd("--config", "configs/default.yaml", "data.synthetic_seed=4242", "data.image_size=32",
+    proc = run(train_cmd("--config", "configs/default.yaml", "log.pictures=true", "data.synthetic_seed=4242",
+                         "data.image_size=32",
                          "data.synthetic_train=3000", "data.synthetic_test=400", f"run.dir={tmp_path}/run",
                          f"run.cache_dir={tmp_path}/cache"), timeout=900)
     run_dir = tmp_path / "run"

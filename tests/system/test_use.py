@@ -38,7 +38,7 @@ def trained(tmp_path_factory, tiny_data):
     d = tmp_path_factory.mktemp("trained")
     run(train_cmd("data.source=folder", f"data.root={tiny_data}", "data.image_size=32", "train.batch_size=16",
                   "train.epochs=1", f"run.dir={d}/run", f"run.cache_dir={d}/cache", "log.wandb=offline",
-                  "log.wandb_artifact=true", "train.eval_test=false"))
+                  "log.pictures=true", "log.wandb_artifact=true", "train.eval_test=false"))
     return d
 
 
