@@ -490,7 +490,7 @@ def _run(args) -> int:
 
         return run_evaluate(args)
     if args.command == "predict":
-        from emotion_dist.inference.video import run_predict
+        from emotion_dist.commands.predict import run_predict
 
         return run_predict(args)
     if args.command == "export":

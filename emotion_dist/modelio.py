@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from emotion_dist.config import config_from_dict, parse_face_crop
+from emotion_dist.config import apply_overrides, config_from_dict, parse_face_crop, validate
 from emotion_dist.errors import CheckpointError, ConfigError
 from emotion_dist.model import EmotionNet
 from emotion_dist.modelmeta import (
@@ -337,3 +337,16 @@ def recorded_data(checkpoint: str | os.PathLike) -> list[tuple[str, Path]]:
     except (UserError, AttributeError, TypeError):
         return []
     return [(key, path) for key, path in found if path.is_absolute()]
+
+
+def checkpoint_config(state: dict, overrides: list[str]):
+    """The checkpoint's own config, with the user's overrides on top (validated as usual). A new
+    data.root without a data.source is read as whatever it is (auto), never written to."""
+    cfg = config_from_dict(state.get("config", {}))
+    cfg.run.resume = "never"
+    cfg.model.init_from = None
+    keys = apply_overrides(cfg, overrides)
+    if "data.root" in keys and "data.source" not in keys:
+        cfg.data.source = "auto"
+    validate(cfg)
+    return cfg

@@ -7,27 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from emotion_dist.config import ConfigError, apply_overrides, config_from_dict, parse_override, validate
+from emotion_dist.config import ConfigError, parse_override
 from emotion_dist.distributed import interrupts
 from emotion_dist.errors import Interrupted
-from emotion_dist.modelio import load_checkpoint, read_meta
+from emotion_dist.modelio import checkpoint_config, load_checkpoint, read_meta
 from emotion_dist.utils.fsutil import atomic_write_json, guard_output, json_written_by_us, with_proof
 from emotion_dist.utils.paths import check_outside_data, data_paths
 
 REPORT_MARKER = "emotion_dist"  # top-level key of every JSON report emotion-dist writes
-
-
-def checkpoint_config(state: dict, overrides: list[str]):
-    """The checkpoint's own config, with the user's overrides on top (validated as usual). A new
-    data.root without a data.source is read as whatever it is (auto), never written to."""
-    cfg = config_from_dict(state.get("config", {}))
-    cfg.run.resume = "never"
-    cfg.model.init_from = None
-    keys = apply_overrides(cfg, overrides)
-    if "data.root" in keys and "data.source" not in keys:
-        cfg.data.source = "auto"
-    validate(cfg)
-    return cfg
 
 
 def default_tta(state: dict, overrides: list[str], split: str = "test") -> tuple[str, str]:

@@ -228,10 +228,9 @@ def run_export(args) -> int:
 def export_int8(args) -> Path:
     """--format onnx --int8: the fp32 graph, quantized on training images, checked against fp32 on the
     test split; written (model + sidecar with the check) only when they agree well enough or --force."""
-    from emotion_dist.commands.evaluate import checkpoint_config
     from emotion_dist.inference import quantize
     from emotion_dist.inference.standalone import add_metadata
-    from emotion_dist.modelio import load_checkpoint
+    from emotion_dist.modelio import checkpoint_config, load_checkpoint
 
     if not 0 < args.min_agreement <= 1:
         raise ConfigError(f"--min-agreement {args.min_agreement} is not a fraction in (0, 1]; e.g. 0.98")

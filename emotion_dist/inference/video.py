@@ -36,7 +36,6 @@ from emotion_dist.inference.faces import get_detector
 from emotion_dist.inference.pipeline import classify_found, face_record, find_faces
 from emotion_dist.inference.predict import MARK, NO_FACE, draw, input_data, load_classifier
 from emotion_dist.inference.tracking import IoUTracker
-from emotion_dist.utils import filekind
 from emotion_dist.utils.fsutil import (
     content_digest,
     guard_output,
@@ -454,14 +453,3 @@ def run_video(args, source: Source) -> int:
         print(f"{src.name}: {NO_FACE}", file=sys.stderr, flush=True)
         return 1
     return 0
-
-
-def run_predict(args) -> int:
-    """`emotion-dist predict`: still images (predict.run_images), or a video file, stream or camera."""
-    from emotion_dist.inference.predict import run_images
-
-    filekind.require(args.checkpoint)  # a missing model, a folder or a JPEG: one line before anything else
-    source = source_of(args)
-    if source is not None and getattr(args, "cam", False):
-        raise ConfigError("--cam writes Grad-CAM overlays for still images; drop it for a video or camera")
-    return run_images(args) if source is None else run_video(args, source)
