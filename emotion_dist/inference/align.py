@@ -74,11 +74,17 @@ def aligned_crop(image: np.ndarray, landmarks: np.ndarray, geometry: FaceCrop,
     return crop
 
 
+def box_crop_origin(box, margin: float) -> tuple[int, int]:
+    """(x0, y0): where box_crop's crop of `box` starts in the image."""
+    x, y, w, h = (int(v) for v in box)
+    return max(0, x - int(w * margin)), max(0, y - int(h * margin))
+
+
 def box_crop(image: np.ndarray, box, margin: float) -> np.ndarray:
     """The box (x, y, w, h) grown by `margin` of its size on every side, cut at the image's edges."""
     x, y, w, h = (int(v) for v in box)
-    mx, my = int(w * margin), int(h * margin)
-    crop = image[max(0, y - my): y + h + my, max(0, x - mx): x + w + mx]
+    x0, y0 = box_crop_origin(box, margin)
+    crop = image[y0: y + h + int(h * margin), x0: x + w + int(w * margin)]
     if crop.shape[0] < 1 or crop.shape[1] < 1:
         raise ValueError(f"box ({x},{y},{w},{h}) lies outside the {image.shape[1]}x{image.shape[0]} image")
     return crop

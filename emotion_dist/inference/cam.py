@@ -128,7 +128,7 @@ def face_cams(classifier, img: np.ndarray, faces: list, *, layer: str, whole_ima
     import cv2
     import torch
 
-    from emotion_dist.inference.align import alignment, face_crop
+    from emotion_dist.inference.align import alignment, box_crop_origin, face_crop
     from emotion_dist.inference.pipeline import geometry_of, model_input
 
     geometry = geometry_of(classifier)
@@ -145,9 +145,8 @@ def face_cams(classifier, img: np.ndarray, faces: list, *, layer: str, whole_ima
             to_photo = cv2.invertAffineTransform(alignment(np.asarray(landmarks), geometry)[0])
         else:
             crop, _ = face_crop(source, box=f.box, landmarks=None, geometry=geometry)
-            x, y, w, h = (int(v) for v in f.box)
-            to_photo = np.float32([[1, 0, max(0, x - int(w * geometry.margin))],
-                                   [0, 1, max(0, y - int(h * geometry.margin))]])
+            x0, y0 = box_crop_origin(f.box, geometry.margin)
+            to_photo = np.float32([[1, 0, x0], [0, 1, y0]])
         x = torch.from_numpy(classifier.preprocess([crop]).astype(np.float32))
         maps, idx = grad_cam(classifier.model, x, layer=layer)
         out.append({"crop": crop, "cam": upsample(maps[0], crop.shape[:2]), "to_photo": to_photo,

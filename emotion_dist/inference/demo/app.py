@@ -90,7 +90,7 @@ class DemoModel:
     @property
     def explains(self) -> bool:
         """Grad-CAM needs gradients: the PyTorch model (a .pt or an hf folder), not an ONNX file."""
-        return self.info["format"] != "onnx"
+        return self.info["cam"]["available"]
 
 
 CAM_METHOD = "Grad-CAM (torchcam)"
