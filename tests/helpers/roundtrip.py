@@ -1,5 +1,6 @@
-"""Run under torchrun or python: build the trainer from config overrides, resume from
-run.resume, gather the full state again and compare every tensor with the file (rank 0)."""
+"""Run under torchrun or python: for each group of config overrides (groups separated by `::`),
+build the trainer, resume from run.resume, gather the full state again and compare every tensor
+with the file (rank 0). One process group serves every group: the checks share one start-up."""
 
 import sys
 
@@ -11,10 +12,17 @@ from emotion_dist.modelio import load_checkpoint
 from emotion_dist.training.build import build_trainer
 
 
-def main() -> int:
-    cfg, _ = resolve_config(None, sys.argv[1:])
-    info = process_group.detect_launch()
-    env = process_group.init_distributed(cfg, info)
+def override_groups(argv: list[str]) -> list[list[str]]:
+    groups = [[]]
+    for arg in argv:
+        if arg == "::":
+            groups.append([])
+        else:
+            groups[-1].append(arg)
+    return [g for g in groups if g]
+
+
+def check_round_trip(cfg, env) -> None:
     trainer = build_trainer(cfg, env)
     trainer.resume()
     model_sd, optim_sd = trainer.strategy.full_state_dict(trainer.model, trainer.optimizer)
@@ -40,7 +48,15 @@ def main() -> int:
         assert len(saved["optimizer_state_dict"]["state"]) == sum(1 for _ in trainer.model.parameters()) > 100
         ema = " with EMA" if ema_sd else ""
         print(f"ROUNDTRIP OK {cfg.dist.strategy} world={env.world_size} "
-              f"from {saved['strategy']} world={saved['world_size']}{ema} tensors={n}")
+              f"from {saved['strategy']} world={saved['world_size']}{ema} tensors={n}", flush=True)
+    trainer.close()
+
+
+def main() -> int:
+    configs = [resolve_config(None, group)[0] for group in override_groups(sys.argv[1:])]
+    env = process_group.init_distributed(configs[0], process_group.detect_launch())
+    for cfg in configs:
+        check_round_trip(cfg, env)
     process_group.close_distributed()
     return 0
 

@@ -2,6 +2,7 @@
 
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -58,19 +59,32 @@ def test_world_size_two_to_one_mid_epoch_sees_every_sample_once(tmp_path, fast_o
     assert final["epoch"] == 2 and final["world_size"] == 1
 
 
-@pytest.mark.parametrize("saved,loads,ema", [
-    ("zero", [(2, "zero"), (1, "ddp")], False),
-    ("fsdp", [(2, "fsdp"), (1, "ddp")], True),  # the EMA is sharded like the weights
-    ("ddp", [(2, "fsdp")], True),  # a full state into ZeRO: the zero case loads its own
-])
-def test_sharded_optimizer_state_loads_anywhere(tmp_path, fast_overrides, base_overrides, saved, loads, ema):
-    ema_on = ["train.ema_decay=0.9"] if ema else []
-    run(torchrun_cmd(2, *fast_overrides, *ema_on, f"dist.strategy={saved}", "train.max_steps=4"))
-    ckpt = tmp_path / "run/checkpoints/last.pt"
-    assert load_checkpoint(ckpt)["strategy"] == saved
-    base = base_overrides
-    for world, strategy in loads:
-        args = [*base, *ema_on, f"dist.strategy={strategy}",
-                f"run.resume={ckpt}", f"run.dir={tmp_path / strategy}{world}"]
+# the strategy each checkpoint is saved with (on 2 processes) and whether it carries an EMA (under FSDP2
+# the EMA is sharded like the weights); then where each loads: (world size, strategy)
+SAVED = {"zero": False, "fsdp": True, "ddp": True}
+LOADS = [(2, "zero", "zero"), (2, "fsdp", "fsdp"), (2, "ddp", "fsdp"),  # a full state into FSDP2
+         (1, "zero", "ddp"), (1, "fsdp", "ddp")]
+
+
+def test_sharded_optimizer_state_loads_anywhere(tmp_path, base_overrides):
+    """A checkpoint saved under ZeRO-1, FSDP2 or DDP resumes under another strategy and world size with
+    every weight, EMA and optimizer tensor equal to the file's (gathered back to a full state)."""
+    def ema_on(saved):
+        return ["train.ema_decay=0.9"] if SAVED[saved] else []
+
+    ckpt = {saved: tmp_path / saved / "checkpoints/last.pt" for saved in SAVED}
+    trainings = [torchrun_cmd(2, *base_overrides, *ema_on(saved), f"dist.strategy={saved}", "train.max_steps=4",
+                              f"run.dir={tmp_path / saved}") for saved in SAVED]
+    with ThreadPoolExecutor(len(trainings)) as pool:  # side by side: each is mostly start-up
+        list(pool.map(run, trainings))
+    for saved, path in ckpt.items():
+        assert load_checkpoint(path)["strategy"] == saved
+    for world in (2, 1):  # one launch per world size checks all of its loads
+        args = []
+        for _, saved, strategy in (load for load in LOADS if load[0] == world):
+            args += ["::", *base_overrides, *ema_on(saved), f"dist.strategy={strategy}", f"run.resume={ckpt[saved]}",
+                     f"run.dir={tmp_path / f'{saved}-into-{strategy}{world}'}"]
         out = run([sys.executable, ROUNDTRIP, *args] if world == 1 else torchrun_cmd(2, *args, script=ROUNDTRIP))
-        assert f"ROUNDTRIP OK {strategy} world={world} from {saved} world=2{' with EMA' if ema else ''}" in out.stdout
+        for _, saved, strategy in (load for load in LOADS if load[0] == world):
+            ema = " with EMA" if SAVED[saved] else ""
+            assert f"ROUNDTRIP OK {strategy} world={world} from {saved} world=2{ema}" in out.stdout, out.stdout

@@ -3,12 +3,13 @@
 import base64
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run, train_cmd
+from conftest import built_once, run, train_cmd
 from PIL import Image
 
 from emotion_dist.training.metrics import summarize
@@ -35,11 +36,11 @@ def test_metrics_match_a_hand_computation():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_data):
-    d = tmp_path_factory.mktemp("trained")
-    run(train_cmd("data.source=folder", f"data.root={tiny_data}", "data.image_size=32", "train.batch_size=16",
-                  "train.epochs=1", f"run.dir={d}/run", f"run.cache_dir={d}/cache", "log.wandb=offline",
-                  "log.pictures=true", "log.wandb_artifact=true", "train.eval_test=false"))
-    return d
+    """One epoch with pictures and an offline W&B run, trained once for all workers (read-only)."""
+    return built_once(tmp_path_factory, "use_trained", lambda d: run(train_cmd(
+        "data.source=folder", f"data.root={tiny_data}", "data.image_size=32", "train.batch_size=16",
+        "train.epochs=1", f"run.dir={d}/run", f"run.cache_dir={d}/cache", "log.wandb=offline",
+        "log.pictures=true", "log.wandb_artifact=true", "train.eval_test=false")))
 
 
 def _png_ok(path: Path, min_side=300):
@@ -67,8 +68,9 @@ def test_training_leaves_curves_confusion_and_a_wandb_run(trained):
     assert f"emotionnet-{run_id}".encode() in log and md5 in log
 
 
-def test_wandb_run_id_is_reused_after_resume(trained, tiny_data):
-    run_dir = trained / "run"
+def test_wandb_run_id_is_reused_after_resume(trained, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"  # a copy: the trained run is shared by the other tests
+    shutil.copytree(trained / "run", run_dir)
     run_id = (run_dir / "wandb_id.txt").read_text()
     run(train_cmd("data.source=folder", f"data.root={tiny_data}", "data.image_size=32", "train.batch_size=16",
                   "train.epochs=2", f"run.dir={run_dir}", f"run.cache_dir={trained}/cache", "log.wandb=offline"))
