@@ -60,10 +60,10 @@ def test_world_size_two_to_one_mid_epoch_sees_every_sample_once(tmp_path, fast_o
 
 
 # the strategy each checkpoint is saved with (on 2 processes) and whether it carries an EMA (under FSDP2
-# the EMA is sharded like the weights); then where each loads: (world size, strategy)
+# the EMA is sharded like the weights); then, per world size, which checkpoint loads under which strategy
 SAVED = {"zero": False, "fsdp": True, "ddp": True}
-LOADS = [(2, "zero", "zero"), (2, "fsdp", "fsdp"), (2, "ddp", "fsdp"),  # a full state into FSDP2
-         (1, "zero", "ddp"), (1, "fsdp", "ddp")]
+LOADS = {2: [("zero", "zero"), ("fsdp", "fsdp"), ("ddp", "fsdp")],  # ddp -> fsdp: a full state into FSDP2
+         1: [("zero", "ddp"), ("fsdp", "ddp")]}
 
 
 def test_sharded_optimizer_state_loads_anywhere(tmp_path, base_overrides):
@@ -79,12 +79,12 @@ def test_sharded_optimizer_state_loads_anywhere(tmp_path, base_overrides):
         list(pool.map(run, trainings))
     for saved, path in ckpt.items():
         assert load_checkpoint(path)["strategy"] == saved
-    for world in (2, 1):  # one launch per world size checks all of its loads
+    for world, loads in LOADS.items():  # one launch per world size checks all of its loads
         args = []
-        for _, saved, strategy in (load for load in LOADS if load[0] == world):
+        for saved, strategy in loads:
             args += ["::", *base_overrides, *ema_on(saved), f"dist.strategy={strategy}", f"run.resume={ckpt[saved]}",
                      f"run.dir={tmp_path / f'{saved}-into-{strategy}{world}'}"]
         out = run([sys.executable, ROUNDTRIP, *args] if world == 1 else torchrun_cmd(2, *args, script=ROUNDTRIP))
-        for _, saved, strategy in (load for load in LOADS if load[0] == world):
+        for saved, strategy in loads:
             ema = " with EMA" if SAVED[saved] else ""
             assert f"ROUNDTRIP OK {strategy} world={world} from {saved} world=2{ema}" in out.stdout, out.stdout
